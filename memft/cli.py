@@ -1,0 +1,299 @@
+"""The `memft` command line. Thin: parse, call one function, turn known errors into exit codes.
+
+Exit codes: 0 success, 1 a run that failed (or an internal error), 2 bad input (a user mistake).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from memft.errors import RunFailed, UserError
+
+app = typer.Typer(
+    name="memft",
+    help="Fine-tune dense and Mixture-of-Experts language models with less memory than plain backprop.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file, or the name of a built-in recipe (`memft recipes`).")]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Overrides as dotted `key=value` pairs, values parsed as YAML: `train.lr=1e-4 strategies.0.params.r=16`.",
+    show_default=False)]
+
+
+def handle_errors(fn):
+    """User mistakes -> one clear message and exit 2; a failed run -> message and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            err_console.print(f"error: {exc}", highlight=False, markup=False, style="red")
+            raise typer.Exit(code=2) from None
+        except RunFailed as exc:
+            err_console.print(f"run failed: {exc}", highlight=False, markup=False, style="red")
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; the newest checkpoint is kept, `output.resume: auto` continues it")
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+@app.command()
+@handle_errors
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the plan; do not train.")] = False,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory (overrides `output.dir`).")] = None,
+) -> None:
+    """Fine-tune a model as a recipe says.
+
+    Examples:
+
+      memft train recipes/quickstart.yaml
+
+      memft train recipes/lora.yaml train.lr=1e-4 strategies.0.params.r=16
+
+      memft train recipes/qlora.yaml --dry-run
+    """
+    from memft import recipe as recipe_mod
+    from memft.train.loop import Trainer
+
+    r = recipe_mod.load(recipe, overrides or [])
+    trainer = Trainer(r, run_dir=output_dir)
+    if dry_run:
+        import yaml
+
+        console.print(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False)
+        trainer.setup(for_training=False)
+        _print_plan(trainer)
+        return
+    trainer.setup()
+    _print_plan(trainer)
+    with _Progress(enabled=r.log.progress) as progress:
+        summary = trainer.train(progress=progress.update)
+    _print_summary(summary, trainer.run_dir)
+
+
+@app.command()
+@handle_errors
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Check a recipe (schema, strategy params, combinations, files) without loading a model.
+
+    Example: memft validate recipes/lora.yaml strategies.0.params.r=16
+    """
+    from memft import recipe as recipe_mod
+
+    r = recipe_mod.load(recipe, overrides or [])
+    names = " + ".join(s.name for s in r.strategies)
+    console.print(f"ok: {recipe} is valid ({r.model.name}, {names}, {r.data.format} data)", highlight=False)
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes and models, one line each.
+
+    Example: memft recipes
+    """
+    import yaml
+
+    from memft.models import list_builtin
+    from memft.paths import RECIPES_DIR
+
+    table = Table(title="Built-in recipes (memft train recipes/NAME.yaml)", title_justify="left")
+    table.add_column("recipe")
+    table.add_column("what it does")
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        try:
+            desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        except yaml.YAMLError:
+            desc = "(not valid YAML)"
+        table.add_row(str(path.relative_to(RECIPES_DIR.parent)), desc)
+    console.print(table)
+    models = Table(title="Built-in models (model.name)", title_justify="left")
+    models.add_column("name")
+    models.add_column("what it is")
+    for name, desc in list_builtin():
+        models.add_row(name, desc)
+    console.print(models)
+
+
+@app.command()
+def schema() -> None:
+    """Every recipe field with its type, default and help, then each strategy's params.
+
+    Example: memft schema
+    """
+    from memft import registry
+    from memft.recipe import schema_rows
+
+    table = Table(title="Recipe fields", title_justify="left", show_lines=False)
+    for col in ("field", "type", "default", "help"):
+        table.add_column(col, overflow="fold")
+    for row in schema_rows():
+        table.add_row(*row)
+    console.print(table)
+    for name, cls in registry.available().items():
+        t = Table(title=f"strategies: name: {name} — {cls.summary}", title_justify="left")
+        for col in ("params.", "type", "default", "help"):
+            t.add_column(col, overflow="fold")
+        for row in schema_rows(cls.Params):
+            t.add_row(*row)
+        console.print(t)
+
+
+@app.command()
+@handle_errors
+def bench(
+    recipe: RecipeArg,
+    variants: Annotated[str, typer.Option(help="Variants separated by `;`, each a comma-separated list of strategy "
+                                               "names, `gradient_checkpointing`, and `key=value` overrides.")]
+    = "full;lora;qlora;full,gradient_checkpointing",
+    steps: Annotated[int, typer.Option(help="Optimizer steps per variant.")] = 5,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Run variants of one recipe side by side and print ratios to the first.
+
+    Each variant runs in its own process (so peak memory is its own) on the same model, data and batch.
+
+    Examples:
+
+      memft bench recipes/bench_moe.yaml --variants "full;lora;qlora;full,gradient_checkpointing"
+
+      memft bench recipes/bench_moe.yaml --variants "lora;lora,strategies.0.params.r=64" --steps 10 --json out.json
+    """
+    from memft.bench import format_table, run_bench
+
+    results = run_bench(recipe, variants, steps=steps, overrides=overrides or [], json_out=json_out,
+                        log=lambda m: err_console.print(m, highlight=False, markup=False))
+    console.print(format_table(results))
+
+
+@app.command()
+@handle_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `memft train`.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the standalone Hugging Face model.")],
+) -> None:
+    """Write a standalone Hugging Face model directory from a run (LoRA adapters merged).
+
+    Example: memft export runs/quickstart exported/ && python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('exported')"
+    """
+    from memft.export import export_run
+
+    path = export_run(run_dir, out_dir)
+    console.print(f"exported to {path}")
+
+
+# ---------------------------------------------------------------------- output
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_plan(trainer) -> None:
+    p = trainer.params
+    share = p["trainable_params"] / max(p["total_params"], 1)
+    table = Table(title="Plan", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    r = trainer.recipe
+    table.add_row("model", f"{trainer.model_source}{' (MoE)' if trainer.is_moe else ''}, {r.model.dtype}, "
+                           f"on {trainer.device}")
+    table.add_row("parameters", f"{p['total_params']:,} total, {p['trainable_params']:,} trainable ({share:.2%})"
+                  + (f", {p['expert_params']:,} in routed experts" if p.get("expert_params") else ""))
+    table.add_row("strategies", " -> ".join(s.name for s in trainer.strategies)
+                  + (" + gradient checkpointing" if r.train.gradient_checkpointing else ""))
+    for note in trainer.notes:
+        table.add_row("", note)
+    d = trainer.data
+    table.add_row("data", f"{d.source}: {len(d.train):,} train / {len(d.eval or []):,} eval examples"
+                  + (f" ({d.dropped} dropped: nothing left to learn after truncation)" if d.dropped else ""))
+    table.add_row("steps", f"{trainer.total_steps} x {r.train.grad_accum} micro-batches of {r.train.batch_size}, "
+                           f"up to {r.data.max_length} tokens each")
+    table.add_row("output", str(trainer.run_dir))
+    console.print(table)
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    table = Table(title=f"Done: {run_dir}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("steps", f"{summary['steps']}"),
+        ("final train loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"),
+        ("eval loss", f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "-"),
+        ("tokens/s", f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "-"),
+        ("peak memory", _fmt_bytes(summary.get("peak_mem_bytes"))),
+        ("activation memory", _fmt_bytes(summary.get("activation_bytes"))),
+        ("trainable / total", f"{summary['trainable_params']:,} / {summary['total_params']:,}"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("files", "metrics.jsonl, summary.json, loss_memory.png, checkpoints/"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; a plain line every ~10% of the run otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.live = enabled and err_console.is_terminal
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}"),
+                                TextColumn("mem {task.fields[mem]}"), console=err_console)
+            self.bar.__enter__()
+        return self
+
+    def update(self, step: int, total: int, loss: float, mem: int) -> None:
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task("train", total=total, completed=step, loss="-", mem="-")
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", mem=_fmt_bytes(mem))
+        elif step == total or step % max(1, total // 10) == 0:
+            err_console.print(f"step {step}/{total}  loss {loss:.4f}  peak mem {_fmt_bytes(mem)}", highlight=False)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

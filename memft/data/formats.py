@@ -1,0 +1,258 @@
+"""Rows -> token ids, one function per `data.format`.
+
+Each example is a dict of python lists: `input_ids`, and either `labels` (causal formats: same
+length as `input_ids`, -100 where there is no loss) or `label` (classification: an int), plus
+`token_type_ids` when the tokenizer makes them. The tokenizer is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from dataclasses import dataclass
+
+from memft.data.sources import require_columns
+from memft.errors import UserError
+from memft.recipe import DataConfig
+
+IGNORE_INDEX = -100
+"""Label value that `torch.nn.functional.cross_entropy` (and HF models) skip."""
+
+# Stanford Alpaca's prompts, verbatim from tatsu-lab/stanford_alpaca@761dc5b, train.py PROMPT_DICT, except
+# the "\n" after "### Response:": we tokenise prompt and response separately, and the newline keeps
+# BPE tokenizers from gluing the response's first word to the colon.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{prompt}\n\n### Response:\n"
+)
+NAMED_TEMPLATES = ("alpaca", "plain")
+
+# Column names detected for `instruction` when the recipe names none: Alpaca, generic, GSM8K.
+PROMPT_COLUMNS = ("instruction", "prompt", "question")
+INPUT_COLUMNS = ("input",)
+RESPONSE_COLUMNS = ("output", "response", "answer")
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS, else 0 (it is masked out anyway)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) ids around every causal example.
+
+    What the tokenizer adds itself (BERT's [CLS] ... [SEP], Llama's BOS) is kept; where it adds
+    nothing we add its BOS at the start and its EOS at the end, when it has them.
+    """
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    start = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), None)
+    prefix, suffix = ([], []) if start is None else (full[:start], full[start + len(bare):])
+    if not prefix and tokenizer.bos_token_id is not None:
+        prefix = [tokenizer.bos_token_id]
+    if not suffix and tokenizer.eos_token_id is not None:
+        suffix = [tokenizer.eos_token_id]
+    return prefix, suffix
+
+
+def truncate(seq: list, n_prefix: int, max_length: int, side: str) -> list:
+    """Cut `seq` to `max_length`: `right` keeps the start, `left` keeps the first `n_prefix` items and the end.
+
+    Left truncation keeps the BOS prefix because models expect it at position 0. Right truncation
+    drops the EOS with the text's end, so the model never learns to stop in mid-text.
+    """
+    if len(seq) <= max_length:
+        return list(seq)
+    if side == "right":
+        return seq[:max_length]
+    return seq[:n_prefix] + seq[len(seq) - (max_length - n_prefix):]
+
+
+def _text(row: dict, column: str | None) -> str:
+    value = row.get(column) if column else None
+    return "" if value is None else str(value)
+
+
+def _bare_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def encode_text(rows: list[dict], cfg: DataConfig, tokenizer) -> list[dict]:
+    """`text`: [BOS] + tokens + [EOS], loss everywhere; with `cfg.pack`, cut into `max_length` blocks."""
+    prefix, suffix = special_tokens(tokenizer)
+    seqs = [prefix + ids + suffix for ids in _bare_ids(tokenizer, [_text(r, cfg.text_field) for r in rows])]
+    if cfg.pack:
+        return pack(seqs, cfg.max_length)
+    out = []
+    for seq in seqs:
+        ids = truncate(seq, len(prefix), cfg.max_length, cfg.truncation)
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+def pack(seqs: list[list[int]], max_length: int) -> list[dict]:
+    """Concatenate `seqs` and cut the stream into blocks of exactly `max_length`, dropping the remainder.
+
+    Blocks attend across document boundaries (as GPT-style pretraining does); BOS/EOS mark them.
+    """
+    stream = [t for seq in seqs for t in seq]
+    blocks = [stream[i:i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks]
+
+
+def instruction_columns(columns: list[str], cfg: DataConfig) -> tuple[str, str | None, str]:
+    """(prompt, input or None, response) columns: the recipe's, else detected by name."""
+    def first(names):
+        return next((c for c in names if c in columns), None)
+
+    prompt = cfg.prompt_field or first(PROMPT_COLUMNS)
+    response = cfg.response_field or first(RESPONSE_COLUMNS)
+    if prompt is None or response is None:
+        raise UserError(f"`data.format: instruction` needs a prompt and a response column but found only "
+                        f"{', '.join(map(repr, columns))}; set `data.prompt_field` and `data.response_field` "
+                        f"(detected by default: {'/'.join(PROMPT_COLUMNS)} and {'/'.join(RESPONSE_COLUMNS)})")
+    return prompt, cfg.input_field or first(INPUT_COLUMNS), response
+
+
+def check_template(template: str) -> None:
+    """A template is `alpaca`, `plain`, or a string with `{prompt}` in it."""
+    if template in NAMED_TEMPLATES or "{prompt}" in template:
+        return
+    guess = difflib.get_close_matches(template, NAMED_TEMPLATES, n=1)
+    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    raise UserError(f"`data.template` must be 'alpaca', 'plain' or a string containing {{prompt}} "
+                    f"(got {template!r}){hint}")
+
+
+def render_prompt(template: str, prompt: str, input_text: str = "") -> str:
+    """The prompt text the response follows. A custom template without `{input}` gets the input
+    on a line after the prompt, so no data is silently lost."""
+    if template == "alpaca":
+        template = ALPACA_WITH_INPUT if input_text else ALPACA_NO_INPUT
+    elif template == "plain":
+        template = "{prompt}\n{input}\n" if input_text else "{prompt}\n"
+    elif "{input}" not in template and input_text:
+        prompt = f"{prompt}\n{input_text}"
+    values = {"prompt": prompt, "input": input_text}
+    # One pass, so braces inside the data are never read as placeholders.
+    return re.sub(r"\{(prompt|input)\}", lambda m: values[m.group(1)], template)
+
+
+def encode_instruction(rows: list[dict], cfg: DataConfig, tokenizer,
+                       columns: tuple[str, str | None, str]) -> tuple[list[dict], int]:
+    """`instruction`: BOS + prompt + response + EOS with the loss on the response (and EOS) only.
+
+    Returns (examples, dropped): an example whose response does not survive truncation is dropped.
+    """
+    prompt_col, input_col, response_col = columns
+    prefix, suffix = special_tokens(tokenizer)
+    prompts = _bare_ids(tokenizer, [render_prompt(cfg.template, _text(r, prompt_col), _text(r, input_col))
+                                    for r in rows])
+    responses = _bare_ids(tokenizer, [_text(r, response_col) for r in rows])
+    out, dropped = [], 0
+    for p, r in zip(prompts, responses):
+        ids = truncate(prefix + p + r + suffix, len(prefix), cfg.max_length, cfg.truncation)
+        labels = truncate([IGNORE_INDEX] * (len(prefix) + len(p)) + r + suffix, len(prefix), cfg.max_length,
+                          cfg.truncation)
+        # Position 0 is never a target after the causal shift, hence labels[1:].
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            dropped += 1
+            continue
+        out.append({"input_ids": ids, "labels": labels})
+    return out, dropped
+
+
+@dataclass
+class Labels:
+    """Class labels: `to_id` maps string labels (sorted) to ids; None when the labels are already ints."""
+
+    to_id: dict[str, int] | None
+    num_labels: int
+    names: list[str] | None
+
+    def id(self, value) -> int:
+        return self.to_id[str(value)] if self.to_id is not None else int(value)
+
+
+def label_set(values: list) -> Labels:
+    """Labels from every value of the label column (train and eval together, so ids agree)."""
+    for v in values:
+        if v is None or (isinstance(v, float) and not v.is_integer()):
+            raise UserError(f"`data.label_field`: label {v!r} is not a class; classification needs int or "
+                            "string labels (regression is not supported)")
+    if all(isinstance(v, (int, float)) for v in values):
+        ints = [int(v) for v in values]
+        if min(ints) < 0:
+            raise UserError(f"`data.label_field`: label {min(ints)} is negative (GLUE test splits use -1 for "
+                            "'no label': train and evaluate on splits with labels)")
+        labels = Labels(None, max(ints) + 1, None)
+    else:
+        names = sorted({str(v) for v in values})
+        labels = Labels({n: i for i, n in enumerate(names)}, len(names), names)
+    if labels.num_labels < 2:
+        raise UserError(f"`data.label_field`: the data has a single class ({values[0]!r}); "
+                        "classification needs at least two")
+    return labels
+
+
+def encode_classification(rows: list[dict], cfg: DataConfig, tokenizer, labels: Labels) -> list[dict]:
+    """`classification`: the tokenizer's own single/pair encoding (BERT: [CLS] a [SEP] b [SEP]), truncated."""
+    tok = tokenizer
+    if cfg.truncation == "left":
+        # truncation_side is tokenizer state: change it on a copy, never on the caller's tokenizer.
+        tok = copy.deepcopy(tokenizer)
+        tok.truncation_side = "left"
+    texts = [_text(r, cfg.text_field) for r in rows]
+    pairs = [_text(r, cfg.text_pair_field) for r in rows] if cfg.text_pair_field else None
+    if not texts:
+        return []
+    enc = tok(texts, pairs, truncation=True, max_length=cfg.max_length)
+    out = []
+    for i, row in enumerate(rows):
+        example = {"input_ids": enc["input_ids"][i], "label": labels.id(row[cfg.label_field])}
+        if "token_type_ids" in enc:
+            example["token_type_ids"] = enc["token_type_ids"][i]
+        out.append(example)
+    return out
+
+
+def format_columns(rows: list[dict], cfg: DataConfig) -> dict[str, str]:
+    """{recipe key: column} of every column the format reads (instruction columns detected)."""
+    if cfg.format == "instruction":
+        prompt, input_col, response = instruction_columns(list(rows[0]) if rows else [], cfg)
+        cols = {"prompt_field": prompt, "response_field": response}
+        return cols | ({"input_field": input_col} if input_col else {})
+    if cfg.format == "classification":
+        cols = {"text_field": cfg.text_field, "label_field": cfg.label_field}
+        return cols | ({"text_pair_field": cfg.text_pair_field} if cfg.text_pair_field else {})
+    return {"text_field": cfg.text_field}
+
+
+def encode(rows: list[dict], cfg: DataConfig, tokenizer, *, source: str,
+           labels: Labels | None = None) -> tuple[list[dict], int]:
+    """Encode rows in `cfg.format`; returns (examples, dropped). `labels` is required for classification."""
+    if not rows:
+        return [], 0
+    cols = format_columns(rows, cfg)
+    require_columns(rows, cols, source)
+    if cfg.format == "text":
+        return encode_text(rows, cfg, tokenizer), 0
+    if cfg.format == "instruction":
+        check_template(cfg.template)
+        return encode_instruction(rows, cfg, tokenizer,
+                                  (cols["prompt_field"], cols.get("input_field"), cols["response_field"]))
+    if labels is None:
+        labels = label_set([r[cfg.label_field] for r in rows])
+    return encode_classification(rows, cfg, tokenizer, labels), 0

@@ -1,0 +1,142 @@
+"""Where training rows come from: a local file (.jsonl/.json/.csv/.tsv/.parquet) or a hub dataset.
+
+Every reader returns `list[dict]`, one dict per row, so the formats never care about the source.
+JSON and Parquet go through `datasets.load_dataset`; CSV and TSV are read with Python's `csv`
+module because we need two things `datasets` does not give: TSVs with quoting disabled (GLUE
+files hold stray `"` that a quoting reader would swallow across lines) and a header guess for
+files without one (CoLA, MMLU).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import re
+from pathlib import Path
+
+from memft.errors import UserError
+from memft.recipe import DataConfig
+
+# How each local extension is read: a `datasets` builder name, or our own delimited reader.
+DATASETS_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+DELIMITERS = {".csv": ",", ".tsv": "\t"}
+LOCAL_SUFFIXES = set(DATASETS_BUILDERS) | set(DELIMITERS)
+
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+_INT = re.compile(r"[-+]?\d+")
+
+
+def is_local(source: str) -> bool:
+    """A local file (anything that exists, starts like a path, or has a data-file extension), else a hub name."""
+    return (source.startswith((".", "/", "~")) or Path(source).suffix.lower() in LOCAL_SUFFIXES
+            or Path(source).expanduser().exists())
+
+
+def read_rows(cfg: DataConfig, split: str | None = None) -> list[dict]:
+    """The rows of `cfg.source` (for a hub dataset: of `split`, default `cfg.split`), first `max_samples` only.
+
+    Raises:
+        UserError: missing file, unknown extension, unreadable file, or a hub dataset that cannot be loaded.
+    """
+    if is_local(cfg.source):
+        rows = read_file(cfg.source, header=cfg.header, limit=cfg.max_samples)
+    else:
+        rows = read_hub(cfg.source, cfg.config_name, split or cfg.split, limit=cfg.max_samples)
+    return rows[: cfg.max_samples] if cfg.max_samples else rows
+
+
+def read_file(path: str | Path, header: str = "auto", limit: int | None = None) -> list[dict]:
+    """Rows of one local file, chosen by extension. `header` (auto|yes|no) applies to CSV/TSV only."""
+    file = Path(path).expanduser()
+    suffix = file.suffix.lower()
+    if not file.exists():
+        raise UserError(f"data file not found: {path}")
+    if file.is_dir():
+        raise UserError(f"data source {path} is a directory; give one file (.jsonl, .json, .csv, .tsv or .parquet)")
+    if suffix not in LOCAL_SUFFIXES:
+        raise UserError(f"cannot read {path}: unknown extension {suffix or '(none)'!r}; "
+                        f"use one of {', '.join(sorted(LOCAL_SUFFIXES))}")
+    if suffix in DELIMITERS:
+        return read_delimited(file, DELIMITERS[suffix], header)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(DATASETS_BUILDERS[suffix], data_files=str(file), split="train")
+    except Exception as exc:  # pyarrow/json errors have many types; all mean "this file is malformed"
+        raise UserError(f"could not read {path}: {exc}") from None
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds.to_list()
+
+
+def read_hub(name: str, config_name: str | None, split: str, limit: int | None = None) -> list[dict]:
+    """Rows of one split of a Hugging Face hub dataset (needs the network or the local `datasets` cache)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config_name, split=split)
+    except ConnectionError as exc:
+        raise UserError(f"could not load dataset {name!r} from the hub (offline?): {exc}; download it once "
+                        "with network access, or point `data.source` at a local file") from None
+    except (OSError, ValueError) as exc:  # unknown dataset/config/split; DatasetNotFoundError is an OSError
+        hint = " (if you meant a local file: it does not exist)" if Path(name).suffix else ""
+        raise UserError(f"could not load dataset {name!r} from the hub{hint}: {exc}") from None
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds.to_list()
+
+
+def read_delimited(file: Path, delimiter: str, header: str = "auto") -> list[dict]:
+    """Rows of a CSV (standard quoting) or TSV (no quoting: split on tabs) file.
+
+    Header-less files get the column numbers as keys ("0", "1", ...). Columns whose every cell is
+    an integer become ints, so label columns read the same as from JSON.
+    """
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    with file.open(newline="", encoding="utf-8") as f:
+        table = [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    if not table:
+        return []
+    has_header = header == "yes" or (header == "auto" and not looks_like_data(table[0]))
+    names = [c.strip() for c in table[0]] if has_header else [str(i) for i in range(len(table[0]))]
+    body = table[1:] if has_header else table
+    if not body:
+        return []
+    kind = "tab" if delimiter == "\t" else "comma"
+    for number, row in enumerate(body, start=2 if has_header else 1):
+        if len(row) != len(names):
+            raise UserError(f"{file}: row {number} has {len(row)} cells but the file has {len(names)} "
+                            f"{kind}-separated columns")
+    columns = list(zip(*body))
+    typed = [[int(c) for c in col] if all(_INT.fullmatch(c.strip()) for c in col) else list(col) for col in columns]
+    return [dict(zip(names, values)) for values in zip(*typed)]
+
+
+def looks_like_data(row: list[str]) -> bool:
+    """The `header: auto` rule: the first row is data, not a header, if any of its cells is a number,
+    reads like text (more than 3 words or over 40 characters), or repeats another cell.
+
+    Column names are short, distinct and not numbers; CoLA's first row holds the label `1`, MMLU's a
+    question. A header-less file whose first row is short distinct words is misread: set `header: no`.
+    """
+    cells = [c.strip() for c in row]
+    textual = any(_NUMBER.fullmatch(c) or len(c) > 40 or len(c.split()) > 3 for c in cells)
+    return textual or len(set(cells)) < len(cells)
+
+
+def require_columns(rows: list[dict], fields: dict[str, str], source: str) -> None:
+    """Check that every column in `fields` ({recipe key: column}) exists; else a UserError with suggestions."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    for key, column in fields.items():
+        if column in rows[0]:
+            continue
+        guess = difflib.get_close_matches(column, columns, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        if all(c.isdigit() for c in columns) and not column.isdigit():
+            hint += " (the file was read without a header: set `data.header: yes` if its first row names the columns)"
+        elif column.isdigit() and not any(c.isdigit() for c in columns):
+            hint += " (the file was read with a header row: set `data.header: no` to use column numbers)"
+        raise UserError(f"`data.{key}`: column {column!r} is not in {source}; its columns are "
+                        f"{', '.join(map(repr, columns))}{hint}")

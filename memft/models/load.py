@@ -1,0 +1,428 @@
+"""Load the model and tokenizer a recipe names: a built-in from `configs/`, a local directory, or a hub id.
+
+Name resolution (`model.name`, and `model.tokenizer` the same way), first match wins:
+
+1. a built-in: `configs/NAME.json` (an HF config, randomly initialised with `model.seed`) or
+   `configs/NAME/` (a directory with config.json and weights, loaded pretrained); `NAME.json` works too;
+2. an existing local directory: `from_pretrained(dir, local_files_only=True)`, or a local config
+   `.json` file (randomly initialised, like a config-only built-in);
+3. a Hugging Face hub id: `from_pretrained(id)` (needs a network unless the files are cached).
+
+A built-in's config may carry a `"_memft"` key (`description` for `memft recipes`, `tokenizer` naming
+the built-in whose tokenizer it uses); it is removed before transformers sees the config.
+
+QLoRA: with a `BitsAndBytesConfig`, transformers replaces every `nn.Linear` except the output head
+(LM head or classification `score`) with a bitsandbytes `Linear4bit`. Fused MoE expert weights
+(transformers 5 stores each layer's experts as 3-D `nn.Parameter`s, not `nn.Linear`) and routers
+(`...TopKRouter`, also a bare parameter) stay in full precision.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from torch import nn
+
+from memft.errors import UserError
+from memft.paths import CONFIGS_DIR
+from memft.recipe import ModelConfig
+
+META_KEY = "_memft"
+"""Key of memft's own metadata inside a built-in config.json (removed before building the config)."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+# Config keys that may change on a pretrained model: none of them changes a weight's shape.
+PRETRAINED_SAFE_OVERRIDES = frozenset({
+    "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout",
+    "use_cache", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "num_experts_per_tok",
+})
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping"}
+
+# Config attributes that hold a model's number of routed experts, across MoE families.
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    """The model on the device, in `cfg.dtype` (4-bit weights excepted), in eval mode; `config.use_cache` is False."""
+    source: str
+    """Where it came from, for logs: "built-in stories260K (pretrained)", "built-in tiny-mixtral (random init,
+    seed 0)", "local /abs/path" or "hub org/name"."""
+    is_moe: bool
+    """Whether the model routes tokens to experts (Mixtral, Qwen2-MoE, OLMoE, ...)."""
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    name: str
+    path: Path
+    """`configs/NAME.json` (random init) or `configs/NAME/` (pretrained weights)."""
+    meta: dict
+
+    @property
+    def pretrained(self) -> bool:
+        return self.path.is_dir()
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json" if self.path.is_dir() else self.path
+
+
+# --------------------------------------------------------------------------------------------
+# built-ins
+
+
+def _builtins() -> dict[str, _Builtin]:
+    """Every built-in model in `configs/`, by name."""
+    found: dict[str, _Builtin] = {}
+    if not CONFIGS_DIR.is_dir():
+        return found
+    for path in sorted(CONFIGS_DIR.iterdir()):
+        if path.is_dir() and (path / "config.json").is_file():
+            found[path.name] = _Builtin(path.name, path, _read_json(path / "config.json").get(META_KEY, {}))
+        elif path.suffix == ".json" and path.is_file():
+            found[path.stem] = _Builtin(path.stem, path, _read_json(path).get(META_KEY, {}))
+    return found
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"`{path}` is not valid JSON: {exc}") from None
+
+
+def list_builtin() -> list[tuple[str, str]]:
+    """(name, one-line description) of every built-in model, for `memft recipes`."""
+    rows = []
+    for name, b in _builtins().items():
+        description = b.meta.get("description")
+        if not description:
+            cfg = _read_json(b.config_file)
+            kind = "pretrained" if b.pretrained else "config only, random init"
+            description = f"{cfg.get('model_type', '?')} ({cfg.get('num_hidden_layers', '?')} layers, {kind})"
+        rows.append((name, description))
+    return rows
+
+
+def _find_builtin(name: str) -> _Builtin | None:
+    """A built-in by name, or a local config.json file (random init, like a config-only built-in)."""
+    found = _builtins().get(name.removesuffix(".json"))
+    path = Path(name).expanduser()
+    if found is None and path.suffix == ".json" and path.is_file():
+        found = _Builtin(str(path.resolve()), path, _read_json(path).get(META_KEY, {}))
+    return found
+
+
+def _tokenizer_dir(builtin: _Builtin) -> Path:
+    """The built-in directory holding `builtin`'s tokenizer: its own, or the one `_memft.tokenizer` names."""
+    if builtin.pretrained and (builtin.path / "tokenizer_config.json").is_file():
+        return builtin.path
+    other = _builtins().get(builtin.meta.get("tokenizer", ""))
+    if other is None or not (other.path / "tokenizer_config.json").is_file():
+        raise UserError(f"built-in `{builtin.name}` has no tokenizer; set `model.tokenizer` (e.g. `stories260K`)")
+    return other.path
+
+
+def _not_found(name: str, what: str, reason: str) -> UserError:
+    guess = difflib.get_close_matches(name.removesuffix(".json"), list(_builtins()), n=1)
+    hint = f"; did you mean `{guess[0]}`?" if guess else ""
+    return UserError(
+        f"could not load {what} `{name}`: not a built-in (`memft recipes` lists them{hint}), not a local "
+        f"directory, and the hub could not be reached (offline?) or has no such repository: {reason}"
+    )
+
+
+def _no_such_path(name: str, field: str) -> UserError:
+    guess = difflib.get_close_matches(Path(name).name.removesuffix(".json"), list(_builtins()), n=1)
+    hint = f"; did you mean the built-in `{guess[0]}`?" if guess else ""
+    return UserError(
+        f"`{field}`: `{name}` does not exist (a local model is a directory with config.json and weights, "
+        f"or a config .json file for a random init){hint}"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name meant as a local path (a hub id is `name` or `org/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".json")
+
+
+# --------------------------------------------------------------------------------------------
+# device, tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when a GPU is visible, else CPU; `cuda` without a GPU is a `UserError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("`model.device: cuda` but no CUDA GPU is visible; use `model.device: auto` or `cpu`")
+    return torch.device(name)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer for `cfg`: `cfg.tokenizer` if set, else the model's own.
+
+    A built-in without its own tokenizer files uses the one its `_memft.tokenizer` names (the tiny
+    random-init models share stories260K's 512-token vocabulary). A path to a SentencePiece `.model`
+    file is converted on the fly (`memft.models.tokenizer`). The tokenizer is returned as its files
+    define it: stories260K has no pad token, so callers pad with EOS (or whatever they choose).
+
+    Raises:
+        UserError: the name is not a built-in, a local directory or a reachable hub repository.
+    """
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.name
+    what = "tokenizer" if cfg.tokenizer else "the tokenizer of model"
+    builtin = _find_builtin(name)
+    if builtin is not None:
+        return AutoTokenizer.from_pretrained(_tokenizer_dir(builtin), local_files_only=True)
+
+    path = Path(name).expanduser()
+    if path.suffix == ".model" and path.is_file():
+        from memft.models.tokenizer import sentencepiece_to_fast
+
+        return sentencepiece_to_fast(path)
+    try:
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        if _looks_like_path(name):
+            raise _no_such_path(name, "model.tokenizer" if cfg.tokenizer else "model.name")
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if path.is_dir():
+            raise UserError(f"could not load a tokenizer from `{path}`: {_first_line(exc)}") from None
+        raise _not_found(name, what, _first_line(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+def load_model(
+    cfg: ModelConfig,
+    *,
+    num_labels: int | None = None,
+    quantization_config: Any = None,
+    pad_token_id: int | None = None,
+) -> LoadedModel:
+    """Build or load the model `cfg` names, on `resolve_device(cfg.device)`, in `cfg.dtype`.
+
+    Args:
+        cfg: the recipe's `model` block.
+        num_labels: classes for `task: sequence_classification` (falls back to `cfg.num_labels`).
+        quantization_config: a `transformers.BitsAndBytesConfig` (4-bit NF4 for QLoRA) or None.
+        pad_token_id: the id the collator pads with; sequence classification needs it to find each
+            row's last real token. Stored as `config.pad_token_id` when given.
+
+    Random weights (config-only built-ins, new classification heads) come from
+    `torch.manual_seed(cfg.seed)`: the global generator is reseeded. They are drawn in float32 and
+    then cast, so every `cfg.dtype` starts from the same weights.
+
+    Returns:
+        `LoadedModel` with the model in eval mode (the caller switches to train mode).
+
+    Raises:
+        UserError: unknown name, a bad `config_overrides` key, an architecture change asked of
+            pretrained weights, a missing `num_labels`, or a task the architecture does not support.
+    """
+    from transformers import AutoConfig
+
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    if quantization_config is not None and dtype == torch.float64:
+        raise UserError("4-bit quantization (QLoRA) does not support `model.dtype: float64`; use float32 or bfloat16")
+    if cfg.task == "sequence_classification":
+        num_labels = num_labels or cfg.num_labels
+        if num_labels is None:
+            raise UserError("`model.task: sequence_classification` needs the number of classes; set `model.num_labels`")
+
+    builtin = _find_builtin(cfg.name)
+    path = Path(cfg.name).expanduser()
+    hub_kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if builtin is not None:
+        tree = _read_json(builtin.config_file)
+        tree.pop(META_KEY, None)
+        if builtin.pretrained:
+            config = _config_from_dict(tree, builtin.name, "its config.json")
+            _apply_pretrained_overrides(config, cfg.config_overrides, builtin.name)
+            source, weights = f"built-in {builtin.name} (pretrained)", builtin.path
+            hub_kwargs = {"local_files_only": True}
+        else:
+            _check_override_keys(_config_from_dict(tree, builtin.name, "its config"), cfg.config_overrides)
+            config = _config_from_dict({**tree, **cfg.config_overrides}, builtin.name, "`model.config_overrides`")
+            kind = "built-in" if builtin.path.parent == CONFIGS_DIR else "local config"
+            source, weights = f"{kind} {builtin.name} (random init, seed {cfg.seed})", None
+    else:
+        if path.is_dir():
+            where, hub_kwargs["local_files_only"] = str(path.resolve()), True
+            source = f"local {where}"
+        elif _looks_like_path(cfg.name):
+            raise _no_such_path(cfg.name, "model.name")
+        else:
+            where, source = cfg.name, f"hub {cfg.name}"
+        try:
+            config = AutoConfig.from_pretrained(where, **hub_kwargs)
+        except (OSError, ValueError) as exc:
+            if path.is_dir():
+                raise UserError(f"could not load a model config from `{where}`: {_first_line(exc)}") from None
+            raise _not_found(cfg.name, "model", _first_line(exc)) from None
+        _apply_pretrained_overrides(config, cfg.config_overrides, cfg.name)
+        weights = where
+
+    if cfg.task == "sequence_classification":
+        config.num_labels = num_labels
+        if pad_token_id is not None:
+            config.pad_token_id = pad_token_id
+    if "use_cache" not in cfg.config_overrides:
+        # Training never reuses past K/V; a cache would keep every layer's K/V alive for nothing.
+        # generate() still caches: it reads `generation_config.use_cache`.
+        config.use_cache = False
+
+    moe = is_moe(config)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if moe and dtype == torch.float64:
+        # transformers 5's default fused-expert kernel (`grouped_mm`) takes only fp32/bf16/fp16.
+        kwargs["experts_implementation"] = "eager"
+    auto_class = _auto_class(cfg.task, config)
+
+    load_kwargs = dict(kwargs)
+    if quantization_config is not None:
+        # bitsandbytes quantizes while loading, onto the device named here.
+        target = torch.cuda.current_device() if device.type == "cuda" and device.index is None else str(device)
+        load_kwargs |= {"quantization_config": quantization_config, "device_map": {"": target}}
+    # Random-init built-ins and new classification heads draw from torch's global generator.
+    torch.manual_seed(cfg.seed)
+    if weights is None:
+        # Initialise in float32 whatever the dtype (torch draws different numbers per dtype, so a
+        # float64 reference and a float32 run would otherwise start from different weights), then
+        # load those weights in the target dtype, or quantized, through the path a checkpoint takes.
+        model = auto_class.from_config(config, **{**kwargs, "dtype": torch.float32})
+        if dtype != torch.float32 or quantization_config is not None:
+            model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), **load_kwargs)
+    else:
+        try:
+            model = auto_class.from_pretrained(weights, config=config, **load_kwargs, **hub_kwargs)
+        except OSError as exc:
+            raise UserError(f"could not load the weights of `{cfg.name}`: {_first_line(exc)}") from None
+    if quantization_config is None:
+        model = model.to(device)
+    model.eval()
+    return LoadedModel(model=model, source=source, is_moe=moe)
+
+
+def _auto_class(task: str, config):
+    """The transformers auto class for `task`, or a UserError when the architecture lacks it."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    if type(config) not in auto._model_mapping and not getattr(config, "auto_map", None):
+        raise UserError(f"`model.task: {task}` is not available for `{config.model_type}` models in transformers")
+    return auto
+
+
+def _config_from_dict(tree: dict, name: str, blame: str):
+    """An HF config object from a config.json dict (needs `model_type`); `blame` names what made it invalid."""
+    from transformers import AutoConfig
+
+    tree = dict(tree)
+    model_type = tree.pop("model_type", None)
+    if model_type is None:
+        raise UserError(f"built-in `{name}`: its config has no `model_type`")
+    try:
+        return AutoConfig.for_model(model_type, **tree)
+    except (ValueError, TypeError, StrictDataclassError) as exc:
+        # transformers 5 configs validate themselves; the readable reason is the cause's message.
+        reason = exc.__cause__ if isinstance(exc, StrictDataclassError) and exc.__cause__ else exc
+        raise UserError(f"`{name}`: {blame} gives an invalid `{model_type}` config: {_first_line(reason)}") from None
+
+
+def _known_keys(config) -> list[str]:
+    return sorted(set(config.to_dict()) | set(getattr(config, "attribute_map", {})))
+
+
+def _check_override_keys(config, overrides: dict) -> None:
+    """Unknown keys (transformers would silently keep them) and wrong value types are UserErrors."""
+    known = _known_keys(config)
+    for key, value in overrides.items():
+        if key not in known:
+            guess = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean `{guess[0]}`?" if guess else ""
+            raise UserError(f"`model.config_overrides.{key}`: `{config.model_type}` configs have no such key{hint}")
+        current = getattr(config, key, None)
+        if current is not None and value is not None and not _same_kind(current, value):
+            kind = _KIND_NAMES.get(type(current), type(current).__name__)
+            raise UserError(f"`model.config_overrides.{key}` must be {kind} (got {value!r})")
+
+
+def _same_kind(current: Any, value: Any) -> bool:
+    if isinstance(current, bool) or isinstance(value, bool):
+        return isinstance(current, bool) and isinstance(value, bool)
+    if isinstance(current, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(current))
+
+
+def _apply_pretrained_overrides(config, overrides: dict, name: str) -> None:
+    """Only shape-preserving keys may change on pretrained weights; set them on `config`."""
+    _check_override_keys(config, overrides)
+    refused = sorted(k for k in overrides if k not in PRETRAINED_SAFE_OVERRIDES)
+    if refused:
+        raise UserError(
+            f"`model.config_overrides` cannot change `{refused[0]}` of pretrained `{name}`: its weights fix the "
+            f"architecture (allowed here: {', '.join(sorted(PRETRAINED_SAFE_OVERRIDES))}); to change the "
+            "architecture use a random-init built-in such as `tiny-llama`"
+        )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# inspection
+
+
+def is_moe(model_or_config) -> bool:
+    """True when a model (or its config) routes tokens to more than one expert."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in _EXPERT_COUNT_KEYS:
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 1:
+            return True
+    if isinstance(model_or_config, nn.Module):
+        return any(name.rsplit(".", 1)[-1] == "experts" for name, _ in model_or_config.named_modules())
+    return False
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: {"total_params", "trainable_params", "expert_params"}.
+
+    Shared (tied) parameters count once. A bitsandbytes 4-bit weight is stored packed (two values
+    per uint8, shape `(n/2, 1)`); it counts as the `quant_state.shape` it stands for. `expert_params`
+    are the routed experts' weights (a `.experts.` module in the name; Qwen2-MoE's always-on
+    `shared_expert` is not one of them).
+    """
+    total = trainable = experts = 0
+    for name, p in model.named_parameters():
+        quant_state = getattr(p, "quant_state", None)
+        n = quant_state.shape.numel() if quant_state is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+        experts += n if "experts" in name.split(".") else 0
+    return {"total_params": total, "trainable_params": trainable, "expert_params": experts}

@@ -1,0 +1,414 @@
+"""The recipe: one YAML file that says what to fine-tune, on what, how, and where to write it.
+
+`load(path, overrides)` returns a validated `Recipe` or raises `RecipeError` listing every problem
+at once, each with its field path, the bad value, what was expected, the YAML line and, for unknown
+keys, a "did you mean". Strategy params are validated by each strategy's own params model
+(see `memft.registry`), so `strategies.0.params.r` errors point into the LoRA schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from memft.errors import RecipeError
+
+
+class Section(BaseModel):
+    """Base for every recipe block: unknown keys are errors, field docstrings are the help text."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "stories260K"
+    """What to fine-tune: a built-in name from `configs/` (`memft recipes` lists them; e.g. `stories260K`,
+    `tiny-llama`, `tiny-mixtral`), a local directory with config.json and weights, or a Hugging Face hub id."""
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    """`causal_lm` trains next-token prediction; `sequence_classification` puts a classification head on the model."""
+    num_labels: int | None = Field(default=None, ge=2)
+    """Classes for `sequence_classification`; by default inferred from the data's labels."""
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    """Weight dtype. float64 is for exactness tests; on a GPU float32 weights train under bf16 autocast."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` picks CUDA when a GPU is present, else the CPU."""
+    seed: int = 0
+    """Seed for randomly initialised built-in models and new heads."""
+    tokenizer: str | None = None
+    """Tokenizer to use instead of the model's own (a built-in name, local directory or hub id)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel: `sdpa` (PyTorch scaled-dot-product attention) or `eager` (plain matmuls)."""
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Config values to change before building the model, e.g. `{num_hidden_layers: 8}` (random-init built-ins only)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repository. Off by default: only enable it for code you trust."""
+
+
+class DataConfig(Section):
+    source: str = "recipes/data/gsm8k_sample.jsonl"
+    """A local file (.jsonl, .json, .csv, .tsv, .parquet) or a Hugging Face `datasets` name. Relative
+    paths are resolved from the working directory, then from the recipe's folder."""
+    config_name: str | None = None
+    """Dataset configuration for hub datasets (e.g. `sst2` for `glue`)."""
+    split: str = "train"
+    """Split to train on (hub datasets)."""
+    format: Literal["text", "instruction", "classification"] = "text"
+    """`text`: plain causal LM on `text_field`. `instruction`: prompt + response with the loss on the
+    response only. `classification`: a text (or a pair) and a label."""
+    text_field: str = "text"
+    """Column with the text (`text` and `classification` formats). For header-less TSVs use the column
+    number, e.g. `"3"` for CoLA's sentence."""
+    text_pair_field: str | None = None
+    """Second text column for pair classification (e.g. MNLI's hypothesis)."""
+    label_field: str = "label"
+    """Column with the class label (`classification`); integers or strings."""
+    prompt_field: str | None = None
+    """Column with the prompt (`instruction`). By default detected: `instruction` (Alpaca), `prompt` or `question`."""
+    input_field: str | None = None
+    """Optional column with extra input appended to the prompt (Alpaca's `input`). Detected when absent."""
+    response_field: str | None = None
+    """Column with the response (`instruction`). By default detected: `output` (Alpaca), `response` or `answer`."""
+    template: str = "alpaca"
+    """Prompt template for `instruction`: `alpaca`, `plain`, or a string with `{prompt}` and optionally `{input}`."""
+    header: Literal["auto", "yes", "no"] = "auto"
+    """Whether a CSV/TSV file has a header row. `auto` treats the first row as a header unless it looks like data."""
+    max_length: int = Field(default=256, ge=8)
+    """Tokens per example after truncation (BOS and EOS included)."""
+    truncation: Literal["right", "left"] = "right"
+    """Which end to cut when an example is longer than `max_length`."""
+    pack: bool = False
+    """`text` format only: concatenate examples and cut them into `max_length` blocks (no padding)."""
+    max_samples: int | None = Field(default=None, ge=1)
+    """Use only the first N examples of the source (before shuffling)."""
+    shuffle: bool = True
+    """Shuffle the training examples every epoch (seeded by `train.seed`)."""
+    eval_split: float | str | None = 0.05
+    """Held-out evaluation data: a fraction of the source (e.g. 0.05), another split name or file, or null."""
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    """Seed for data order, dropout and strategy randomness."""
+    lr: float = Field(default=2e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """Decoupled AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """`adamw` (PyTorch, fused on CUDA) or `adamw_8bit` (bitsandbytes 8-bit states)."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    batch_size: int = Field(default=8, ge=1)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step; the loss is normalised by the tokens of the whole step."""
+    max_steps: int | None = Field(default=100, ge=1)
+    """Optimizer steps to run. Set to null to run `epochs` instead."""
+    epochs: float = Field(default=1.0, gt=0)
+    """Passes over the training data, used when `max_steps` is null."""
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value; null disables clipping."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in backward instead of keeping its activations (the classical baseline)."""
+    autocast: Literal["auto", "off", "bf16"] = "auto"
+    """`auto` uses bf16 autocast on a CUDA GPU that supports it and nothing on the CPU."""
+    eval_every: int | None = Field(default=50, ge=1)
+    """Evaluate the held-out loss every N optimizer steps (and at the end); null: only at the end."""
+    eval_batches: int | None = Field(default=20, ge=1)
+    """Micro-batches of held-out data per evaluation; null: all of it."""
+
+
+class OutputConfig(Section):
+    dir: str = "runs/{recipe}"
+    """Run directory. `{recipe}` is replaced by the recipe file's stem."""
+    checkpoints: bool = True
+    """Write checkpoints. `false` is for benchmarks and throw-away runs: nothing to resume from."""
+    save_every: int | None = Field(default=50, ge=1)
+    """Write a checkpoint every N optimizer steps (one is always written at the end); null: only at the end."""
+    keep_last: int = Field(default=2, ge=1)
+    """How many step checkpoints to keep."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto` continues from the newest complete checkpoint in `dir`; `never` refuses a directory that has one."""
+    plot: bool = True
+    """Write `loss_memory.png` (loss and peak memory over steps) at the end."""
+
+
+class LogConfig(Section):
+    every: int = Field(default=1, ge=1)
+    """Write a line to metrics.jsonl every N optimizer steps."""
+    progress: bool = True
+    """Show a progress bar (turned off automatically when the output is not a terminal)."""
+
+
+class StrategySpec(Section):
+    name: str
+    """Registered strategy name: `full`, `lora`, `qlora` (and the later methods: see `memft recipes`)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """The strategy's own settings, validated by its params model (`memft schema` lists them)."""
+
+
+class Recipe(Section):
+    description: str = ""
+    """One line shown by `memft recipes`."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    strategies: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="full")])
+    """Ordered list of memory-saving strategies; memft applies them in its fixed composition order."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Recipe:
+        if self.data.format == "classification" and self.model.task != "sequence_classification":
+            raise ValueError(
+                "`data.format: classification` needs `model.task: sequence_classification`; "
+                "set `model.task: sequence_classification`"
+            )
+        if self.model.task == "sequence_classification" and self.data.format != "classification":
+            raise ValueError(
+                "`model.task: sequence_classification` needs `data.format: classification` "
+                f"(got `{self.data.format}`)"
+            )
+        if self.data.pack and self.data.format != "text":
+            raise ValueError("`data.pack: true` only works with `data.format: text`")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# loading, overrides and error reporting
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4). The value is parsed as YAML."""
+    if "=" not in item:
+        raise RecipeError("overrides", [f"`{item}` is not an override; write it as `key.path=value`, e.g. `train.lr=1e-4`"])
+    key, _, raw = item.partition("=")
+    if not key.strip():
+        raise RecipeError("overrides", [f"`{item}` has no key before `=`"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    """Set `value` at `path` inside nested dicts/lists, creating dicts on the way (lists must exist)."""
+    node: Any = tree
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError("overrides", [f"`{'.'.join(path)}`: `{where}` is not an item of a list of {len(node)}"])
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                if node[idx] is None:
+                    node[idx] = {}
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise RecipeError("overrides", [f"`{'.'.join(path)}`: `{'.'.join(path[:i])}` is not a mapping"])
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map each key path of a YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                p = path + (key_node.value,)
+                lines[p] = key_node.start_mark.line + 1
+                walk(value_node, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                p = path + (i,)
+                lines[p] = item.start_mark.line + 1
+                walk(item, p)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _model_for(path: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `path` (for 'did you mean')."""
+    model: type[BaseModel] | None = Recipe
+    for part in path:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        if part == "strategies":
+            model = StrategySpec
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def describe_errors(exc: ValidationError, lines: dict[tuple, int], prefix: tuple = (),
+                    owner: type[BaseModel] | None = None) -> list[str]:
+    """Turn pydantic errors into one sentence each: path, bad value, expectation, line, suggestion."""
+    out = []
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
+        path = ".".join(str(p) for p in loc) or "(recipe)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = owner if owner is not None and loc[:-1] == prefix else _model_for(loc[:-1])
+            known = list(parent.model_fields) if parent else []
+            guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean `{guess[0]}`?" if guess else (f"; known keys: {', '.join(known)}" if known else "")
+            text = f"`{path}`: unknown key{hint}"
+        elif err["type"] in ("missing",):
+            text = f"`{path}`: required but missing"
+        else:
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) or loc == () else f" (got {value!r})"
+            text = f"`{path}`: {msg}{shown}"
+        line = _nearest_line(lines, loc)
+        out.append(f"{text}{f'  [line {line}]' if line else ''}")
+    return out
+
+
+def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A recipe path as given, or the name of a built-in recipe in `recipes/` (with or without .yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    from memft.paths import RECIPES_DIR
+
+    for candidate in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise RecipeError(str(path), [f"no such recipe file; `memft recipes` lists the built-in ones"])
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe, including each strategy's params.
+
+    Raises:
+        RecipeError: with every problem found (YAML syntax, unknown keys, bad values, unknown or
+            incompatible strategies).
+    """
+    file = resolve_recipe_path(path)
+    text = file.read_text()
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(str(file), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    if not isinstance(tree, dict):
+        raise RecipeError(str(file), ["the recipe must be a mapping with keys such as `model`, `data`, `strategies`, `train`"])
+    for item in overrides:
+        apply_override(tree, *parse_override(item))
+    return validate(tree, source=str(file), lines=_line_index(text), recipe_path=file)
+
+
+def validate(tree: dict, source: str = "recipe", lines: dict[tuple, int] | None = None,
+             recipe_path: Path | None = None) -> Recipe:
+    """Validate a recipe given as a dict (see `load`)."""
+    from memft import registry
+
+    lines = lines or {}
+    problems: list[str] = []
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as exc:
+        problems += describe_errors(exc, lines)
+    specs = tree.get("strategies") if isinstance(tree.get("strategies"), list) else None
+    if recipe is not None:
+        specs = [s.model_dump() for s in recipe.strategies]
+    if specs is not None:
+        problems += registry.check_specs(specs, recipe, lines)
+    if recipe is not None and not problems:
+        problems += _check_files(recipe, recipe_path, lines)
+    if problems:
+        raise RecipeError(source, problems)
+    assert recipe is not None
+    if recipe_path is not None:
+        recipe.output.dir = recipe.output.dir.replace("{recipe}", recipe_path.stem)
+        _resolve_data_path(recipe, recipe_path)
+    return recipe
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or Path(s).suffix.lower() in {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
+
+
+def _resolve_data_path(recipe: Recipe, recipe_path: Path) -> None:
+    src = recipe.data.source
+    if _looks_like_path(src) and not Path(src).expanduser().exists():
+        beside = recipe_path.parent / src
+        from memft.paths import PROJECT_ROOT
+
+        for cand in (beside, PROJECT_ROOT / src):
+            if cand.exists():
+                recipe.data.source = str(cand)
+                return
+
+
+def _check_files(recipe: Recipe, recipe_path: Path | None, lines) -> list[str]:
+    """Missing local files are user errors found at validate time."""
+    problems = []
+    src = recipe.data.source
+    if _looks_like_path(src):
+        if recipe_path is not None:
+            _resolve_data_path(recipe, recipe_path)
+        if not Path(recipe.data.source).expanduser().exists():
+            line = lines.get(("data", "source"))
+            problems.append(f"`data.source`: file not found (got {src!r}){f'  [line {line}]' if line else ''}")
+    return problems
+
+
+def schema_rows(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(path, type, default, help) for every recipe field, sections expanded, for `memft schema`."""
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not StrategySpec:
+            rows += schema_rows(ann, path + ".")
+            continue
+        if name == "strategies":
+            rows.append((path, "list[{name, params}]", "[{name: full}]", field.description or ""))
+            rows += schema_rows(StrategySpec, path + ".N.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        rows.append((path, type_name if type_name != "Literal" else str(ann).replace("typing.", ""),
+                     repr(default) if default is not None else "null", (field.description or "").strip()))
+    return rows

@@ -1,0 +1,195 @@
+"""The strategy registry: the one place that names, validates, orders and combines strategies.
+
+A strategy is a named, validated transformation of the model plus optional hooks into the loop.
+Each strategy module registers itself with `@register`; `compose()` turns the recipe's
+`strategies:` list into instances, applied in the fixed order given by `Strategy.order`:
+
+    load / quantize (10) -> LoRA / QLoRA (20) -> MEFT adapters (30) -> RevFFN / TokenTune / LCSB (40+)
+
+Conflicts are declared on the strategy (`conflicts`), never scattered through the loop.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from memft.recipe import Recipe
+
+
+class StrategyParams(BaseModel):
+    """Base for a strategy's params model: unknown keys are errors, docstrings are the help."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+@dataclass
+class BuildContext:
+    """What `apply()` may need to know about the run."""
+
+    recipe: Recipe
+    device: torch.device
+    is_moe: bool = False
+    notes: list[str] = field(default_factory=list)
+    """Sentences for the plan printed by `--dry-run` and at the start of training."""
+
+
+@dataclass
+class LossOutput:
+    """A strategy's replacement loss: the *sum* over `count` targets (tokens or examples)."""
+
+    loss_sum: torch.Tensor
+    count: int
+
+
+class Strategy:
+    """Lifecycle of one strategy. Hooks default to doing nothing; override what the method needs.
+
+    Structure only: a strategy does not inherit behaviour from another strategy.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+    order: ClassVar[int] = 50
+    """Position in the composition order (lower applies first)."""
+    summary: ClassVar[str] = ""
+    """One line for `memft recipes` / `memft schema`."""
+    conflicts: ClassVar[dict[str, str]] = {}
+    """Strategy names this one cannot be combined with -> the sentence that says why and what to use."""
+    trains_base: ClassVar[bool] = False
+    """True when the strategy decides which base-model weights train (`full`, `lora`, `qlora`)."""
+    adds_trainable: ClassVar[bool] = False
+    """True when the strategy brings trainable parameters of its own (e.g. MEFT's adapters)."""
+
+    def __init__(self, params: StrategyParams):
+        self.params = params
+
+    def check(self, recipe: Recipe) -> list[str]:
+        """Problems with this strategy in this recipe (impossible combinations), as sentences."""
+        return []
+
+    def load_kwargs(self, recipe: Recipe) -> dict[str, Any]:
+        """Extra keyword arguments for loading the model (e.g. a 4-bit quantization config)."""
+        return {}
+
+    def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
+        """Wrap / replace / freeze / add parameters. Returns the (possibly new) model."""
+        return model
+
+    def param_groups(self, model: nn.Module) -> list[dict] | None:
+        """Optimizer parameter groups, if the strategy needs its own (default: all trainable params)."""
+        return None
+
+    def on_step_start(self, step: int, batch: dict) -> dict:
+        """Called before each micro-batch's forward (e.g. pick tokens, pick layers)."""
+        return batch
+
+    def count_targets(self, batch: dict) -> int | None:
+        """How many targets `loss()` will sum over for this batch, if not the default (tokens with labels)."""
+        return None
+
+    def loss(self, model: nn.Module, batch: dict) -> LossOutput | None:
+        """Compute the loss instead of the loop's default forward + cross-entropy (None: default)."""
+        return None
+
+    def after_backward(self, step: int) -> None:
+        """Called after the backward of each optimizer step's last micro-batch, before clipping."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after `optimizer.step()`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state to put in checkpoints (e.g. a schedule position)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator that adds a strategy under `cls.name`; duplicate names are refused."""
+    name = getattr(cls, "name", None)
+    if not name or not name.isidentifier():
+        raise ValueError(f"strategy {cls.__qualname__} needs a `name` that is an identifier, got {name!r}")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise KeyError(f"There is already a strategy called '{name}'; choose a unique name.")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def available() -> dict[str, type[Strategy]]:
+    """All registered strategies, by name, in composition order."""
+    _import_builtins()
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[1].order, kv[0])))
+
+
+def get(name: str) -> type[Strategy]:
+    _import_builtins()
+    return _REGISTRY[name]
+
+
+def _import_builtins() -> None:
+    import memft.strategies  # noqa: F401  (registers the built-in strategies)
+
+
+def check_specs(specs: list[dict], recipe: Recipe | None, lines: dict[tuple, int]) -> list[str]:
+    """Validate every `{name, params}` entry and their combination; return all problems."""
+    from memft.recipe import describe_errors
+
+    known = available()
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    instances: list[Strategy] = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            continue  # the recipe schema already reported it
+        name = spec.get("name")
+        line = lines.get(("strategies", i, "name")) or lines.get(("strategies", i))
+        at = f"  [line {line}]" if line else ""
+        if name not in known:
+            guess = difflib.get_close_matches(str(name), list(known), n=1)
+            hint = f"did you mean `{guess[0]}`?" if guess else f"known: {', '.join(known)}"
+            problems.append(f"`strategies.{i}.name`: unknown strategy {name!r}; {hint}{at}")
+            continue
+        if name in seen:
+            problems.append(f"`strategies.{i}.name`: `{name}` is listed twice (also at `strategies.{seen[name]}`){at}")
+            continue
+        seen[name] = i
+        cls = known[name]
+        try:
+            params = cls.Params.model_validate(spec.get("params") or {})
+        except ValidationError as exc:
+            problems += describe_errors(exc, lines, prefix=("strategies", i, "params"), owner=cls.Params)
+            continue
+        instances.append(cls(params))
+    names = [s.name for s in instances]
+    for s in instances:
+        for other, why in s.conflicts.items():
+            if other in names and names.index(other) > names.index(s.name):
+                problems.append(f"`strategies`: `{s.name}` and `{other}` cannot be combined: {why}")
+    if len(instances) == len(specs) and not any(s.trains_base or s.adds_trainable for s in instances):
+        problems.append(
+            "`strategies`: nothing would train; add one of `full`, `lora` or `qlora` "
+            "(the others change how gradients are computed, not which weights learn)"
+        )
+    if recipe is not None:
+        for s in instances:
+            problems += [f"`strategies` ({s.name}): {p}" for p in s.check(recipe)]
+    return problems
+
+
+def compose(recipe: Recipe) -> list[Strategy]:
+    """Instances of the recipe's strategies, validated, in composition order."""
+    known = available()
+    out = [known[s.name](known[s.name].Params.model_validate(s.params)) for s in recipe.strategies]
+    return sorted(out, key=lambda s: s.order)

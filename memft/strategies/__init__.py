@@ -1,0 +1,3 @@
+"""Built-in strategies. Importing this package registers them (see `memft.registry`)."""
+
+from memft.strategies import full, lora  # noqa: F401

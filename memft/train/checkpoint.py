@@ -1,0 +1,403 @@
+"""Atomic, exact training checkpoints, in safetensors and JSON only.
+
+Layout of one checkpoint (`run_dir/checkpoints/step-000050/`)::
+
+    trainable.safetensors   every parameter with requires_grad, by named_parameters() name
+    optimizer.safetensors   the optimizer state_dict's tensors, under keys like "state.3.exp_avg"
+    optimizer.json          the rest of the optimizer state_dict, tensors replaced by {"__tensor__": key}
+    scheduler.json          the LR scheduler state_dict (only when a scheduler was given)
+    rng.safetensors         torch CPU RNG state ("cpu") and CUDA RNG states ("cuda.0", ...)
+    state.json              written last: format version, the caller's `state`, python and numpy RNG
+                            states, the optimizer class and the list of files above
+    adapter/                (PEFT models only) the adapter in peft format, for PeftModel.from_pretrained
+
+Exactness: weights, optimizer moments, scheduler counters and every RNG are restored bit for bit, so
+a resumed run computes the same losses as one that never stopped (tests/test_checkpoint.py checks
+`==`, not closeness).
+
+Atomicity: everything is written into `checkpoints/.tmp-step-000050-<pid>/`, fsynced, then renamed
+to `step-000050` in one `os.replace`. A checkpoint is therefore whole or absent; `latest()` also
+refuses a step dir whose `state.json` is missing or does not list files that exist. Leftover
+`.tmp-*` / `.old-*` dirs from a killed run are ignored and removed by the next `save()`. One process
+writes to a run directory at a time.
+
+Safety: only safetensors and JSON are read back; nothing that can run code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from memft.errors import UserError
+
+FORMAT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
+OPTIMIZER_JSON_FILE = "optimizer.json"
+SCHEDULER_FILE = "scheduler.json"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+ADAPTER_DIR = "adapter"
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Markers of the JSON encoding of values JSON cannot hold as-is (see _encode).
+_TENSOR, _TUPLE, _INT_DICT = "__tensor__", "__tuple__", "__int_dict__"
+_MARKERS = {_TENSOR, _TUPLE, _INT_DICT}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter with `requires_grad`, by `named_parameters()` name, as contiguous CPU clones.
+
+    Frozen weights (the base model under LoRA, 4-bit QLoRA weights) are not included: they come back
+    from the model source, so checkpoints stay the size of what is trained.
+    """
+    return {
+        name: p.detach().to("cpu", copy=True).contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+# --- JSON encoding of state_dicts ------------------------------------------------------------------
+
+
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able form of `obj`; tensors go to `tensors[path]` and are replaced by a reference.
+
+    Tuples and int-keyed dicts (optimizer `state` is keyed by parameter index, AdamW's `betas` is a
+    tuple) are tagged so `_decode` gives back the same types, which `load_state_dict` relies on.
+    """
+    if isinstance(obj, torch.Tensor):
+        if path in tensors:
+            raise ValueError(f"two optimizer state entries flatten to the same key {path!r}")
+        tensors[path] = obj.detach().to("cpu", copy=True).contiguous()
+        return {_TENSOR: path}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        prefix = f"{path}." if path else ""
+        if all(isinstance(k, str) for k in obj):
+            if len(obj) == 1 and next(iter(obj)) in _MARKERS:
+                raise ValueError(f"state entry {path!r} uses a reserved key {next(iter(obj))!r}")
+            return {k: _encode(v, prefix + k, tensors) for k, v in obj.items()}
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+            return {_INT_DICT: {str(k): _encode(v, f"{prefix}{k}", tensors) for k, v in obj.items()}}
+    raise TypeError(f"cannot checkpoint {type(obj).__name__} at {path!r}: only tensors and JSON values are supported")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `_encode`."""
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            [(key, value)] = obj.items()
+            if key == _TENSOR:
+                return tensors[value]
+            if key == _TUPLE:
+                return tuple(_decode(v, tensors) for v in value)
+            if key == _INT_DICT:
+                return {int(k): _decode(v, tensors) for k, v in value.items()}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+# --- RNG ----------------------------------------------------------------------------------------------
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    return out
+
+
+def _python_numpy_rng() -> dict[str, Any]:
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python_random": [version, list(internal), gauss_next],
+        "numpy_random": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)],
+    }
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    cuda_states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda_states:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            warnings.warn(
+                f"the checkpoint holds {len(cuda_states)} CUDA RNG state(s) but this machine has "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s); CUDA RNG not restored, "
+                "so dropout after resume will differ from the original run",
+                stacklevel=3,
+            )
+    version, internal, gauss_next = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached_gaussian = meta["numpy_random"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+
+
+# --- file helpers ------------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or a directory entry to disk (directories: so a rename survives a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _find_peft_model(model: nn.Module) -> nn.Module | None:
+    """The PeftModel in `model` (itself or wrapped by a strategy), or None; peft is optional here."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return None
+    return next((m for m in model.modules() if isinstance(m, PeftModel)), None)
+
+
+def _read_meta(ckpt_dir: Path) -> dict[str, Any] | None:
+    """state.json of a complete checkpoint, or None if the dir is not one."""
+    try:
+        meta = json.loads((ckpt_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        return None
+    if not all((ckpt_dir / name).exists() for name in meta.get("files", [])):
+        return None
+    return meta
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """`(step, dir)` for every `step-N` dir under `root`, oldest first, complete or not."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+# --- public API --------------------------------------------------------------------------------------
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    state: dict,
+    keep_last: int,
+) -> Path:
+    """Write a checkpoint of `step` atomically and keep only the newest `keep_last` ones.
+
+    Args:
+        run_dir: the run's output directory; checkpoints go to `run_dir/checkpoints/step-NNNNNN/`.
+        step: optimizer steps done so far.
+        model, optimizer, scheduler: what to save (`scheduler` may be None).
+        state: the loop's own JSON-able state (e.g. `{"step": 50, "epoch": 0, "batch_index": 400}`),
+            given back by `load`.
+        keep_last: how many step checkpoints to keep (>= 1); the one just written is always kept.
+
+    Returns:
+        The checkpoint directory.
+    """
+    if keep_last < 1:
+        raise ValueError("keep_last must be >= 1")
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a run killed mid-save: never complete, safe to drop (one writer per run dir).
+    for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    name = step_dir_name(step)
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    files = [TRAINABLE_FILE, OPTIMIZER_TENSORS_FILE, OPTIMIZER_JSON_FILE, RNG_FILE]
+
+    save_file(trainable_state_dict(model), tmp / TRAINABLE_FILE)
+
+    opt_tensors: dict[str, torch.Tensor] = {}
+    opt_json = _encode(optimizer.state_dict(), "", opt_tensors)
+    save_file(opt_tensors, tmp / OPTIMIZER_TENSORS_FILE)
+    _write_json(tmp / OPTIMIZER_JSON_FILE, opt_json)
+
+    if scheduler is not None:
+        sched_tensors: dict[str, torch.Tensor] = {}
+        sched_json = _encode(scheduler.state_dict(), "", sched_tensors)
+        if sched_tensors:
+            raise TypeError(f"{type(scheduler).__name__}.state_dict() holds tensors; only JSON values are supported")
+        _write_json(tmp / SCHEDULER_FILE, sched_json)
+        files.append(SCHEDULER_FILE)
+
+    save_file(_rng_tensors(), tmp / RNG_FILE)
+
+    peft_model = _find_peft_model(model)
+    if peft_model is not None:
+        peft_model.save_pretrained(tmp / ADAPTER_DIR)
+        files.append(ADAPTER_DIR)
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "optimizer_class": type(optimizer).__name__,
+        "files": files,
+        "state": state,
+        **_python_numpy_rng(),
+    }
+    # state.json last: its presence (listing files that exist) is what marks a checkpoint complete.
+    _write_json(tmp / STATE_FILE, meta)
+    for path in tmp.rglob("*"):
+        _fsync_path(path)
+    _fsync_path(tmp)
+
+    if final.exists():
+        # Re-saving a step (after a resume): os.replace cannot overwrite a non-empty dir, so move the
+        # old one aside first; between the two renames the step is absent, never half-written.
+        old = root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_path(root)
+
+    _prune(root, keep=final, keep_last=keep_last)
+    return final
+
+
+def _prune(root: Path, keep: Path, keep_last: int) -> None:
+    """Remove incomplete step dirs and all but the newest `keep_last` complete ones (never `keep`)."""
+    complete = []
+    for _, path in _step_dirs(root):
+        if path != keep and _read_meta(path) is None:
+            shutil.rmtree(path, ignore_errors=True)
+        elif path != keep:
+            complete.append(path)
+    for path in complete[: max(len(complete) - (keep_last - 1), 0)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint dir under `run_dir/checkpoints`, or None."""
+    for _, path in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS_DIR)):
+        if _read_meta(path) is not None:
+            return path
+    return None
+
+
+def _name_list(names: list[str], shown: int = 5) -> str:
+    if not names:
+        return "none"
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _load_trainable(ckpt_dir: Path, model: nn.Module) -> None:
+    saved = load_file(ckpt_dir / TRAINABLE_FILE)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(params.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - params.keys())
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {ckpt_dir} was written for a different model/strategy: "
+            f"missing {_name_list(missing)}, unexpected {_name_list(unexpected)}"
+        )
+    for name, p in params.items():
+        if saved[name].shape != p.shape:
+            raise UserError(
+                f"checkpoint {ckpt_dir} was written for a different model/strategy: {name} has shape "
+                f"{tuple(saved[name].shape)} in the checkpoint but {tuple(p.shape)} in the model"
+            )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def load(
+    ckpt_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+) -> dict:
+    """Restore trainable weights, optimizer, scheduler and all RNGs from `ckpt_dir`; return the saved `state`.
+
+    Build `model`, `optimizer` and `scheduler` exactly as for the original run (same strategy, same
+    parameter order) before calling. `optimizer` / `scheduler` may be None to restore weights only.
+
+    Raises:
+        UserError: the directory is not a complete checkpoint, or it was written for a different
+            model, strategy or optimizer.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = _read_meta(ckpt_dir)
+    if meta is None:
+        raise UserError(f"{ckpt_dir} is not a complete memft checkpoint (no valid {STATE_FILE})")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint {ckpt_dir} has format version {meta['format_version']}, newer than this memft "
+            f"supports ({FORMAT_VERSION}); upgrade memft"
+        )
+
+    _load_trainable(ckpt_dir, model)
+
+    if optimizer is not None:
+        if meta["optimizer_class"] != type(optimizer).__name__:
+            raise UserError(
+                f"checkpoint {ckpt_dir} was written with optimizer {meta['optimizer_class']} but this run "
+                f"uses {type(optimizer).__name__}; use the same optimizer to resume"
+            )
+        opt_state = _decode(
+            json.loads((ckpt_dir / OPTIMIZER_JSON_FILE).read_text()), load_file(ckpt_dir / OPTIMIZER_TENSORS_FILE)
+        )
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"checkpoint {ckpt_dir} was written for a different model/strategy: {exc}") from exc
+
+    if scheduler is not None:
+        if not (ckpt_dir / SCHEDULER_FILE).exists():
+            raise UserError(f"checkpoint {ckpt_dir} has no learning-rate scheduler state to resume from")
+        scheduler.load_state_dict(_decode(json.loads((ckpt_dir / SCHEDULER_FILE).read_text()), {}))
+
+    # RNG last, so nothing above consumes random numbers after the restore.
+    _restore_rng(load_file(ckpt_dir / RNG_FILE), meta)
+    return meta["state"]

@@ -1,0 +1,354 @@
+"""The training loop: one process, one device. Read `Trainer.train()` top to bottom.
+
+`Trainer(recipe).setup()` builds everything in dependency order (tokenizer -> data -> model ->
+strategies -> optimizer -> checkpoint resume); `train()` runs forward -> backward -> step at the
+accumulation boundary, calling the strategies' hooks at named points, and writes
+`metrics.jsonl`, checkpoints, `summary.json` and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+import memft
+from memft import registry
+from memft.data import build as build_data
+from memft.data.batching import Batcher, count_targets, count_tokens
+from memft.data.formats import pad_token_id
+from memft.errors import RunFailed, UserError
+from memft.models import count_params, load_model, load_tokenizer, resolve_device
+from memft.recipe import Recipe
+from memft.registry import BuildContext, LossOutput
+from memft.train import checkpoint
+from memft.train.meters import SavedTensorMeter, StepTimer, peak_memory
+from memft.train.optim import build_optimizer, build_scheduler
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+RECIPE_FILE = "recipe.yaml"
+PLOT_FILE = "loss_memory.png"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_loss(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
+    """Summed cross-entropy over the batch's targets (next tokens, or one label per example)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    if task == "causal_lm":
+        # position t predicts token t+1; -100 marks padding and prompt tokens
+        logits, labels = logits[:, :-1], batch["labels"][:, 1:]
+    else:
+        labels = batch["labels"]
+    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    return LossOutput(loss_sum, int((labels != -100).sum()))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward. Reentrant checkpointing saves each layer's input through
+    autograd (so the saved-tensor meter sees it) and works with frozen embeddings once inputs require grad."""
+    kwargs = {"use_reentrant": True}
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(target, "activation_checkpointing_enable"):
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    target.enable_input_require_grads()
+
+
+class Trainer:
+    """Builds a run from a recipe and trains it."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, quiet: bool = False):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir or recipe.output.dir)
+        self.quiet = quiet
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, *, for_training: bool = True) -> Trainer:
+        r = self.recipe
+        self.device = resolve_device(r.model.device)
+        self.strategies = registry.compose(r)
+
+        # the tokenizer comes first: data needs it, and classification data tells the head its size
+        self.tokenizer = load_tokenizer(r.model)
+        self.data = build_data(r.data, self.tokenizer, seed=r.train.seed)
+        self.pad_id = pad_token_id(self.tokenizer)
+        if r.model.task == "sequence_classification" and r.model.num_labels is None:
+            r.model.num_labels = self.data.num_labels  # recorded in the run's recipe.yaml for export
+
+        load_kwargs = {}
+        for s in self.strategies:
+            load_kwargs.update(s.load_kwargs(r))
+        loaded = load_model(r.model, num_labels=r.model.num_labels, pad_token_id=self.pad_id, **load_kwargs)
+        self.model_source, self.is_moe = loaded.source, loaded.is_moe
+        model = loaded.model
+        ctx = BuildContext(recipe=r, device=self.device, is_moe=loaded.is_moe, notes=self.notes)
+        for s in self.strategies:  # fixed composition order (see memft.registry)
+            model = s.apply(model, ctx)
+        if r.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+            self.notes.append("gradient checkpointing: every decoder layer is recomputed in backward")
+        self.model = model.to(self.device) if not load_kwargs.get("quantization_config") else model
+        self.params = count_params(self.model)
+        seed_everything(r.train.seed)  # after model building, which seeds with `model.seed`
+
+        self.batcher = Batcher(self.data.train, r.train.batch_size, self.pad_id, shuffle=r.data.shuffle,
+                               seed=r.train.seed)
+        self.eval_batcher = (Batcher(self.data.eval, r.train.batch_size, self.pad_id, shuffle=False, seed=0)
+                             if self.data.eval else None)
+        micro_total = math.ceil(r.train.epochs * self.batcher.batches_per_epoch)
+        self.total_steps = r.train.max_steps or max(1, micro_total // r.train.grad_accum)
+        if not for_training:
+            return self
+
+        groups = None
+        for s in self.strategies:
+            groups = s.param_groups(self.model) or groups
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise UserError("no parameter requires a gradient after applying the strategies; nothing would train")
+        self.optimizer = build_optimizer(groups or [{"params": trainable}], r.train, self.device)
+        self.scheduler = build_scheduler(self.optimizer, r.train, self.total_steps)
+        self.autocast = _autocast(r, self.device)
+        self.step, self.micro = 0, 0
+        self._prepare_run_dir()
+        return self
+
+    def _prepare_run_dir(self) -> None:
+        r = self.recipe
+        latest = checkpoint.latest(self.run_dir)
+        if latest is not None and r.output.resume == "never":
+            raise UserError(f"{self.run_dir} already holds checkpoint {latest.name}; set `output.resume=auto` "
+                            "to continue it, or choose another `output.dir`")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        saved_recipe = self.run_dir / RECIPE_FILE
+        if latest is not None:
+            if saved_recipe.exists():
+                for line in _recipe_differences(yaml.safe_load(saved_recipe.read_text()), r.model_dump(mode="json")):
+                    self.notes.append(f"resume: recipe changed since the checkpoint: {line}; the new value is used")
+            state = checkpoint.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.step, self.micro = state["step"], state["micro_batches"]
+            for s in self.strategies:
+                s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
+            _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            self.notes.append(f"resumed from {latest} at step {self.step}")
+        elif (self.run_dir / METRICS_FILE).exists():
+            (self.run_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts over
+        saved_recipe.write_text(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, progress=None) -> dict:
+        r = self.recipe
+        metrics = (self.run_dir / METRICS_FILE).open("a")
+        timer, activation_bytes = StepTimer(self.device), None
+        losses, step_times, step_tokens, step_samples = [], [], [], []
+        started = time.perf_counter()
+        if self.step == 0 and self.eval_batcher:
+            self._log(metrics, {"step": 0, "eval_loss": self.evaluate()})
+        while self.step < self.total_steps:
+            self.model.train()
+            timer.start()
+            window = [self._next_batch() for _ in range(r.train.grad_accum)]
+            window = [self._on_step_start(b) for b in window]
+            targets = sum(self._count_targets(b) for b in window)
+            step_loss = 0.0
+            for i, batch in enumerate(window):
+                # the activation meter watches the first forward of this process only: its bytes are per micro-batch
+                meter = SavedTensorMeter(self.model) if activation_bytes is None else nullcontext()
+                with meter, self.autocast:
+                    out = self._loss(batch)
+                # normalise by the targets of the whole accumulation window, not per micro-batch
+                loss = out.loss_sum / max(targets, 1)
+                loss.backward()
+                if activation_bytes is None:
+                    activation_bytes = meter.bytes
+                step_loss += loss.item()  # a host-device sync point
+                del out, loss  # free the graph's outputs before the next micro-batch
+            if not math.isfinite(step_loss):
+                raise RunFailed(self._nonfinite_message(step_loss))
+            for s in self.strategies:
+                s.after_backward(self.step)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], r.train.max_grad_norm or math.inf)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            for s in self.strategies:
+                s.after_optimizer_step(self.step)
+            # flush the gradients as soon as we can, no need for this memory anymore
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+
+            tokens = sum(count_tokens(b) for b in window)
+            samples = sum(b["input_ids"].size(0) for b in window)
+            rates = timer.stop(tokens=tokens, samples=samples)
+            step_times.append(rates["step_time_s"])
+            step_tokens.append(tokens)
+            step_samples.append(samples)
+            losses.append(step_loss)
+            if self.step % r.log.every == 0 or self.step == self.total_steps:
+                self._log(metrics, {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                                    **rates, **peak_memory(self.device)})
+            if r.train.eval_every and self.step % r.train.eval_every == 0 and self.eval_batcher:
+                self._log(metrics, {"step": self.step, "eval_loss": self.evaluate()})
+            if r.output.checkpoints and r.output.save_every and self.step % r.output.save_every == 0:
+                self.save()
+            if progress:
+                progress(self.step, self.total_steps, step_loss, peak_memory(self.device)["peak_mem_bytes"])
+        eval_loss = None
+        if self.eval_batcher:
+            eval_loss = self.evaluate()
+            if not (r.train.eval_every and self.step % r.train.eval_every == 0):
+                self._log(metrics, {"step": self.step, "eval_loss": eval_loss})
+        metrics.close()
+        if r.output.checkpoints:
+            self.save()
+        summary = self._summary(losses, step_times, step_tokens, step_samples, activation_bytes, eval_loss,
+                                time.perf_counter() - started)
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        if r.output.plot:
+            from memft.train.plot import plot_metrics
+
+            plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE, title=self.run_dir.name)
+        return summary
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _next_batch(self) -> dict:
+        epoch, index = divmod(self.micro, self.batcher.batches_per_epoch)
+        self.micro += 1
+        return {k: v.to(self.device) for k, v in self.batcher.batch(epoch, index).items()}
+
+    def _on_step_start(self, batch: dict) -> dict:
+        for s in self.strategies:
+            batch = s.on_step_start(self.step, batch)
+        return batch
+
+    def _count_targets(self, batch: dict) -> int:
+        for s in self.strategies:
+            n = s.count_targets(batch)
+            if n is not None:
+                return n
+        return count_targets(batch)
+
+    def _loss(self, batch: dict) -> LossOutput:
+        for s in self.strategies:
+            out = s.loss(self.model, batch)
+            if out is not None:
+                return out
+        return default_loss(self.model, batch, self.recipe.model.task)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy per target over the held-out batches (always the plain model's loss)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        n = self.eval_batcher.batches_per_epoch
+        for i in range(min(n, self.recipe.train.eval_batches or n)):
+            batch = {k: v.to(self.device) for k, v in self.eval_batcher.batch(0, i).items()}
+            with self.autocast:
+                out = default_loss(self.model, batch, self.recipe.model.task)
+            total, count = total + out.loss_sum.item(), count + out.count
+        self.model.train()
+        return total / max(count, 1)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "micro_batches": self.micro,
+                 "strategies": {s.name: s.state_dict() for s in self.strategies}}
+        return checkpoint.save(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, state=state, keep_last=self.recipe.output.keep_last)
+
+    def _log(self, file, record: dict) -> None:
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+
+    def _nonfinite_message(self, value: float) -> str:
+        last = checkpoint.latest(self.run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        return (f"the loss became {value} at step {self.step + 1}; stopping ({kept}). Lower `train.lr`, "
+                "enable `train.max_grad_norm`, or use float32 weights.")
+
+    def _summary(self, losses, step_times, tokens, samples, activation_bytes, eval_loss, wall) -> dict:
+        # the first step of a process pays for warm-up (allocator, kernels): leave it out of the rates
+        skip = 1 if len(step_times) > 1 else 0
+        timed, tokens, samples = step_times[skip:], tokens[skip:], samples[skip:]
+        return {
+            "memft_version": memft.__version__,
+            "strategies": [s.name for s in self.strategies],
+            "gradient_checkpointing": self.recipe.train.gradient_checkpointing,
+            "model": self.model_source,
+            "is_moe": self.is_moe,
+            "dtype": self.recipe.model.dtype,
+            "device": _device_name(self.device),
+            "torch_version": torch.__version__,
+            "steps": self.step,
+            "steps_this_run": len(losses),
+            "final_loss": losses[-1] if losses else None,
+            "eval_loss": eval_loss,
+            "tokens_per_s": sum(tokens) / sum(timed) if timed else None,
+            "samples_per_s": sum(samples) / sum(timed) if timed else None,
+            "step_time_s": statistics.median(timed) if timed else None,
+            **peak_memory(self.device),
+            "activation_bytes": activation_bytes,
+            "trainable_params": self.params["trainable_params"],
+            "total_params": self.params["total_params"],
+            "wall_time_s": wall,
+        }
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _autocast(recipe: Recipe, device: torch.device):
+    wanted = recipe.train.autocast
+    if device.type == "cuda" and (wanted == "bf16" or (wanted == "auto" and torch.cuda.is_bf16_supported())):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if wanted == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _flatten(tree, prefix="") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _recipe_differences(old: dict, new: dict) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return [f"`{k}` {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from, so each step appears once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))

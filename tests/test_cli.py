@@ -1,0 +1,114 @@
+"""The CLI through its real entry point (a subprocess running `python -m memft.cli`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def memft(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "memft.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_commands_with_examples():
+    out = memft("--help")
+    assert out.returncode == 0
+    for cmd in ("train", "validate", "recipes", "schema", "bench", "export"):
+        assert cmd in out.stdout
+    sub = memft("train", "--help")
+    assert sub.returncode == 0 and "memft train recipes/lora.yaml train.lr=1e-4" in sub.stdout
+
+
+def test_validate_ok_and_user_errors_exit_2_without_traceback(tmp_path):
+    ok = memft("validate", "recipes/lora.yaml", "strategies.0.params.r=4")
+    assert ok.returncode == 0 and "is valid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  nme: x\nstrategies:\n  - name: lorra\n")
+    out = memft("validate", bad)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "did you mean `name`" in out.stderr and "did you mean `lora`" in out.stderr
+    missing = memft("train", tmp_path / "absent.yaml")
+    assert missing.returncode == 2 and "no such recipe file" in missing.stderr and "Traceback" not in missing.stderr
+    usage = memft("train")  # Typer's own usage error
+    assert usage.returncode == 2
+
+
+def test_recipes_and_schema():
+    out = memft("recipes")
+    assert out.returncode == 0
+    assert "quickstart.yaml" in out.stdout and "stories260K" in out.stdout and "tiny-mixtral" in out.stdout
+    out = memft("schema")
+    assert out.returncode == 0
+    for field in ("train.gradient_checkpointing", "data.max_length", "target_experts", "quant_type"):
+        assert field in out.stdout
+
+
+def test_dry_run_prints_plan_without_training(tmp_path):
+    out = memft("train", "recipes/lora.yaml", "-o", tmp_path / "run", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "trainable" in out.stdout and "lora: adapters on" in out.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_moe_lora_plan_says_experts_are_not_covered(tmp_path):
+    out = memft("train", "recipes/bench_moe.yaml", "strategies=[{name: lora}]", "-o", tmp_path / "r", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "routed expert weights are NOT adapted" in out.stdout
+    out = memft("train", "recipes/bench_moe.yaml", "strategies=[{name: lora, params: {target_experts: true}}]",
+                "-o", tmp_path / "r", "--dry-run")
+    assert "routed expert weights ARE adapted" in out.stdout
+
+
+def test_train_writes_metrics_summary_plot_and_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    out = memft("train", "recipes/quickstart.yaml", "train.max_steps=4", "train.eval_every=2",
+                "data.max_samples=64", "-o", run)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    assert [x["step"] for x in lines if "eval_loss" in x] == [0, 2, 4]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["strategies"] == ["full"]
+    assert (run / "loss_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "checkpoints" / "step-000004" / "trainable.safetensors").exists()
+    assert "Done" in out.stdout
+
+
+def test_resume_never_refuses_an_existing_run(tmp_path):
+    run = tmp_path / "run"
+    args = ("train", "recipes/quickstart.yaml", "train.max_steps=1", "data.max_samples=32", "-o", run)
+    assert memft(*args).returncode == 0
+    again = memft(*args, "output.resume=never")
+    assert again.returncode == 2 and "output.resume=auto" in again.stderr
+
+
+def test_bench_prints_ratio_table_and_json(tmp_path):
+    out_json = tmp_path / "bench.json"
+    out = memft("bench", "recipes/bench_moe.yaml", "--variants", "full;lora;full,gradient_checkpointing",
+                "--steps", "2", "--json", out_json, "data.max_length=128", "data.max_samples=64")
+    assert out.returncode == 0, out.stderr
+    assert "1.00x" in out.stdout and "activation bytes" in out.stdout
+    rows = json.loads(out_json.read_text())
+    assert [r["variant"] for r in rows] == ["full", "lora", "full,gradient_checkpointing"]
+    full, lora, ckpt = rows
+    assert lora["trainable_params"] < full["trainable_params"]
+    assert ckpt["activation_bytes"] < full["activation_bytes"]
+
+
+def test_bench_rejects_unknown_variant_item():
+    out = memft("bench", "recipes/bench_moe.yaml", "--variants", "full;lroa")
+    assert out.returncode == 2 and "`lroa` is neither a strategy" in out.stderr
+
+
+@pytest.mark.parametrize("cmd", ["train", "validate", "bench", "export", "recipes", "schema"])
+def test_every_command_has_help(cmd):
+    out = memft(cmd, "--help")
+    assert out.returncode == 0 and "Example" in out.stdout
