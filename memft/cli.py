@@ -230,7 +230,7 @@ def _print_plan(trainer) -> None:
     for note in trainer.notes:
         table.add_row("", note)
     d = trainer.data
-    table.add_row("data", f"{d.source}: {len(d.train):,} train / {len(d.eval or []):,} eval examples"
+    table.add_row("data", f"{d.source}"
                   + (f" ({d.dropped} dropped: nothing left to learn after truncation)" if d.dropped else ""))
     table.add_row("steps", f"{trainer.total_steps} x {r.train.grad_accum} micro-batches of {r.train.batch_size}, "
                            f"up to {r.data.max_length} tokens each")
@@ -290,8 +290,21 @@ class _Progress:
         return False
 
 
+def _quiet_libraries() -> None:
+    """memft prints its own plan and summary; the libraries' load reports and deprecation chatter are noise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|bitsandbytes)\b")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     app()
 
 

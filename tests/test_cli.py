@@ -58,8 +58,9 @@ def test_dry_run_prints_plan_without_training(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_moe_lora_plan_says_experts_are_not_covered(tmp_path):
-    out = memft("train", "recipes/bench_moe.yaml", "strategies=[{name: lora}]", "-o", tmp_path / "r", "--dry-run")
+def test_moe_lora_plan_says_whether_experts_are_covered(tmp_path):
+    out = memft("train", "recipes/bench_moe.yaml", "strategies=[{name: lora, params: {target_experts: false}}]",
+                "-o", tmp_path / "r", "--dry-run")
     assert out.returncode == 0, out.stderr
     assert "routed expert weights are NOT adapted" in out.stdout
     out = memft("train", "recipes/bench_moe.yaml", "strategies=[{name: lora, params: {target_experts: true}}]",

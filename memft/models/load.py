@@ -424,5 +424,6 @@ def count_params(model: nn.Module) -> dict[str, int]:
         n = quant_state.shape.numel() if quant_state is not None else p.numel()
         total += n
         trainable += n if p.requires_grad else 0
-        experts += n if "experts" in name.split(".") else 0
+        # adapter weights hung on an expert module (peft's lora_A/lora_B) are not expert weights
+        experts += n if "experts" in name.split(".") and "lora_" not in name else 0
     return {"total_params": total, "trainable_params": trainable, "expert_params": experts}

@@ -5,9 +5,10 @@ QLoRA (Dettmers et al. 2023) does the same on a base whose `nn.Linear` weights a
 NormalFloat through bitsandbytes, computing in `compute_dtype`.
 
 Mixture-of-Experts models in transformers 5 keep their experts as fused 3-D parameters
-(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), not `nn.Linear`: `all-linear` adapts the
-attention, the router and any shared expert, but not the routed experts. `target_experts: true`
-adds adapters on the fused expert weights through peft's `target_parameters`.
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), not `nn.Linear`. Older peft's `all-linear`
+missed them; peft 0.21 resolves `all-linear` on such models to the linear layers *plus* the fused
+experts and the router weight (through `target_parameters`). memft does not guess: `target_experts`
+forces the choice either way, and the plan reports what the adapted model really covers.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ class LoraParams(StrategyParams):
     """Dropout on the adapter's input."""
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     """`all-linear` (every linear layer but the output head) or module-name suffixes, e.g. `[q_proj, v_proj]`."""
-    target_experts: bool = False
-    """MoE only: also adapt the fused expert weights (`experts.gate_up_proj`, `experts.down_proj`) via peft `target_parameters`."""
+    target_experts: bool | None = None
+    """MoE only. null: whatever `target_modules` resolves to in peft (0.21's `all-linear` includes the fused
+    experts); true: always adapt the fused expert weights (`experts.gate_up_proj`, `experts.down_proj`) via
+    peft `target_parameters`; false: only `nn.Linear` layers, never the routed experts."""
     rslora: bool = False
     """Rank-stabilised scaling `alpha / sqrt(r)` (Kalajdzievski 2023)."""
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -48,15 +51,26 @@ class QLoraParams(LoraParams):
     """dtype of the de-quantized matmuls; `auto` follows `model.dtype` (float32 on the CPU)."""
 
 
-def _lora_config(params: LoraParams, ctx: BuildContext):
+def _linear_layer_names(model: nn.Module) -> list[str]:
+    """Suffixes of every `nn.Linear` (4-bit ones included) except the output and classification heads."""
+    heads = {id(model.get_output_embeddings())} if hasattr(model, "get_output_embeddings") else set()
+    heads |= {id(getattr(model, name)) for name in ("score", "classifier") if hasattr(model, name)}
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and id(m) not in heads})
+
+
+def _lora_config(model: nn.Module, params: LoraParams, ctx: BuildContext):
     from peft import LoraConfig, TaskType
 
     seq_cls = ctx.recipe.model.task == "sequence_classification"
+    targets = params.target_modules
+    if params.target_experts is False and targets == "all-linear":
+        targets = _linear_layer_names(model)  # spelled out, so peft does not add the fused experts
     return LoraConfig(
         r=params.r,
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
-        target_modules=params.target_modules,
+        target_modules=targets,
         target_parameters=list(EXPERT_PARAMETERS) if params.target_experts and ctx.is_moe else None,
         use_rslora=params.rslora,
         bias=params.bias,
@@ -68,17 +82,16 @@ def _lora_config(params: LoraParams, ctx: BuildContext):
 def _attach(model: nn.Module, params: LoraParams, ctx: BuildContext, label: str) -> nn.Module:
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, _lora_config(params, ctx))
+    peft_model = get_peft_model(model, _lora_config(model, params, ctx))
     adapted = sorted({n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n})
     ctx.notes.append(f"{label}: adapters on {len(adapted)} weights (r={params.r}, alpha={params.alpha:g})")
-    if ctx.is_moe:
-        if params.target_experts:
-            ctx.notes.append(f"{label}: routed expert weights ARE adapted (target_experts: true)")
+    if ctx.is_moe:  # report what the adapted model covers, not what we asked for
+        if any(".experts." in name for name in adapted):
+            ctx.notes.append(f"{label}: routed expert weights ARE adapted (fused 3-D parameters, via peft "
+                             "`target_parameters`); `target_experts: false` leaves them frozen")
         else:
-            ctx.notes.append(
-                f"{label}: routed expert weights are NOT adapted (fused 3-D parameters, missed by "
-                "`all-linear`); set `target_experts: true` to adapt them"
-            )
+            ctx.notes.append(f"{label}: routed expert weights are NOT adapted (fused 3-D parameters); "
+                             "set `target_experts: true` to adapt them")
     return peft_model
 
 
