@@ -156,3 +156,14 @@ def test_export_merges_lora_into_a_standalone_hf_model(tmp_path):
     with torch.no_grad():
         got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_epochs_bf16_weights_and_8bit_adamw(tmp_path):
+    # max_steps null: one epoch of 40 examples at batch 8 = 5 steps
+    trainer, summary = run(tmp_path, "quickstart.yaml", "train.max_steps=null", "train.epochs=1",
+                           "data.max_samples=40", "data.eval_split=null", "model.dtype=bfloat16",
+                           "train.optimizer=adamw_8bit", "output.checkpoints=false")
+    assert summary["steps"] == 5 and summary["dtype"] == "bfloat16"
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    assert type(trainer.optimizer).__name__ == "AdamW8bit"
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(trainer.run_dir) if "loss" in m)
