@@ -47,6 +47,8 @@ class LossOutput:
 
     loss_sum: torch.Tensor
     count: int
+    logits: torch.Tensor | None = None
+    """The logits the loss was taken on, when the caller may want them (evaluation accuracy)."""
 
 
 class Strategy:

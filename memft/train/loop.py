@@ -58,7 +58,7 @@ def default_loss(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
         labels = batch["labels"]
     loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
-    return LossOutput(loss_sum, int((labels != -100).sum()))
+    return LossOutput(loss_sum, int((labels != -100).sum()), logits=logits)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -150,7 +150,8 @@ class Trainer:
             for s in self.strategies:
                 s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
-            self.notes.append(f"resumed from {latest} at step {self.step}")
+            self.notes.append(f"resumed from {latest} at step {self.step}" + (
+                "; the run already finished, nothing to do" if self.step >= self.total_steps else ""))
         elif (self.run_dir / METRICS_FILE).exists():
             (self.run_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts over
         saved_recipe.write_text(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
@@ -158,12 +159,14 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self, progress=None) -> dict:
         r = self.recipe
+        if self.step >= self.total_steps and (self.run_dir / SUMMARY_FILE).exists():
+            return json.loads((self.run_dir / SUMMARY_FILE).read_text())  # already finished: nothing to do
         metrics = (self.run_dir / METRICS_FILE).open("a")
         timer, activation_bytes = StepTimer(self.device), None
         losses, step_times, step_tokens, step_samples = [], [], [], []
         started = time.perf_counter()
         if self.step == 0 and self.eval_batcher:
-            self._log(metrics, {"step": 0, "eval_loss": self.evaluate()})
+            self._log(metrics, {"step": 0, **self.evaluate()})
         while self.step < self.total_steps:
             self.model.train()
             timer.start()
@@ -209,20 +212,20 @@ class Trainer:
                 self._log(metrics, {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                                     **rates, **peak_memory(self.device)})
             if r.train.eval_every and self.step % r.train.eval_every == 0 and self.eval_batcher:
-                self._log(metrics, {"step": self.step, "eval_loss": self.evaluate()})
+                self._log(metrics, {"step": self.step, **self.evaluate()})
             if r.output.checkpoints and r.output.save_every and self.step % r.output.save_every == 0:
                 self.save()
             if progress:
                 progress(self.step, self.total_steps, step_loss, peak_memory(self.device)["peak_mem_bytes"])
-        eval_loss = None
+        evaluation = {}
         if self.eval_batcher:
-            eval_loss = self.evaluate()
+            evaluation = self.evaluate()
             if not (r.train.eval_every and self.step % r.train.eval_every == 0):
-                self._log(metrics, {"step": self.step, "eval_loss": eval_loss})
+                self._log(metrics, {"step": self.step, **evaluation})
         metrics.close()
         if r.output.checkpoints:
             self.save()
-        summary = self._summary(losses, step_times, step_tokens, step_samples, activation_bytes, eval_loss,
+        summary = self._summary(losses, step_times, step_tokens, step_samples, activation_bytes, evaluation,
                                 time.perf_counter() - started)
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         if r.output.plot:
@@ -257,18 +260,25 @@ class Trainer:
         return default_loss(self.model, batch, self.recipe.model.task)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean cross-entropy per target over the held-out batches (always the plain model's loss)."""
+    def evaluate(self) -> dict[str, float]:
+        """`eval_loss`: mean cross-entropy per target over the held-out batches (always the plain model's loss);
+        for classification also `eval_accuracy`, the share of examples whose arg-max class is the label."""
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, correct = 0.0, 0, 0
+        classify = self.recipe.model.task == "sequence_classification"
         n = self.eval_batcher.batches_per_epoch
         for i in range(min(n, self.recipe.train.eval_batches or n)):
             batch = {k: v.to(self.device) for k, v in self.eval_batcher.batch(0, i).items()}
             with self.autocast:
                 out = default_loss(self.model, batch, self.recipe.model.task)
             total, count = total + out.loss_sum.item(), count + out.count
+            if classify:
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         self.model.train()
-        return total / max(count, 1)
+        result = {"eval_loss": total / max(count, 1)}
+        if classify:
+            result["eval_accuracy"] = correct / max(count, 1)
+        return result
 
     def save(self) -> Path:
         state = {"step": self.step, "micro_batches": self.micro,
@@ -286,7 +296,7 @@ class Trainer:
         return (f"the loss became {value} at step {self.step + 1}; stopping ({kept}). Lower `train.lr`, "
                 "enable `train.max_grad_norm`, or use float32 weights.")
 
-    def _summary(self, losses, step_times, tokens, samples, activation_bytes, eval_loss, wall) -> dict:
+    def _summary(self, losses, step_times, tokens, samples, activation_bytes, evaluation, wall) -> dict:
         # the first step of a process pays for warm-up (allocator, kernels): leave it out of the rates
         skip = 1 if len(step_times) > 1 else 0
         timed, tokens, samples = step_times[skip:], tokens[skip:], samples[skip:]
@@ -302,7 +312,8 @@ class Trainer:
             "steps": self.step,
             "steps_this_run": len(losses),
             "final_loss": losses[-1] if losses else None,
-            "eval_loss": eval_loss,
+            "eval_loss": evaluation.get("eval_loss"),
+            "eval_accuracy": evaluation.get("eval_accuracy"),
             "tokens_per_s": sum(tokens) / sum(timed) if timed else None,
             "samples_per_s": sum(samples) / sum(timed) if timed else None,
             "step_time_s": statistics.median(timed) if timed else None,
