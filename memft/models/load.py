@@ -40,6 +40,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Config keys that may change on a pretrained model: none of them changes a weight's shape.
 PRETRAINED_SAFE_OVERRIDES = frozenset({
+    "hidden_dropout_prob", "attention_probs_dropout_prob",
     "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout",
     "use_cache", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "num_experts_per_tok",
 })

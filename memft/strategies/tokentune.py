@@ -1,0 +1,219 @@
+"""`tokentune`: only a random subset of tokens carries gradients; the forward stays exact.
+
+Simoulin et al., "Memory-Efficient Fine-Tuning of Transformers via Token Selection" (EMNLP 2024).
+Per sequence and step, k tokens are selected (the first and last always). In every layer:
+
+1. all rows run under `torch.no_grad()`: this gives the unselected rows' outputs exactly, and every
+   row's (post-rotary) keys and values, and saves nothing for backward;
+2. the selected rows run again with gradients, their queries attending over all keys and values
+   (the unselected ones as constants) with the original positions and causal / padding mask
+   (`memft.models.blocks`: one implementation for every Llama-family decoder and BERT encoder);
+3. the selected rows are scattered into the no-grad output (out of place: only indices are saved).
+
+So only the selected rows' activations (and each layer's keys/values, which the selected queries'
+gradients need) are cached: activation memory shrinks with the selected fraction. The gradients
+are those of the dense model in which every unselected row is detached where it enters each layer
+(its hidden state, keys and values) — the naive reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from memft.models.blocks import (enable_row_attention, gather_rows, is_encoder, layer_stack, scatter_rows,
+                                 unwrap)
+from memft.registry import BuildContext, LossOutput, Strategy, StrategyParams, register
+
+POSITIONS_KEY = "tokentune_positions"
+"""Batch key holding the selected positions, (B, k) long, set by `on_step_start`."""
+
+
+class TokenTuneParams(StrategyParams):
+    tokens: int | None = Field(default=None, ge=1)
+    """Tokens per sequence that carry gradients (a count). Give this or `fraction`."""
+    fraction: float | None = Field(default=None, gt=0, le=1)
+    """Share of each sequence's non-padding tokens that carry gradients (rounded up). Default 0.25."""
+    loss_on: Literal["selected", "all"] = "selected"
+    """`selected` (the paper's): cross-entropy on the selected positions only, LM head applied to those rows.
+    `all`: every position's loss; unselected positions then only train the final norm and the LM head."""
+    always_include: list[int] = Field(default_factory=list)
+    """More positions selected every step, counted in the non-padding part (negative: from its end).
+    The first and last non-padding positions are always selected."""
+
+    @model_validator(mode="after")
+    def _count_or_fraction(self) -> TokenTuneParams:
+        if self.tokens is not None and self.fraction is not None:
+            raise ValueError("give `tokens` or `fraction`, not both")
+        if self.tokens is None and self.fraction is None:
+            self.fraction = 0.25
+        return self
+
+
+def select_positions(attention_mask: torch.Tensor, *, tokens: int | None, fraction: float | None,
+                     always: list[int], generator: torch.Generator,
+                     extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Choose, per sequence, the positions that carry gradients.
+
+    Args:
+        attention_mask: (B, T), 1 at real tokens.
+        tokens / fraction: how many of a sequence's n real tokens: `min(tokens, n)` or `ceil(fraction * n)`.
+        always: positions always chosen, in the real-token part (negative counts from its end).
+        extra: (B,) one more position per sequence to always choose (e.g. the token a classifier pools).
+
+    Returns:
+        (B, k) long, sorted per row; uniform without replacement among the real tokens beyond the
+        forced ones. Rows needing fewer than k (the batch maximum) are filled with padding positions
+        first, then with more real tokens: extra rows are harmless (masked, no loss) and keep the
+        batch rectangular.
+    """
+    rows = []
+    for b in range(attention_mask.size(0)):
+        real = attention_mask[b].nonzero().flatten().cpu()
+        n = real.numel()
+        forced = {int(real[0]), int(real[-1])} | {int(real[i]) for i in always if -n <= i < n}
+        if extra is not None:
+            forced.add(int(extra[b]))
+        want = min(tokens, n) if tokens is not None else math.ceil(fraction * n)
+        rest = torch.tensor([int(p) for p in real if int(p) not in forced], dtype=torch.long)
+        pick = rest[torch.randperm(rest.numel(), generator=generator)[:max(0, want - len(forced))]]
+        rows.append((sorted(forced | set(pick.tolist())), real))
+    k = max(len(chosen) for chosen, _ in rows)
+    out = torch.empty(len(rows), k, dtype=torch.long)
+    for b, (chosen, real) in enumerate(rows):
+        taken = set(chosen)
+        pads = [p for p in range(attention_mask.size(1)) if p not in taken and not attention_mask[b, p]]
+        more = [int(p) for p in real if int(p) not in taken]
+        out[b] = torch.tensor(sorted(chosen + (pads + more)[:k - len(chosen)]))
+    return out.to(attention_mask.device)
+
+
+@register
+class TokenTune(Strategy):
+    name = "tokentune"
+    Params = TokenTuneParams
+    order = 40
+    summary = "TokenTune: gradients through a random subset of tokens; exact forward, fewer cached activations."
+
+    def check(self, recipe) -> list[str]:
+        if recipe.train.gradient_checkpointing:
+            return ["`tokentune` already keeps no activations for unselected tokens and re-runs layers its own way; "
+                    "turn `train.gradient_checkpointing` off"]
+        return []
+
+    def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
+        self.seed = ctx.recipe.train.seed
+        self.task = ctx.recipe.model.task
+        self.encoder = is_encoder(model)
+        self.pad_id = getattr(unwrap(model).config, "pad_token_id", None)
+        self._active: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, key_valid) during a forward
+        self._step, self._micro = -1, 0
+        states = enable_row_attention(model)
+        self._shared = states[0].shared
+        for layer, state in zip(layer_stack(model), states):
+            layer.forward = functools.partial(self._layer_forward, layer.forward, state)
+        p = self.params
+        amount = f"{p.tokens} tokens" if p.tokens is not None else f"{p.fraction:.0%} of the tokens"
+        ctx.notes.append(f"tokentune: {amount} per sequence carry gradients; loss on {p.loss_on} positions")
+        return model
+
+    # ------------------------------------------------------------------ selection
+    def on_step_start(self, step: int, batch: dict) -> dict:
+        if step != self._step:
+            self._step, self._micro = step, 0
+        # seeded by (seed, step, micro-batch): a resumed run picks the same tokens
+        generator = torch.Generator().manual_seed(((self.seed * 1_000_003) + step) * 1009 + self._micro)
+        self._micro += 1
+        extra = None
+        if self.task == "sequence_classification" and not self.encoder and self.pad_id is not None:
+            # a decoder classifier pools the last token that is not the pad id: it must carry gradients
+            ids = batch["input_ids"]
+            extra = (torch.arange(ids.size(1), device=ids.device) * (ids != self.pad_id)).argmax(-1)
+        positions = select_positions(batch["attention_mask"], tokens=self.params.tokens,
+                                     fraction=self.params.fraction, always=self.params.always_include,
+                                     generator=generator, extra=extra)
+        return {**batch, POSITIONS_KEY: positions}
+
+    def _selected_loss(self) -> bool:
+        return self.task == "causal_lm" and self.params.loss_on == "selected"
+
+    def count_targets(self, batch: dict) -> int | None:
+        if POSITIONS_KEY not in batch or not self._selected_loss():
+            return None
+        return int((_next_labels(batch["labels"]).gather(1, batch[POSITIONS_KEY]) != -100).sum())
+
+    # ------------------------------------------------------------------ forward
+    def loss(self, model: nn.Module, batch: dict) -> LossOutput | None:
+        positions = batch.get(POSITIONS_KEY)
+        if positions is None:
+            return None
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", POSITIONS_KEY)}
+        self._active = (positions, batch["attention_mask"].bool())
+        try:
+            if not self._selected_loss():
+                from memft.train.loop import default_loss
+
+                return default_loss(model, {**inputs, "labels": batch["labels"]}, self.task)
+            decoder = unwrap(model).get_decoder()
+            # the final norm and the LM head see the selected rows only: no full (B, T, vocab) logits
+            hook = decoder.norm.register_forward_pre_hook(lambda m, args: (gather_rows(args[0], positions),))
+            try:
+                hidden = decoder(**inputs).last_hidden_state  # (B, k, D)
+            finally:
+                hook.remove()
+            logits = unwrap(model).get_output_embeddings()(hidden)
+            targets = _next_labels(batch["labels"]).gather(1, positions)
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                       reduction="sum")
+            return LossOutput(loss_sum, int((targets != -100).sum()))
+        finally:
+            self._active = None
+            self._shared.clear()  # the rows' mask of this forward
+
+    def _layer_forward(self, original, state, hidden_states, *args, **kwargs):
+        if self._active is None:  # evaluation, generation: the plain layer
+            return original(hidden_states, *args, **kwargs)
+        positions, key_valid = self._active
+        try:
+            # 1) every row without grad: the unselected rows' exact outputs and all keys / values
+            state.mode = "capture"
+            with torch.no_grad():
+                full = original(hidden_states.detach(), *args, **kwargs)
+            # 2) the selected rows with grad, attending over every key under the original mask
+            state.mode, state.positions, state.key_valid, state.causal = "rows", positions, key_valid, not self.encoder
+            row_args = [None if _is_mask(a) else a for a in args]
+            rows = original(gather_rows(hidden_states, positions), *row_args, **_row_kwargs(kwargs, positions))
+        finally:
+            state.mode, state.keys, state.values = None, None, None
+        if isinstance(full, tuple):
+            return (scatter_rows(full[0], positions, rows[0]), *full[1:])
+        return scatter_rows(full, positions, rows)
+
+
+def _next_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels of the token each position predicts (-100 after the last)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def _is_mask(arg) -> bool:
+    return isinstance(arg, torch.Tensor) and arg.dim() == 4
+
+
+def _row_kwargs(kwargs: dict, positions: torch.Tensor) -> dict:
+    """The layer's keyword arguments for a call on the selected rows only."""
+    out = dict(kwargs)
+    if "attention_mask" in out:
+        out["attention_mask"] = None  # the row attention builds its mask from the original positions
+    if out.get("position_embeddings") is not None:
+        out["position_embeddings"] = tuple(gather_rows(t, positions) for t in out["position_embeddings"])
+    if isinstance(out.get("position_ids"), torch.Tensor):
+        out["position_ids"] = gather_rows(out["position_ids"][..., None], positions)[..., 0]
+    if "cache_position" in out:
+        out["cache_position"] = None
+    return out
