@@ -26,7 +26,7 @@ def plot(results: list[dict], out: Path) -> None:
     from matplotlib.figure import Figure
 
     rows = ratios(results)
-    keys = [k for k, _, _ in METRICS if k != "final_loss"]
+    keys = ["activation_bytes", "peak_mem_bytes", "tokens_per_s", "step_time_s"]
     fig = Figure(figsize=(9, 4))
     ax = fig.add_subplot()
     width = 0.8 / len(rows)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from memft import registry
-from memft.errors import UserError
+from memft.errors import RunFailed, UserError
 from memft.recipe import load
 
 METRICS = [  # (summary key, column title, higher is better)
@@ -25,6 +25,8 @@ METRICS = [  # (summary key, column title, higher is better)
     ("tokens_per_s", "tokens/s", True),
     ("step_time_s", "step time", False),
     ("final_loss", "final loss", False),
+    ("eval_loss", "eval loss", False),
+    ("eval_accuracy", "eval accuracy", True),
 ]
 CHECKPOINTING = {"gradient_checkpointing", "gc"}
 
@@ -57,12 +59,18 @@ def parse_variants(spec: str, base_strategies: list[dict]) -> list[tuple[str, li
     return variants
 
 
-def run_bench(recipe: str, variants: str, *, steps: int, overrides: list[str] = (),
+def run_bench(recipe: str, variants: str, *, steps: int, overrides: list[str] = (), evaluate: bool = False,
               json_out: Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every variant for `steps` optimizer steps in its own process; return their summaries.
+
+    `evaluate` keeps the recipe's held-out data and scores it at the end (`eval_loss`, `eval_accuracy`).
+    """
     base = load(recipe, overrides)  # fails early, with every recipe error, before any variant runs
     parsed = parse_variants(variants, [s.model_dump() for s in base.strategies])
-    common = [f"train.max_steps={steps}", "train.eval_every=null", "data.eval_split=null",
-              "output.checkpoints=false", "output.plot=false", "log.progress=false", "output.resume=never"]
+    common = [f"train.max_steps={steps}", "train.eval_every=null", "output.checkpoints=false",
+              "output.plot=false", "log.progress=false", "output.resume=never"]
+    if not evaluate:
+        common.append("data.eval_split=null")
     for label, extra in parsed:  # validate every variant before spending time on the first
         load(recipe, [*overrides, *common, *extra])
     results = []
@@ -74,12 +82,17 @@ def run_bench(recipe: str, variants: str, *, steps: int, overrides: list[str] = 
             log(f"[{i + 1}/{len(parsed)}] {label}")
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
             if proc.returncode != 0:
-                raise UserError(f"variant `{label}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-3000:]}")
+                raise RunFailed(f"variant `{label}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-3000:]}")
             summary = json.loads((out / "summary.json").read_text())
             results.append({"variant": label, **summary})
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2))
     return results
+
+
+def columns(results: list[dict]) -> list[tuple[str, str, bool]]:
+    """The metrics at least one variant reported (evaluation ones only with `--eval`)."""
+    return [m for m in METRICS if any(r.get(m[0]) is not None for r in results)]
 
 
 def ratios(results: list[dict]) -> list[dict]:
@@ -104,11 +117,12 @@ def format_table(results: list[dict]):
     table = Table(title=f"memft bench ({results[0]['device']}, {results[0]['model']}); ratio to `{results[0]['variant']}`",
                   title_justify="left")
     table.add_column("variant")
-    for _, title, _ in METRICS:
+    shown_metrics = columns(results)
+    for _, title, _ in shown_metrics:
         table.add_column(title, justify="right")
     for r, q in zip(results, ratios(results)):
         cells = []
-        for key, _, _ in METRICS:
+        for key, _, _ in shown_metrics:
             v = r.get(key)
             if v is None:
                 cells.append("-")
@@ -121,11 +135,12 @@ def format_table(results: list[dict]):
 
 def to_markdown(results: list[dict]) -> str:
     """The same table as GitHub markdown, for docs/benchmarks.md."""
-    head = "| variant | " + " | ".join(t for _, t, _ in METRICS) + " |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 1)]
+    shown_metrics = columns(results)
+    head = "| variant | " + " | ".join(t for _, t, _ in shown_metrics) + " |"
+    lines = [head, "|" + "---|" * (len(shown_metrics) + 1)]
     for r, q in zip(results, ratios(results)):
         cells = []
-        for key, _, _ in METRICS:
+        for key, _, _ in shown_metrics:
             v = r.get(key)
             cells.append("-" if v is None else (f"{q[key]:.2f}x" if q[key] is not None else f"{v:.4g}"))
         lines.append(f"| `{r['variant']}` | " + " | ".join(cells) + " |")

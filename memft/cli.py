@@ -139,6 +139,8 @@ def schema() -> None:
 
     Example: memft schema
     """
+    from rich.markup import escape
+
     from memft import registry
     from memft.recipe import schema_rows
 
@@ -146,14 +148,14 @@ def schema() -> None:
     for col in ("field", "type", "default", "help"):
         table.add_column(col, overflow="fold")
     for row in schema_rows():
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     console.print(table)
     for name, cls in registry.available().items():
         t = Table(title=f"strategies: name: {name} — {cls.summary}", title_justify="left")
         for col in ("params.", "type", "default", "help"):
             t.add_column(col, overflow="fold")
         for row in schema_rows(cls.Params):
-            t.add_row(*row)
+            t.add_row(*map(escape, row))
         console.print(t)
 
 
@@ -166,6 +168,8 @@ def bench(
     = "full;lora;qlora;full,gradient_checkpointing",
     steps: Annotated[int, typer.Option(help="Optimizer steps per variant.")] = 5,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    evaluate: Annotated[bool, typer.Option("--eval", help="Score the recipe's held-out data at the end of each "
+                                                          "variant (eval loss, accuracy).")] = False,
     overrides: OverridesArg = None,
 ) -> None:
     """Run variants of one recipe side by side and print ratios to the first.
@@ -180,8 +184,8 @@ def bench(
     """
     from memft.bench import format_table, run_bench
 
-    results = run_bench(recipe, variants, steps=steps, overrides=overrides or [], json_out=json_out,
-                        log=lambda m: err_console.print(m, highlight=False, markup=False))
+    results = run_bench(recipe, variants, steps=steps, overrides=overrides or [], evaluate=evaluate,
+                        json_out=json_out, log=lambda m: err_console.print(m, highlight=False, markup=False))
     console.print(format_table(results))
 
 

@@ -51,7 +51,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: str = "recipes/data/gsm8k_sample.jsonl"
     """A local file (.jsonl, .json, .csv, .tsv, .parquet) or a Hugging Face `datasets` name. Relative
-    paths are resolved from the working directory, then from the recipe's folder."""
+    paths are resolved from the working directory, then from the recipe's folder, then from the project root."""
     config_name: str | None = None
     """Dataset configuration for hub datasets (e.g. `sst2` for `glue`)."""
     split: str = "train"
@@ -120,7 +120,8 @@ class TrainConfig(Section):
     autocast: Literal["auto", "off", "bf16"] = "auto"
     """`auto` uses bf16 autocast on a CUDA GPU that supports it and nothing on the CPU."""
     eval_every: int | None = Field(default=50, ge=1)
-    """Evaluate the held-out loss every N optimizer steps (and at the end); null: only at the end."""
+    """Evaluate the held-out loss every N optimizer steps; a fresh run also evaluates at step 0, and every run
+    at its last step (null: only those)."""
     eval_batches: int | None = Field(default=20, ge=1)
     """Micro-batches of held-out data per evaluation; null: all of it."""
 
@@ -407,8 +408,8 @@ def schema_rows(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple
             rows.append((path, "list[{name, params}]", "[{name: full}]", field.description or ""))
             rows += schema_rows(StrategySpec, path + ".N.")
             continue
-        default = field.get_default(call_default_factory=True)
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
         rows.append((path, type_name if type_name != "Literal" else str(ann).replace("typing.", ""),
-                     repr(default) if default is not None else "null", (field.description or "").strip()))
+                     "null" if default == "None" else default, (field.description or "").strip()))
     return rows

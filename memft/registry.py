@@ -90,7 +90,8 @@ class Strategy:
         return None
 
     def on_step_start(self, step: int, batch: dict) -> dict:
-        """Called before each micro-batch's forward (e.g. pick tokens, pick layers)."""
+        """Called once per micro-batch of an optimizer step, for all of them before the step's first
+        forward (so `count_targets` can normalise the loss over the whole step). E.g. pick tokens."""
         return batch
 
     def count_targets(self, batch: dict) -> int | None:
@@ -174,11 +175,14 @@ def check_specs(specs: list[dict], recipe: Recipe | None, lines: dict[tuple, int
             problems += describe_errors(exc, lines, prefix=("strategies", i, "params"), owner=cls.Params)
             continue
         instances.append(cls(params))
-    names = [s.name for s in instances]
-    for s in instances:
-        for other, why in s.conflicts.items():
-            if other in names and names.index(other) > names.index(s.name):
-                problems.append(f"`strategies`: `{s.name}` and `{other}` cannot be combined: {why}")
+    reported: set[frozenset] = set()
+    for s in instances:  # a conflict declared by either side, whatever the list order, reported once
+        for other in instances:
+            why = s.conflicts.get(other.name)
+            pair = frozenset((s.name, other.name))
+            if why and pair not in reported:
+                reported.add(pair)
+                problems.append(f"`strategies`: `{s.name}` and `{other.name}` cannot be combined: {why}")
     if len(instances) == len(specs) and not any(s.trains_base or s.adds_trainable for s in instances):
         problems.append(
             "`strategies`: nothing would train; add one of `full`, `lora` or `qlora` "

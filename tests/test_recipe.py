@@ -137,3 +137,9 @@ def test_schema_lists_every_field_with_help():
         assert path in rows
         assert rows[path][2], f"{path} has no help text"
     assert rows["train.lr"][1] == "0.0002"
+
+
+def test_conflicts_are_found_in_either_order(tmp_path):
+    for pair in ("[{name: lora}, {name: full}]", "[{name: qlora}, {name: full}]", "[{name: qlora}, {name: lora}]"):
+        found = problems(tmp_path, f"strategies: {pair}\n")
+        assert sum("cannot be combined" in p for p in found) == 1, (pair, found)

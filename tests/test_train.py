@@ -179,3 +179,28 @@ def test_classification_run_reports_eval_accuracy(tmp_path):
     n_eval = len(trainer.data.eval)
     assert round(summary["eval_accuracy"] * n_eval) == pytest.approx(summary["eval_accuracy"] * n_eval, abs=1e-6)
     assert summary["final_loss"] < 0.75  # two balanced classes start near ln 2 = 0.69
+
+
+def test_resume_applies_the_recipes_new_learning_rate(tmp_path):
+    base = [*QUICK, "train.max_steps=4", "output.save_every=2", "train.schedule=constant", "train.eval_every=null",
+            "train.warmup_steps=0"]
+    first = Trainer(load(REPO / "recipes" / "quickstart.yaml", [*base, "train.max_steps=2"]),
+                    run_dir=tmp_path / "run").setup()
+    first.train()
+    again = Trainer(load(REPO / "recipes" / "quickstart.yaml", [*base, "train.lr=0.03", "train.weight_decay=0.1"]),
+                    run_dir=tmp_path / "run").setup()
+    assert any("`train.lr` 0.003 -> 0.03" in n for n in again.notes)
+    again.train()
+    lrs = [m["lr"] for m in metrics(tmp_path / "run") if "lr" in m]
+    assert lrs == [0.003, 0.003, 0.03, 0.03]
+    assert again.optimizer.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_num_labels_smaller_than_the_data_is_a_user_error(tmp_path):
+    from memft.errors import UserError
+
+    with pytest.raises(UserError, match="`model.num_labels` is 2 but the data has 3 classes"):
+        r = load(REPO / "recipes" / "classify_sst2.yaml", ["model.num_labels=2", "data.source=data/gsm8k_sample.jsonl",
+                                                           "data.text_field=question", "data.label_field=answer",
+                                                           "data.max_samples=3"])
+        Trainer(r, run_dir=tmp_path / "run").setup()

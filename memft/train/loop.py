@@ -94,6 +94,9 @@ class Trainer:
         self.pad_id = pad_token_id(self.tokenizer)
         if r.model.task == "sequence_classification" and r.model.num_labels is None:
             r.model.num_labels = self.data.num_labels  # recorded in the run's recipe.yaml for export
+        elif r.model.num_labels is not None and (self.data.num_labels or 0) > r.model.num_labels:
+            raise UserError(f"`model.num_labels` is {r.model.num_labels} but the data has {self.data.num_labels} "
+                            f"classes ({', '.join(map(str, self.data.label_names or []))}); raise it or leave it null")
 
         load_kwargs = {}
         for s in self.strategies:
@@ -142,10 +145,11 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         saved_recipe = self.run_dir / RECIPE_FILE
         if latest is not None:
-            if saved_recipe.exists():
-                for line in _recipe_differences(yaml.safe_load(saved_recipe.read_text()), r.model_dump(mode="json")):
-                    self.notes.append(f"resume: recipe changed since the checkpoint: {line}; the new value is used")
+            old = yaml.safe_load(saved_recipe.read_text()) if saved_recipe.exists() else None
+            for line in _recipe_differences(old, r.model_dump(mode="json")) if old else []:
+                self.notes.append(f"resume: recipe changed since the checkpoint: {line}; the new value is used")
             state = checkpoint.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self._apply_train_settings(old["train"]["lr"] if old else r.train.lr)
             self.step, self.micro = state["step"], state["micro_batches"]
             for s in self.strategies:
                 s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
@@ -156,13 +160,23 @@ class Trainer:
             (self.run_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts over
         saved_recipe.write_text(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
 
+    def _apply_train_settings(self, checkpoint_lr: float) -> None:
+        """After restoring optimizer and scheduler state, make the recipe's lr, betas and weight decay win."""
+        t = self.recipe.train
+        scale = t.lr / checkpoint_lr  # strategies' own groups keep their lr ratio to `train.lr`
+        self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group.update(lr=lr, initial_lr=group.get("initial_lr", lr) * scale, betas=t.betas,
+                         weight_decay=t.weight_decay)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     # ------------------------------------------------------------------ the loop
     def train(self, progress=None) -> dict:
         r = self.recipe
         if self.step >= self.total_steps and (self.run_dir / SUMMARY_FILE).exists():
             return json.loads((self.run_dir / SUMMARY_FILE).read_text())  # already finished: nothing to do
         metrics = (self.run_dir / METRICS_FILE).open("a")
-        timer, activation_bytes = StepTimer(self.device), None
+        timer, activation_bytes, evaluation = StepTimer(self.device), None, {}
         losses, step_times, step_tokens, step_samples = [], [], [], []
         started = time.perf_counter()
         if self.step == 0 and self.eval_batcher:
@@ -211,20 +225,17 @@ class Trainer:
             if self.step % r.log.every == 0 or self.step == self.total_steps:
                 self._log(metrics, {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                                     **rates, **peak_memory(self.device)})
-            if r.train.eval_every and self.step % r.train.eval_every == 0 and self.eval_batcher:
-                self._log(metrics, {"step": self.step, **self.evaluate()})
-            if r.output.checkpoints and r.output.save_every and self.step % r.output.save_every == 0:
+            last = self.step == self.total_steps
+            if self.eval_batcher and (last or (r.train.eval_every and self.step % r.train.eval_every == 0)):
+                evaluation = self.evaluate()
+                self._log(metrics, {"step": self.step, **evaluation})
+            if r.output.checkpoints and (last or (r.output.save_every and self.step % r.output.save_every == 0)):
                 self.save()
             if progress:
                 progress(self.step, self.total_steps, step_loss, peak_memory(self.device)["peak_mem_bytes"])
-        evaluation = {}
-        if self.eval_batcher:
-            evaluation = self.evaluate()
-            if not (r.train.eval_every and self.step % r.train.eval_every == 0):
-                self._log(metrics, {"step": self.step, **evaluation})
         metrics.close()
-        if r.output.checkpoints:
-            self.save()
+        if not losses and self.eval_batcher:  # resumed at the last step: nothing trained, still report
+            evaluation = self.evaluate()
         summary = self._summary(losses, step_times, step_tokens, step_samples, activation_bytes, evaluation,
                                 time.perf_counter() - started)
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
