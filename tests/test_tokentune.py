@@ -254,3 +254,8 @@ def test_gradient_checkpointing_is_refused():
 
     with pytest.raises(RecipeError, match="gradient_checkpointing"):
         load(REPO / "recipes" / "tokentune.yaml", ["train.gradient_checkpointing=true"])
+
+
+def test_eager_attention_kernel_too():
+    t = build("tiny-llama", FULL_TT, "model.attn_implementation=eager")
+    check_against_reference(t, padded_batch(512, [40, 23, 31], 40))

@@ -76,10 +76,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 class Trainer:
     """Builds a run from a recipe and trains it."""
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, quiet: bool = False):
+    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None):
         self.recipe = recipe
         self.run_dir = Path(run_dir or recipe.output.dir)
-        self.quiet = quiet
         self.notes: list[str] = []
 
     # ------------------------------------------------------------------ setup
