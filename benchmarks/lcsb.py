@@ -2,8 +2,9 @@
 
 Usage:
     python benchmarks/lcsb.py speed     # deep tiny Llama, 512-token batches; writes benchmarks/results/lcsb_speed.json
-    python benchmarks/lcsb.py quality   # stories260K GSM8K held-out loss, QLoRA learning rates, MiniLM SST-2 dev accuracy
-                                        # (the SST-2 part needs ../shared/data); writes benchmarks/results/lcsb_quality.json
+    python benchmarks/lcsb.py quality   # stories260K GSM8K held-out loss, QLoRA learning rates, MiniLM SST-2
+                                        # dev accuracy (SST-2 needs ../shared/data); writes .../lcsb_quality.json
+    python benchmarks/lcsb.py surrogate # cosine between each group's LCSB gradient and the true gradient
 
 `speed` builds every variant in one process and interleaves their steps (A, B, A, B, ...), so that a change in the
 machine's load hits all variants alike; it reports medians over the timed steps. The numbers go into
@@ -38,6 +39,9 @@ DEEP_MODEL = ["model.name=tiny-llama",
               "data.format=text", "data.text_field=answer", "data.pack=true", "data.max_length=256",
               "train.batch_size=2", "data.eval_split=null", "train.warmup_steps=0", "train.schedule=constant",
               "train.lr=1e-3"]
+# the real GLUE SST-2 instead of the recipe's bundled sample: all 872 dev sentences are scored
+SST2 = [f"data.source={SHARED / 'glue' / 'SST-2' / 'train.tsv'}",
+        f"data.eval_split={SHARED / 'glue' / 'SST-2' / 'dev.tsv'}"]
 PAIRS = {  # base strategy -> its recipe block
     "lora": "{name: lora, params: {r: 16, alpha: 32}}",
     "qlora": "{name: qlora, params: {r: 16, alpha: 32}}",
@@ -120,9 +124,11 @@ def speed(bases: list[str], groups: int, rounds: int) -> dict:
     tokens = int(batch["attention_mask"].sum())
     result = {"machine": machine(), "tokens_per_batch": tokens, "groups": groups, "variants": {}}
     for name, t in variants.items():
-        result["variants"][name] = {"activation_bytes_per_step": [_activation_bytes(t, g, batch) for g in range(groups)],
-                                    "layers": len(layer_stack(t.model)),
-                                    "trainable_params": t.params["trainable_params"]}
+        result["variants"][name] = {
+            "activation_bytes_per_step": [_activation_bytes(t, g, batch) for g in range(groups)],
+            "layers": len(layer_stack(t.model)),
+            "trainable_params": t.params["trainable_params"],
+        }
     times = {name: [] for name in variants}
     for step in range(groups):  # warm-up: one visit of every group
         for name, t in variants.items():
@@ -155,6 +161,63 @@ def speed_markdown(result: dict) -> str:
                      f"{cell('median_optimizer_s', ms)} | {cell('median_step_s', ms)} | "
                      f"{cell('activation_bytes', lambda b: f'{b / 2**20:.1f} MiB')} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- surrogate
+
+
+SURROGATE_MODELS = {  # label -> overrides (LoRA r=16 on every linear layer, one batch of the recipe's data)
+    "stories260K (5 layers, pretrained)": [],
+    "tiny-llama 16 x 256 (random init)": DEEP_MODEL[:2],
+    "MiniLM-L6 (6 layers, pretrained, post-LN)": [
+        "model.name=all-MiniLM-L6-v2", "model.task=sequence_classification", "data.format=classification",
+        "data.source=recipes/data/tiny_sst2.tsv", "data.text_field=sentence", "data.label_field=label",
+        "data.max_length=64"],
+}
+
+
+def surrogate(groups: int) -> dict:
+    """How close is the selected group's LCSB gradient to the true one? Cosine and norm ratio, per group.
+
+    LoRA's B is filled with small random values first (at init it is zero, which would leave A without gradient).
+    """
+    from memft.train.loop import default_loss
+
+    def grads(t, step):
+        batch = t.batcher.batch(0, 0)
+        for s in t.strategies:
+            batch = s.on_step_start(step, batch)
+        t.model.eval()  # no dropout: both runs see the same function
+        out = default_loss(t.model, batch, t.recipe.model.task)
+        (out.loss_sum / out.count).backward()
+        return {n: p.grad for n, p in t.model.named_parameters() if p.grad is not None}
+
+    def randomize(t):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in sorted(t.model.named_parameters()):
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+    tmp = Path(tempfile.mkdtemp(prefix="lcsb-surrogate-"))
+    lora = "{name: lora, params: {r: 16, alpha: 32}}"
+    rows = []
+    for label, overrides in SURROGATE_MODELS.items():
+        plain = trainer(f"[{lora}]", [*overrides, "data.eval_split=null"], tmp / "plain")
+        randomize(plain)
+        true = grads(plain, 0)
+        for g in range(groups):
+            t = trainer(f"[{lora}, {{name: lcsb, params: {{groups: {groups}}}}}]",
+                        [*overrides, "data.eval_split=null"], tmp / f"lcsb{g}")
+            randomize(t)
+            got = grads(t, g)
+            layer_part = [n for n in got if ".layers." in n or ".layer." in n]
+            a = torch.cat([got[n].flatten() for n in layer_part])
+            b = torch.cat([true[n].flatten() for n in layer_part])
+            rows.append({"model": label, "group": g, "layers": t.strategies[-1].layer_groups[g],
+                         "cosine": float(a @ b / (a.norm() * b.norm())), "norm_ratio": float(a.norm() / b.norm())})
+            print(rows[-1])
+    return {"machine": machine(), "groups": groups, "rows": rows}
 
 
 # ---------------------------------------------------------------------- quality
@@ -217,7 +280,7 @@ def quality(steps: int, seeds: list[int], sst2_steps: int, sst2_samples: int, lo
             for label, strategies in [("lora", f"[{{name: lora, params: {{r: 8, alpha: 16}}}}]"),
                                       ("lora+lcsb", f"[{{name: lora, params: {{r: 8, alpha: 16}}}}, "
                                                     "{name: lcsb, params: {groups: 3}}]")]:
-                s = _train(strategies, [f"train.max_steps={sst2_steps}", f"data.max_samples={sst2_samples}",
+                s = _train(strategies, [*SST2, f"train.max_steps={sst2_steps}", f"data.max_samples={sst2_samples}",
                                         f"train.seed={seed}"], recipe="lcsb_minilm_sst2.yaml")
                 result["sst2"].append({"seed": seed, **_row(f"MiniLM SST-2 {label} seed {seed}", s, log)})
     else:
@@ -252,7 +315,7 @@ def plot_quality(result: dict, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["speed", "quality"])
+    ap.add_argument("what", choices=["speed", "quality", "surrogate"])
     ap.add_argument("--bases", default="lora,qlora,full", help="speed: base strategies to pair with lcsb")
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5, help="speed: timed visits of every group")
@@ -270,6 +333,10 @@ def main() -> None:
         (RESULTS / f"lcsb_speed{args.tag}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result["machine"]))
         print(speed_markdown(result))
+    elif args.what == "surrogate":
+        result = surrogate(args.groups)
+        result["command"] = command
+        (RESULTS / f"lcsb_surrogate{args.tag}.json").write_text(json.dumps(result, indent=2))
     else:
         result = quality(args.steps, [int(s) for s in args.seeds.split(",")], args.sst2_steps, args.sst2_samples)
         result["command"] = command
