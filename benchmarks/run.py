@@ -16,7 +16,8 @@ import torch
 from memft.bench import METRICS, ratios, run_bench, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = "full;full,gradient_checkpointing;lora;lora,strategies.0.params.target_experts=false;qlora"
+VARIANTS = ("full;full,gradient_checkpointing;full,tokentune;lora;lora,strategies.0.params.target_experts=false;"
+            "lora,lcsb;qlora")
 
 
 def plot(results: list[dict], out: Path) -> None:
@@ -97,6 +98,9 @@ memft bench recipes/bench_moe.yaml --steps {args.steps} --variants "{args.varian
   router) through `target_parameters`; `target_experts=false` keeps LoRA on the `nn.Linear` layers only,
   hence its smaller trainable share. LoRA saves optimizer state and gradients, not activations: its
   activation bytes stay close to full fine-tuning's (the adapters even save their own inputs).
+- `full,tokentune` selects 25% of each sequence's tokens (the default `fraction`); `lora,lcsb` back-propagates
+  through 1 of 4 layer groups per step (here 1 layer each). See their pages in `docs/strategies/` for the
+  exactness arguments, fraction/group sweeps, interleaved timings and quality on real data.
 - QLoRA stores the attention and shared linear layers in 4-bit NF4; the routed experts stay in full
   precision (they are not `nn.Linear`).
 """
