@@ -13,15 +13,29 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+import re
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from memft.recipe import Recipe
+
+
+def _compiles(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+    return patterns
+
+
+Patterns = Annotated[list[str], AfterValidator(_compiles)]
+"""A list of regular expressions (over parameter names), checked when the recipe is validated."""
 
 
 class StrategyParams(BaseModel):

@@ -143,3 +143,8 @@ def test_conflicts_are_found_in_either_order(tmp_path):
     for pair in ("[{name: lora}, {name: full}]", "[{name: qlora}, {name: full}]", "[{name: qlora}, {name: lora}]"):
         found = problems(tmp_path, f"strategies: {pair}\n")
         assert sum("cannot be combined" in p for p in found) == 1, (pair, found)
+
+
+def test_bad_regular_expressions_are_reported_with_their_field(tmp_path):
+    found = problems(tmp_path, "strategies:\n  - name: full\n    params: {freeze: ['(']}\n")
+    assert len(found) == 1 and "`strategies.0.params.freeze`" in found[0] and "not a regular expression" in found[0]

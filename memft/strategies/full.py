@@ -7,11 +7,11 @@ import re
 from pydantic import Field
 from torch import nn
 
-from memft.registry import BuildContext, Strategy, StrategyParams, register
+from memft.registry import BuildContext, Patterns, Strategy, StrategyParams, register
 
 
 class FullParams(StrategyParams):
-    freeze: list[str] = Field(default_factory=list)
+    freeze: Patterns = Field(default_factory=list)
     """Regular expressions; parameters whose name matches one stay frozen (e.g. `embed_tokens`)."""
 
 
@@ -26,15 +26,6 @@ class Full(Strategy):
         "lora": "`full` already trains every weight; use `lora` alone for adapters.",
         "qlora": "`qlora` freezes a 4-bit base; use `qlora` alone, or `full` on unquantized weights.",
     }
-
-    def check(self, recipe) -> list[str]:
-        bad = []
-        for pattern in self.params.freeze:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                bad.append(f"`freeze` pattern {pattern!r} is not a regular expression: {exc}")
-        return bad
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
         patterns = [re.compile(p) for p in self.params.freeze]

@@ -35,7 +35,7 @@ from torch import nn
 
 from memft.errors import UserError
 from memft.models.blocks import is_encoder, layer_stack
-from memft.registry import BuildContext, Strategy, StrategyParams, register
+from memft.registry import BuildContext, Patterns, Strategy, StrategyParams, register
 
 
 class LcsbParams(StrategyParams):
@@ -49,7 +49,7 @@ class LcsbParams(StrategyParams):
     schedule: Literal["cyclic", "random"] = "cyclic"
     """`cyclic`: step t selects group t mod G (the paper). `random`: a uniform draw per step (LISA-like),
     seeded by `train.seed` and the step, so a resumed run draws the same groups."""
-    always_train: list[str] = Field(default_factory=lambda: [".*"])
+    always_train: Patterns = Field(default_factory=lambda: [".*"])
     """Regular expressions over the names of trainable parameters *outside* the layer stack (embeddings,
     final norm, LM head, `score` / `classifier`): those that match one train every step, the others are
     frozen. Layer parameters always follow their group. Default: all of them."""
@@ -111,15 +111,6 @@ class Lcsb(Strategy):
         """The group selected for the current step; None (before the first step): every layer is selected."""
         self._group_of: list[int] = []
         self._group_params: list[list[nn.Parameter]] = []
-
-    def check(self, recipe) -> list[str]:
-        bad = []
-        for pattern in self.params.always_train:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                bad.append(f"`always_train` pattern {pattern!r} is not a regular expression: {exc}")
-        return bad
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
         layers = layer_stack(model)
