@@ -277,8 +277,8 @@ def quality(steps: int, seeds: list[int], sst2_steps: int, sst2_samples: int, lo
             result["qlora_lr"].append({"lr": lr, **_row(f"{label} lr {lr:g} (no clipping)", s, log)})
     if (SHARED / "glue" / "SST-2" / "train.tsv").is_file():
         for seed in seeds:
-            for label, strategies in [("lora", f"[{{name: lora, params: {{r: 8, alpha: 16}}}}]"),
-                                      ("lora+lcsb", f"[{{name: lora, params: {{r: 8, alpha: 16}}}}, "
+            for label, strategies in [("lora", "[{name: lora, params: {r: 8, alpha: 16}}]"),
+                                      ("lora+lcsb", "[{name: lora, params: {r: 8, alpha: 16}}, "
                                                     "{name: lcsb, params: {groups: 3}}]")]:
                 s = _train(strategies, [*SST2, f"train.max_steps={sst2_steps}", f"data.max_samples={sst2_samples}",
                                         f"train.seed={seed}"], recipe="lcsb_minilm_sst2.yaml")

@@ -272,7 +272,12 @@ class _Progress:
 
     def __enter__(self):
         if self.live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                                 TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}"),

@@ -313,7 +313,7 @@ def resolve_recipe_path(path: str | Path) -> Path:
     for candidate in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.yaml"):
         if candidate.is_file():
             return candidate
-    raise RecipeError(str(path), [f"no such recipe file; `memft recipes` lists the built-in ones"])
+    raise RecipeError(str(path), ["no such recipe file; `memft recipes` lists the built-in ones"])
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -12,8 +12,8 @@ Conflicts are declared on the strategy (`conflicts`), never scattered through th
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError

@@ -12,7 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from memft.train.meters import SavedTensorMeter, StepTimer, current_rss_bytes, peak_memory, reset_peak_memory
+from memft.train.meters import (
+    SavedTensorMeter,
+    StepTimer,
+    current_rss_bytes,
+    peak_memory,
+    reset_peak_memory,
+)
 from memft.train.plot import plot_metrics
 
 F32 = 4  # bytes per float32 element

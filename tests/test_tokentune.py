@@ -56,7 +56,7 @@ def reference_loss(trainer: Trainer, batch: dict, selected: torch.Tensor, loss_o
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    model, tt = trainer.model, trainer.strategies[-1]
+    model = trainer.model
     hf = unwrap(model)
     keep = selected  # (B, T) bool
 
@@ -236,7 +236,7 @@ def test_activation_bytes_shrink_with_the_fraction():
     plain = build("tiny-mixtral", "[{name: full}]", "data.max_length=512")
     plain.model.train()
     with SavedTensorMeter(plain.model) as meter:
-        out = default_loss(plain.model, batch, "causal_lm")
+        default_loss(plain.model, batch, "causal_lm")
     measured["plain"] = meter.bytes
     assert measured[0.25] <= 0.35 * measured["plain"], measured
     assert measured[0.25] < measured[1.0]

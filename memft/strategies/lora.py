@@ -56,7 +56,7 @@ class QLoraParams(LoraParams):
 def _linear_layer_names(model: nn.Module) -> list[str]:
     """Suffixes of every `nn.Linear` (4-bit ones included) except the output and classification heads."""
     heads = {id(model.get_output_embeddings())} if hasattr(model, "get_output_embeddings") else set()
-    heads |= {id(getattr(model, name)) for name in ("score", "classifier") if hasattr(model, name)}
+    heads |= {id(getattr(model, name)) for name in HEADS if hasattr(model, name)}
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                    if isinstance(m, nn.Linear) and id(m) not in heads})
 

@@ -27,8 +27,14 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from memft.models.blocks import (enable_row_attention, gather_rows, is_encoder, layer_stack, scatter_rows,
-                                 unwrap)
+from memft.models.blocks import (
+    enable_row_attention,
+    gather_rows,
+    is_encoder,
+    layer_stack,
+    scatter_rows,
+    unwrap,
+)
 from memft.registry import BuildContext, LossOutput, Strategy, StrategyParams, register
 
 POSITIONS_KEY = "tokentune_positions"
