@@ -24,6 +24,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+class UpcycleConfig(Section):
+    experts: int = Field(ge=2)
+    """Experts per layer; each starts as an exact copy of the layer's dense FFN."""
+    top_k: int = Field(default=2, ge=1)
+    """Experts each token is routed to (at most `experts`)."""
+    router_std: float = Field(default=0.02, ge=0)
+    """Std of the new routers' normal(0, std) init, drawn from a generator seeded with `model.seed`. The output
+    does not depend on it at initialisation (the experts are identical); it sets how uneven the first routing is."""
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> UpcycleConfig:
+        if self.top_k > self.experts:
+            raise ValueError(
+                f"`top_k` ({self.top_k}) cannot exceed `experts` ({self.experts}): each token is routed to "
+                "`top_k` of the experts; lower `top_k` or raise `experts`"
+            )
+        return self
+
+
 class ModelConfig(Section):
     name: str = "stories260K"
     """What to fine-tune: a built-in name from `configs/` (`memft recipes` lists them; e.g. `stories260K`,
@@ -46,6 +65,19 @@ class ModelConfig(Section):
     """Config values to change before building the model, e.g. `{num_hidden_layers: 8}` (random-init built-ins only)."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repository. Off by default: only enable it for code you trust."""
+    upcycle: UpcycleConfig | None = None
+    """Sparse upcycling, e.g. `{experts: 4, top_k: 2}` (also `router_std`, default 0.02): turn a dense Llama-family
+    causal LM into a Mixtral MoE whose experts are copies of each layer's FFN, with new seeded routers. It computes
+    the dense model's function at initialisation. null: no upcycling."""
+
+    @model_validator(mode="after")
+    def _upcycle_needs_a_causal_lm(self) -> ModelConfig:
+        if self.upcycle is not None and self.task != "causal_lm":
+            raise ValueError(
+                f"`model.upcycle` works with `model.task: causal_lm` only (got `{self.task}`): it upcycles a dense "
+                "causal LM into a Mixtral causal LM; drop `model.upcycle` or use `task: causal_lm`"
+            )
+        return self
 
 
 class DataConfig(Section):

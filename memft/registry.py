@@ -65,6 +65,13 @@ class LossOutput:
     """The logits the loss was taken on, when the caller may want them (evaluation accuracy)."""
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Losses are taken in float32 for half-precision logits and stay float64 for float64 ones."""
+    import torch
+
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class Strategy:
     """Lifecycle of one strategy. Hooks default to doing nothing; override what the method needs.
 
@@ -121,6 +128,10 @@ class Strategy:
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after `optimizer.step()`."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Extra values for the logged lines of `metrics.jsonl` (and the last ones for `summary.json`)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state to put in checkpoints (e.g. a schedule position)."""

@@ -166,3 +166,51 @@ def gather_rows(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def scatter_rows(full: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """A copy of `full` (B, T, D) with rows `positions` (B, k) replaced by `rows` (B, k, D); out of place."""
     return full.scatter(1, positions[..., None].expand(-1, -1, full.size(-1)), rows)
+
+
+# --------------------------------------------------------------------------------------------
+# A pre-norm decoder layer seen as its two residual branches.
+#
+# Every supported decoder computes `h = x + attention(x)`, then `out = h + ffn(h)`, where each branch
+# starts with its own RMSNorm and the FFN is a dense MLP or a routed MoE block. Strategies that rewire
+# the residual stream (RevFFN) call the branches directly.
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The module that owns a decoder's `layers` and final `norm` (e.g. `LlamaModel`).
+
+    Raises:
+        UserError: for encoders and decoders memft cannot see as pre-norm residual layers.
+    """
+    hf = unwrap(model)
+    body = getattr(hf, "model", None)
+    layers = getattr(body, "layers", None)
+    if is_encoder(model) or not isinstance(layers, nn.ModuleList) or not isinstance(getattr(body, "norm", None),
+                                                                                    nn.Module):
+        raise UserError(f"{type(hf).__name__} is not a Llama-family decoder (pre-norm layers with `self_attn` and "
+                        "`mlp`); RevFFN supports Llama, Mistral, Qwen2/3, Mixtral, Qwen2-MoE/Qwen3-MoE and OLMoE")
+    for layer in layers:
+        missing = [a for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+                   if not hasattr(layer, a)]
+        if missing:
+            raise UserError(f"{type(layer).__name__} has no {', '.join(missing)}; it is not a pre-norm decoder layer "
+                            "memft can rewire")
+    return body
+
+
+def attention_branch(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+    """`attention(norm1(x))` with the arguments the model passed to the layer (mask, rotary, positions)."""
+    out = layer.self_attn(hidden_states=layer.input_layernorm(x), **layer_kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def ffn_branch(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`ffn(norm2(x))`: the dense MLP or the MoE block (router + experts [+ shared expert])."""
+    out = layer.mlp(layer.post_attention_layernorm(x))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def router_of(layer: nn.Module) -> nn.Module | None:
+    """The layer's top-k router (returns `(logits, scores, indices)`), or None for a dense FFN."""
+    gate = getattr(layer.mlp, "gate", None)
+    return gate if gate is not None and hasattr(gate, "top_k") and hasattr(layer.mlp, "experts") else None

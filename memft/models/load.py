@@ -11,6 +11,9 @@ Name resolution (`model.name`, and `model.tokenizer` the same way), first match 
 A built-in's config may carry a `"_memft"` key (`description` for `memft recipes`, `tokenizer` naming
 the built-in whose tokenizer it uses); it is removed before transformers sees the config.
 
+Sparse upcycling (`model.upcycle`): the loaded dense Llama-family causal LM is turned into a Mixtral MoE
+(`memft.models.upcycle`) before `load_model` returns it, so the rest of memft sees an MoE.
+
 QLoRA: with a `BitsAndBytesConfig`, transformers replaces every `nn.Linear` except the output head
 (LM head or classification `score`) with a bitsandbytes `Linear4bit`. Fused MoE expert weights
 (transformers 5 stores each layer's experts as 3-D `nn.Parameter`s, not `nn.Linear`) and routers
@@ -58,7 +61,8 @@ class LoadedModel:
     """The model on the device, in `cfg.dtype` (4-bit weights excepted), in eval mode; `config.use_cache` is False."""
     source: str
     """Where it came from, for logs: "built-in stories260K (pretrained)", "built-in tiny-mixtral (random init,
-    seed 0)", "local /abs/path" or "hub org/name"."""
+    seed 0)", "local /abs/path" or "hub org/name"; with `model.upcycle`, followed by ", upcycled to 4 experts,
+    top-k 2"."""
     is_moe: bool
     """Whether the model routes tokens to experts (Mixtral, Qwen2-MoE, OLMoE, ...)."""
 
@@ -253,14 +257,17 @@ def load_model(
 
     Random weights (config-only built-ins, new classification heads) come from
     `torch.manual_seed(cfg.seed)`: the global generator is reseeded. They are drawn in float32 and
-    then cast, so every `cfg.dtype` starts from the same weights.
+    then cast, so every `cfg.dtype` starts from the same weights. With `cfg.upcycle`, the loaded dense
+    model is upcycled to Mixtral (`memft.models.upcycle.upcycle`); its routers come from a private
+    generator seeded with `cfg.seed`.
 
     Returns:
         `LoadedModel` with the model in eval mode (the caller switches to train mode).
 
     Raises:
         UserError: unknown name, a bad `config_overrides` key, an architecture change asked of
-            pretrained weights, a missing `num_labels`, or a task the architecture does not support.
+            pretrained weights, a missing `num_labels`, a task the architecture does not support, or
+            `cfg.upcycle` on a model that is not a dense Llama-family causal LM or is loaded in 4 bits.
     """
     from transformers import AutoConfig
 
@@ -315,6 +322,10 @@ def load_model(
         # generate() still caches: it reads `generation_config.use_cache`.
         config.use_cache = False
 
+    if cfg.upcycle is not None:
+        from memft.models.upcycle import check_upcyclable
+
+        check_upcyclable(config, cfg.name, quantized=quantization_config is not None)  # before loading weights
     moe = is_moe(config)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if moe and dtype == torch.float64:
@@ -341,6 +352,13 @@ def load_model(
             model = auto_class.from_pretrained(weights, config=config, **load_kwargs, **hub_kwargs)
         except OSError as exc:
             raise UserError(f"could not load the weights of `{cfg.name}`: {_first_line(exc)}") from None
+    if cfg.upcycle is not None:
+        from memft.models.upcycle import upcycle
+
+        up = cfg.upcycle
+        model = upcycle(model, up.experts, up.top_k, router_std=up.router_std, seed=cfg.seed)
+        source += f", upcycled to {up.experts} experts, top-k {up.top_k}"
+        moe = True
     if quantization_config is None:
         model = model.to(device)
     model.eval()

@@ -35,7 +35,7 @@ from memft.models.blocks import (
     scatter_rows,
     unwrap,
 )
-from memft.registry import BuildContext, LossOutput, Strategy, StrategyParams, register
+from memft.registry import BuildContext, LossOutput, Strategy, StrategyParams, at_least_float32, register
 
 POSITIONS_KEY = "tokentune_positions"
 """Batch key holding the selected positions, (B, k) long, set by `on_step_start`."""
@@ -175,7 +175,7 @@ class TokenTune(Strategy):
                 hook.remove()
             logits = unwrap(model).get_output_embeddings()(hidden)
             targets = _next_labels(batch["labels"]).gather(1, positions)
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+            loss_sum = F.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100,
                                        reduction="sum")
             return LossOutput(loss_sum, int((targets != -100).sum()))
         finally:

@@ -30,7 +30,7 @@ from memft.data.formats import pad_token_id
 from memft.errors import RunFailed, UserError
 from memft.models import count_params, load_model, load_tokenizer, resolve_device
 from memft.recipe import Recipe
-from memft.registry import BuildContext, LossOutput
+from memft.registry import BuildContext, LossOutput, at_least_float32
 from memft.train import checkpoint
 from memft.train.meters import SavedTensorMeter, StepTimer, peak_memory
 from memft.train.optim import build_optimizer, build_scheduler
@@ -56,7 +56,7 @@ def default_loss(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
     else:
         labels = batch["labels"]
-    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+    loss_sum = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
     return LossOutput(loss_sum, int((labels != -100).sum()), logits=logits)
 
@@ -223,7 +223,7 @@ class Trainer:
             losses.append(step_loss)
             if self.step % r.log.every == 0 or self.step == self.total_steps:
                 self._log(metrics, {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                                    **rates, **peak_memory(self.device)})
+                                    **rates, **peak_memory(self.device), **self._strategy_metrics()})
             last = self.step == self.total_steps
             if self.eval_batcher and (last or (r.train.eval_every and self.step % r.train.eval_every == 0)):
                 evaluation = self.evaluate()
@@ -261,6 +261,9 @@ class Trainer:
             if n is not None:
                 return n
         return count_targets(batch)
+
+    def _strategy_metrics(self) -> dict:
+        return {k: v for s in self.strategies for k, v in s.metrics().items()}
 
     def _loss(self, batch: dict) -> LossOutput:
         for s in self.strategies:
@@ -332,6 +335,7 @@ class Trainer:
             "trainable_params": self.params["trainable_params"],
             "total_params": self.params["total_params"],
             "wall_time_s": wall,
+            **self._strategy_metrics(),
         }
 
 

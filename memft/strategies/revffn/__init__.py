@@ -1,0 +1,200 @@
+"""`revffn`: reversible decoder layers, so activation memory no longer grows with depth.
+
+Liu et al., "RevFFN: Memory-Efficient Full-Parameter Fine-Tuning of Mixture-of-Experts LLMs with
+Reversible Blocks" (arXiv 2512.20920). Every pretrained decoder layer, dense or MoE, becomes a
+reversible two-stream block that reuses its attention and FFN / MoE weights at full width
+(`stack.py` has the couplings). One autograd function runs the whole stack without keeping
+per-layer activations; backward walks the layers in reverse, rebuilding each one's input from its
+output, recomputing it with gradients and backpropagating through it.
+
+How it sits in a transformers model: the decoder layers only record the arguments the model
+passes them (mask, rotary embeddings, positions) and hand the embeddings through; a pre-hook on
+the final norm runs the reversible stack on them. Embeddings, masks, rotary, final norm and head
+stay the model's own, so padding, sliding windows and every supported architecture work unchanged.
+
+The rewiring changes the pretrained function (see docs/strategies/revffn.md for the measured drift),
+so `recovery.steps` first distils the converted model toward the original one (a frozen copy,
+run under no_grad) before the task loss takes over. MoE: the load-balancing loss is part of the
+loss with exact gradients, and recomputation routes every token as the forward did.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from memft.models.blocks import decoder_body
+from memft.registry import BuildContext, LossOutput, Strategy, StrategyParams, at_least_float32, register
+from memft.strategies.revffn.stack import ReversibleStack
+
+
+class RecoveryParams(StrategyParams):
+    steps: int = Field(default=0, ge=0)
+    """Optimizer steps at the start of the run that distil the converted model toward the original one
+    (KL divergence of next-token distributions on the training data) instead of the task loss. 0: none."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Softmax temperature of the distillation (the loss is scaled by its square)."""
+
+
+class RevFFNParams(StrategyParams):
+    coupling: Literal["additive", "momentum"] = "momentum"
+    """`momentum`: per branch `v = gamma*v + (1-gamma)*f(x); x += v` (small drift; error grows ~1/gamma per
+    branch when rebuilding). `additive`: `y1 = x1 + attn(x2); y2 = x2 + ffn(y1)`, output `(y1+y2)/2` (the paper's
+    coupling; stable rebuilding, large drift). See docs/strategies/revffn.md for measurements."""
+    gamma: float = Field(default=0.5, gt=0, lt=1)
+    """Momentum of the `momentum` coupling: smaller keeps the pretrained function closer, larger rebuilds more exactly."""
+    buffer_every: int = Field(default=0, ge=0)
+    """Keep the exact streams entering every k-th layer, bounding reconstruction error to k layers (0: never).
+    Costs two hidden states per kept layer."""
+    aux_loss_coef: float | None = Field(default=None, ge=0)
+    """MoE load-balancing loss weight (default: the model config's `router_aux_loss_coef`; 0 turns it off)."""
+    recovery: RecoveryParams = Field(default_factory=RecoveryParams)
+    """Bring back the pretrained function before fine-tuning (see `recovery.*`)."""
+    track_reconstruction_every: int = Field(default=0, ge=0)
+    """Every N optimizer steps, measure each layer's reconstruction error (logged as `revffn_reconstruction_error`;
+    that step keeps every layer's input, like checkpointing). 0: never."""
+
+
+@register
+class RevFFN(Strategy):
+    name = "revffn"
+    Params = RevFFNParams
+    order = 50
+    summary = "Reversible two-stream decoder layers: activations stop growing with depth (with a recovery stage)."
+    conflicts = {
+        "tokentune": "both replace the decoder layers' forward; use `revffn` for depth, `tokentune` for tokens.",
+        "lcsb": "LCSB's frozen layers pass gradients through the residual identity, which the reversible "
+                "coupling no longer has; use one of them.",
+    }
+    params: RevFFNParams
+
+    def __init__(self, params: RevFFNParams):
+        super().__init__(params)
+        self.stack: ReversibleStack | None = None
+        self.teacher: nn.Module | None = None
+        self.step = 0
+        self.aux_coef = 0.0
+        self.task = "causal_lm"
+        self.earlier_flips = 0
+        """Routing flips counted before a resume."""
+
+    def check(self, recipe) -> list[str]:
+        problems = []
+        if recipe.train.gradient_checkpointing:
+            problems.append("`train.gradient_checkpointing` recomputes layers that `revffn` already rebuilds from "
+                            "their outputs; turn it off")
+        return problems
+
+    def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
+        p = self.params
+        body = decoder_body(model)
+        self.task = ctx.recipe.model.task
+        if p.recovery.steps:  # the original function, before rewiring: the distillation teacher
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.stack = ReversibleStack(body.layers, p.coupling, p.gamma, p.buffer_every)
+        for i, layer in enumerate(body.layers):
+            layer.forward = functools.partial(_record_arguments, self.stack, i)
+        body.norm.register_forward_pre_hook(self._run_stack)
+        body.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
+        config = getattr(model, "config", None)
+        self.aux_coef = p.aux_loss_coef if p.aux_loss_coef is not None else float(
+            getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+        n = len(body.layers)
+        kind = f"momentum coupling (gamma {p.gamma})" if p.coupling == "momentum" else "additive coupling"
+        ctx.notes.append(f"revffn: {n} layers as one reversible stack, {kind}"
+                         + (f", exact inputs kept every {p.buffer_every} layers" if p.buffer_every else "")
+                         + (f"; MoE load-balancing loss x{self.aux_coef:g}, routing replayed in backward"
+                            if any(self.stack.taps) else ""))
+        if p.recovery.steps:
+            ctx.notes.append(f"revffn: the first {p.recovery.steps} steps distil toward the original model "
+                             "(a frozen copy of its weights is kept until then)")
+        return model
+
+    # ------------------------------------------------------------------ hooks into the model
+    def _run_stack(self, norm: nn.Module, args: tuple):
+        stack = self.stack
+        h = args[0]
+        if stack.embeddings is not h:
+            raise RuntimeError("revffn: the final norm did not receive what the first layer was given; "
+                               "something else rewired the decoder layers")
+        stack.embeddings = None
+        return (stack(h),) + tuple(args[1:])
+
+    def _capture_mask(self, body: nn.Module, args: tuple, kwargs: dict):
+        mask = kwargs.get("attention_mask")
+        self.stack.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    # ------------------------------------------------------------------ hooks into the loop
+    def _recovering(self) -> bool:
+        return self.teacher is not None and self.step < self.params.recovery.steps
+
+    def on_step_start(self, step: int, batch: dict) -> dict:
+        self.step = step
+        every = self.params.track_reconstruction_every
+        if every and step % every == 0:
+            self.stack.track_reconstruction = True
+        return batch
+
+    def count_targets(self, batch: dict) -> int | None:
+        return int(batch["attention_mask"].sum()) if self._recovering() else None
+
+    def loss(self, model: nn.Module, batch: dict) -> LossOutput:
+        from memft.train.loop import default_loss
+
+        if self._recovering():
+            out = self._distill(model, batch)
+        else:
+            out = default_loss(model, batch, self.task)
+        aux = self.stack.aux
+        if aux is not None and self.aux_coef and torch.is_grad_enabled():
+            # the model's loss is mean CE + coef * aux; the loop divides our sum by `count`
+            out.loss_sum = out.loss_sum + self.aux_coef * aux * out.count
+        return out
+
+    def _distill(self, model: nn.Module, batch: dict) -> LossOutput:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        device = batch["input_ids"].device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        t = self.params.recovery.temperature
+        with torch.no_grad():
+            teacher = F.log_softmax(at_least_float32(self.teacher(**inputs).logits) / t, dim=-1)
+        student = F.log_softmax(at_least_float32(model(**inputs).logits) / t, dim=-1)
+        kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1) * (t * t)
+        mask = batch["attention_mask"].bool()
+        return LossOutput(kl[mask].sum(), int(mask.sum()))
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.teacher is not None and step + 1 >= self.params.recovery.steps:
+            self.teacher = None  # recovery is over: free the copy
+
+    def metrics(self) -> dict:
+        out = {"revffn_routing_flips": self.earlier_flips + self.stack.flips} if any(self.stack.taps) else {}
+        if self.stack.reconstruction_error:
+            out["revffn_reconstruction_error"] = self.stack.reconstruction_error
+            self.stack.reconstruction_error = []
+        return out
+
+    def state_dict(self) -> dict:
+        return {"next_step": self.step + 1, "routing_flips": self.earlier_flips + self.stack.flips}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.earlier_flips = int(state.get("routing_flips", 0))
+        if int(state.get("next_step", 0)) >= self.params.recovery.steps:
+            self.teacher = None  # resumed after the recovery stage
+
+
+def _record_arguments(stack: ReversibleStack, index: int, hidden_states: torch.Tensor, *args, **kwargs):
+    """Replaces a decoder layer's forward: keep its arguments for the stack, pass the embeddings on."""
+    if args:
+        raise TypeError("revffn: decoder layers are expected to get everything but the hidden states by keyword")
+    if index == 0:
+        stack.embeddings = hidden_states
+    stack.layer_kwargs[index] = kwargs
+    return hidden_states

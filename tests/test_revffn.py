@@ -1,0 +1,209 @@
+"""RevFFN against its naive reference: the same two-stream model, run with plain autograd.
+
+The reference is written here from the model's own modules (attention, norms, MLP / MoE block,
+head) and transformers' own `load_balancing_loss_func`, with the layers' arguments (mask, rotary)
+captured from an ordinary forward of the unconverted model. The reversible version must give the
+same loss and the same gradients, rebuild the forward's layer inputs, and route exactly as the
+forward did.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memft.models.blocks import decoder_body, router_of, unwrap
+from memft.recipe import load
+from memft.strategies.revffn.stack import ReversibleStack
+from memft.train.loop import Trainer
+from memft.train.meters import SavedTensorMeter
+
+REPO = Path(__file__).resolve().parents[1]
+MOE_MODELS = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"]
+
+
+def build(model: str, strategies: str, *extra: str, dtype: str = "float64") -> Trainer:
+    r = load(REPO / "recipes" / "lora.yaml", [f"model.name={model}", f"model.dtype={dtype}", f"strategies={strategies}",
+                                              "data.max_samples=8", "data.max_length=256", *extra])
+    return Trainer(r, run_dir="unused").setup(for_training=False)
+
+
+def padded_batch(vocab: int, lengths: list[int], T: int) -> dict:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        ids[b, n:] = 2
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def captured_layer_kwargs(model, batch) -> list[dict]:
+    """The arguments the model gives each decoder layer, from an ordinary forward."""
+    body = decoder_body(model)
+    seen: list[dict] = [{} for _ in body.layers]
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, kw), with_kwargs=True)
+             for i, layer in enumerate(body.layers)]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def reference_loss(model, batch, coupling: str, gamma: float, aux_coef: float) -> torch.Tensor:
+    """Mean next-token cross-entropy (+ coef x transformers' load-balancing loss) of the two-stream model."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    hf = unwrap(model)
+    body = decoder_body(model)
+    kwargs = captured_layer_kwargs(model, batch)
+    router_logits = []
+    hooks = [r.register_forward_hook(lambda m, a, out: router_logits.append(out[0]))
+             for layer in body.layers if (r := router_of(layer)) is not None]
+    h = body.embed_tokens(batch["input_ids"])
+    attn = [lambda x, layer=layer, kw=kw: layer.self_attn(hidden_states=layer.input_layernorm(x), **kw)[0]
+            for layer, kw in zip(body.layers, kwargs)]
+    ffn = [lambda x, layer=layer: layer.mlp(layer.post_attention_layernorm(x)) for layer in body.layers]
+    if coupling == "additive":
+        x1 = x2 = h
+        for a, f in zip(attn, ffn):
+            x1 = x1 + a(x2)
+            x2 = x2 + f(x1)
+        out = (x1 + x2) / 2
+    else:
+        x, v = h, torch.zeros_like(h)
+        for a, f in zip(attn, ffn):
+            for branch in (a, f):
+                v = gamma * v + (1 - gamma) * branch(x)
+                x = x + v
+        out = x
+    for hook in hooks:
+        hook.remove()
+    logits = hf.lm_head(body.norm(out))
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+    if router_logits:
+        cfg = hf.config
+        k = cfg.num_experts_per_tok
+        e = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+        aux = load_balancing_loss(router_logits, e, k, batch["attention_mask"])
+        # transformers' own function sums the router probabilities in float32: same value, less precise
+        hf_aux = load_balancing_loss_func(tuple(router_logits), e, k, batch["attention_mask"])
+        torch.testing.assert_close(aux.float(), hf_aux.float(), rtol=1e-5, atol=0)
+        loss = loss + aux_coef * aux
+    return loss
+
+
+def load_balancing_loss(router_logits, experts: int, top_k: int, attention_mask) -> torch.Tensor:
+    """Switch Transformer's loss over all MoE layers' tokens: experts * sum_e f_e * P_e, f_e the share of routed
+    slots that chose expert e (no gradient), P_e its mean router probability; padding excluded."""
+    logits = torch.cat(router_logits)  # (layers * B * T, E)
+    mask = attention_mask.reshape(-1).repeat(len(router_logits)).to(logits.dtype)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, experts).sum(1).to(logits.dtype)
+    f = (chosen * mask[:, None]).sum(0) / mask.sum()
+    p = (probs * mask[:, None]).sum(0) / mask.sum()
+    return experts * (f * p).sum()
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def revffn_loss(trainer: Trainer, batch: dict) -> torch.Tensor:
+    out = trainer._loss(batch)
+    return out.loss_sum / out.count
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", *MOE_MODELS])
+@pytest.mark.parametrize("coupling", ["additive", "momentum"])
+def test_gradients_equal_plain_autograd_float64(model, coupling):
+    params = f"{{coupling: {coupling}, gamma: 0.5}}"
+    ref = build(model, "[{name: full}]")
+    rev = build(model, f"[{{name: full}}, {{name: revffn, params: {params}}}]")
+    batch = padded_batch(ref.model.config.vocab_size, [24, 17, 9], 24)  # padding in two rows
+    aux_coef = rev.strategies[-1].aux_coef
+    if model in MOE_MODELS:
+        assert aux_coef > 0
+
+    expected = reference_loss(ref.model, batch, coupling, 0.5, aux_coef)
+    expected.backward()
+    loss = revffn_loss(rev, batch)
+    loss.backward()
+
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    want, got = grads(ref.model), grads(rev.model)
+    assert set(got) == set(want) and len(got) == sum(1 for _ in rev.model.parameters())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
+    if model in MOE_MODELS:
+        assert rev.strategies[-1].stack.flips == 0
+        routers = [n for n in want if ".gate." in n or n.endswith("gate.weight")]
+        assert routers and all(want[n].abs().sum() > 0 for n in routers)  # the aux loss reaches the routers
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
+def test_gradients_equal_plain_autograd_float32(model):
+    ref = build(model, "[{name: full}]", dtype="float32")
+    rev = build(model, "[{name: full}, {name: revffn, params: {coupling: additive}}]", dtype="float32")
+    batch = padded_batch(ref.model.config.vocab_size, [32, 20], 32)
+    expected = reference_loss(ref.model, batch, "additive", 0.5, rev.strategies[-1].aux_coef)
+    expected.backward()
+    loss = revffn_loss(rev, batch)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    want, got = grads(ref.model), grads(rev.model)
+    for name in want:
+        scale = want[name].abs().max().clamp_min(1e-8)
+        assert (got[name] - want[name]).abs().max() / scale < 1e-5, name
+
+
+@pytest.mark.parametrize("coupling", ["additive", "momentum"])
+def test_reconstructed_inputs_match_the_forward(coupling):
+    rev = build("tiny-llama", f"[{{name: full}}, {{name: revffn, params: {{coupling: {coupling}, gamma: 0.5}}}}]")
+    stack = rev.strategies[-1].stack
+    stack.track_reconstruction = True
+    revffn_loss(rev, padded_batch(512, [20, 11], 20)).backward()
+    errors = stack.reconstruction_error
+    assert len(errors) == len(stack.layers)
+    assert max(errors) < (1e-13 if coupling == "additive" else 1e-10)  # momentum: error x ~1/gamma per branch
+    assert errors[0] > 0  # measured, not skipped
+    assert stack.track_reconstruction is False  # one tracked backward only
+
+
+def test_routing_flip_is_detected_and_replayed_exactly():
+    """Force a reconstruction error large enough to change a routing decision: the recomputation
+    must still use the forward's experts (and count the flip)."""
+    rev = build("tiny-mixtral", "[{name: full}, {name: revffn, params: {coupling: additive}}]")
+    stack: ReversibleStack = rev.strategies[-1].stack
+    tap = next(t for t in stack.taps if t is not None)
+    batch = padded_batch(512, [16], 16)
+    original = stack.backward_streams
+
+    def perturbed(s0, s1, *args):  # as if the rebuilt streams had drifted a lot
+        return original(s0 + 0.5 * torch.randn_like(s0), s1, *args)
+
+    seen = {"record": [], "replay": []}  # runs after the tap, so it sees the tap's (replaced) output
+    tap.router.register_forward_hook(lambda m, a, out: seen[tap.mode].append(out[2].clone()) if tap.mode else None)
+    stack.backward_streams = perturbed
+    revffn_loss(rev, batch).backward()
+    assert stack.flips > 0
+    (forward_choice,), (replayed_choice,) = seen["record"], seen["replay"]
+    assert torch.equal(replayed_choice, forward_choice)
+
+
+def test_activation_bytes_do_not_grow_with_depth():
+    def activation_bytes(layers: int, strategies: str, checkpointing: bool = False) -> int:
+        t = build("tiny-llama", strategies, f"model.config_overrides.num_hidden_layers={layers}",
+                  f"train.gradient_checkpointing={checkpointing}", dtype="float32")
+        t.model.train()
+        with SavedTensorMeter(t.model) as meter:
+            out = t._loss(padded_batch(512, [64, 64], 64))
+        out.loss_sum.backward()
+        return meter.bytes
+
+    rev = "[{name: full}, {name: revffn, params: {coupling: additive}}]"
+    assert activation_bytes(16, rev) <= 1.1 * activation_bytes(4, rev)
+    assert activation_bytes(8, rev) <= 0.8 * activation_bytes(8, "[{name: full}]", checkpointing=True)
