@@ -35,7 +35,14 @@ from memft.models.blocks import (
     scatter_rows,
     unwrap,
 )
-from memft.registry import BuildContext, LossOutput, Strategy, StrategyParams, at_least_float32, register
+from memft.registry import (
+    BuildContext,
+    LossOutput,
+    Strategy,
+    StrategyParams,
+    at_least_float32,
+    register,
+)
 
 POSITIONS_KEY = "tokentune_positions"
 """Batch key holding the selected positions, (B, k) long, set by `on_step_start`."""

@@ -30,7 +30,14 @@ from pydantic import Field
 from torch import nn
 
 from memft.models.blocks import decoder_body
-from memft.registry import BuildContext, LossOutput, Strategy, StrategyParams, at_least_float32, register
+from memft.registry import (
+    BuildContext,
+    LossOutput,
+    Strategy,
+    StrategyParams,
+    at_least_float32,
+    register,
+)
 from memft.strategies.revffn.stack import ReversibleStack
 
 
