@@ -33,6 +33,10 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
         raise UserError(f"{out_dir} exists and is not empty; choose a new directory so nothing is overwritten")
 
     recipe = Recipe.model_validate(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
+    for spec in recipe.strategies:
+        if why := registry.get(spec.name).rewires:
+            raise UserError(f"{run_dir} was trained with `{spec.name}`: {why}, so a plain transformers model "
+                            "saved from these weights would compute something else; use the run with memft instead")
     recipe.strategies = [StrategySpec(name="lora" if s.name == "qlora" else s.name,
                                       params=_lora_params(s) if s.name == "qlora" else s.params)
                          for s in recipe.strategies]

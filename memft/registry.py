@@ -90,6 +90,9 @@ class Strategy:
     """True when the strategy decides which base-model weights train (`full`, `lora`, `qlora`)."""
     adds_trainable: ClassVar[bool] = False
     """True when the strategy brings trainable parameters of its own (e.g. MEFT's adapters)."""
+    rewires: ClassVar[str] = ""
+    """Non-empty when the trained weights only make sense in the strategy's rewired model (RevFFN's two-stream
+    stack): says what, and `memft export` refuses to write a plain transformers model from them."""
 
     def __init__(self, params: StrategyParams):
         self.params = params

@@ -7,11 +7,13 @@ same loss and the same gradients, rebuild the forward's layer inputs, and route 
 forward did.
 """
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from memft.models.blocks import decoder_body, router_of, unwrap
 from memft.recipe import load
@@ -52,13 +54,15 @@ def captured_layer_kwargs(model, batch) -> list[dict]:
     return seen
 
 
-def reference_loss(model, batch, coupling: str, gamma: float, aux_coef: float) -> torch.Tensor:
+def reference_loss(model, batch, coupling: str, gamma: float, aux_coef: float, seed: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy (+ coef x transformers' load-balancing loss) of the two-stream model."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     hf = unwrap(model)
     body = decoder_body(model)
     kwargs = captured_layer_kwargs(model, batch)
+    if seed is not None:  # dropout / router jitter draw from here on
+        torch.manual_seed(seed)
     router_logits = []
     hooks = [r.register_forward_hook(lambda m, a, out: router_logits.append(out[0]))
              for layer in body.layers if (r := router_of(layer)) is not None]
@@ -207,3 +211,136 @@ def test_activation_bytes_do_not_grow_with_depth():
     rev = "[{name: full}, {name: revffn, params: {coupling: additive}}]"
     assert activation_bytes(16, rev) <= 1.1 * activation_bytes(4, rev)
     assert activation_bytes(8, rev) <= 0.8 * activation_bytes(8, "[{name: full}]", checkpointing=True)
+
+
+def test_lora_adapters_get_the_plain_autograd_gradients():
+    lora = "{name: lora, params: {r: 4, alpha: 8, target_modules: all-linear}}"
+    ref = build("tiny-llama", f"[{lora}]")
+    rev = build("tiny-llama", f"[{lora}, {{name: revffn, params: {{coupling: momentum}}}}]")
+    for t in (ref, rev):
+        torch.manual_seed(5)
+        with torch.no_grad():  # LoRA's B starts at zero, which would make the check trivial
+            for n, p in t.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    batch = padded_batch(512, [16, 12], 16)
+    reference_loss(ref.model, batch, "momentum", 0.5, 0.0).backward()
+    revffn_loss(rev, batch).backward()
+    want, got = grads(ref.model), grads(rev.model)
+    assert want and set(got) == set(want) and all("lora_" in n for n in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(("model", "noise"), [("tiny-llama", "attention_dropout=0.3"),
+                                              ("tiny-mixtral", "router_jitter_noise=0.2")])
+def test_random_numbers_are_replayed_in_backward(model, noise):
+    """Dropout and router jitter: backward recomputes each branch with the random numbers its forward drew."""
+    extra = f"model.config_overrides.{noise}"
+    ref = build(model, "[{name: full}]", extra)
+    rev = build(model, "[{name: full}, {name: revffn, params: {coupling: additive}}]", extra)
+    ref.model.train()
+    rev.model.train()
+    batch = padded_batch(512, [16, 10], 16)
+    expected = reference_loss(ref.model, batch, "additive", 0.5, rev.strategies[-1].aux_coef, seed=11)
+    expected.backward()
+    torch.manual_seed(11)
+    loss = revffn_loss(rev, batch)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    want, got = grads(ref.model), grads(rev.model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_bf16_blocks_run_on_float32_streams():
+    rev = build("tiny-mixtral", "[{name: full}, {name: revffn, params: {coupling: additive}}]", dtype="bfloat16")
+    stack = rev.strategies[-1].stack
+    seen = []
+    original = stack.forward_streams
+    stack.forward_streams = lambda s0, s1, keep: seen.append((s0.dtype, s1.dtype)) or original(s0, s1, keep)
+    stack.track_reconstruction = True
+    loss = revffn_loss(rev, padded_batch(512, [16, 16], 16))
+    loss.backward()
+    assert seen == [(torch.float32, torch.float32)]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert max(stack.reconstruction_error) < 1e-3  # bf16 streams would lose ~1e-2 per add / subtract
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in rev.model.parameters())
+
+
+@pytest.mark.parametrize(("strategies", "message"), [
+    ("[{name: full}, {name: revffn}, {name: tokentune}]", "`revffn` and `tokentune` cannot be combined"),
+    ("[{name: full}, {name: lcsb}, {name: revffn}]", "`revffn` and `lcsb` cannot be combined"),
+    ("[{name: revffn}]", "nothing would train"),
+])
+def test_impossible_combinations_are_rejected_at_validate_time(strategies, message):
+    from memft.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        load(REPO / "recipes" / "revffn.yaml", [f"strategies={strategies}"])
+
+
+def test_gradient_checkpointing_is_rejected_with_a_reason():
+    from memft.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="already rebuilds"):
+        load(REPO / "recipes" / "revffn.yaml", ["train.gradient_checkpointing=true"])
+
+
+def test_an_encoder_is_a_user_error():
+    from memft.errors import UserError
+
+    with pytest.raises(UserError, match="not a Llama-family decoder"):
+        r = load(REPO / "recipes" / "classify_sst2.yaml", ["strategies=[{name: full}, {name: revffn}]", "model.name=all-MiniLM-L6-v2",
+                                                           "data.max_samples=4"])
+        Trainer(r, run_dir="unused").setup(for_training=False)
+
+
+QUICK = ["log.progress=false", "output.plot=false", "train.batch_size=4", "data.max_samples=80",
+         "data.max_length=128", "train.warmup_steps=0", "train.eval_batches=2"]
+
+
+def test_recovery_lowers_the_converted_models_loss(tmp_path):
+    r = load(REPO / "recipes" / "revffn.yaml", [*QUICK, "train.max_steps=12", "train.eval_every=null",
+                                                "strategies.1.params.coupling=additive",
+                                                "strategies.1.params.recovery.steps=12", "train.lr=3e-3",
+                                                "output.checkpoints=false"])
+    t = Trainer(r, run_dir=tmp_path / "run").setup()
+    assert t.strategies[-1].teacher is not None
+    t.train()
+    evals = [m["eval_loss"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in m]
+    assert evals[-1] < evals[0] - 0.5, evals  # additive coupling starts far from the pretrained function
+    assert t.strategies[-1].teacher is None  # freed once recovery ended
+
+
+def test_killed_revffn_run_resumes_to_the_same_weights(tmp_path):
+    """Resuming inside the recovery stage rebuilds the teacher from the original weights."""
+    base = [*QUICK, "train.max_steps=6", "output.save_every=2", "train.eval_every=null", "output.keep_last=5",
+            "strategies.1.params.recovery.steps=3", "model.upcycle={experts: 4, top_k: 2}"]
+    straight = Trainer(load(REPO / "recipes" / "revffn.yaml", base), run_dir=tmp_path / "a").setup()
+    straight.train()
+    resumed_dir = tmp_path / "b"
+    first = Trainer(load(REPO / "recipes" / "revffn.yaml", base), run_dir=resumed_dir).setup()
+    first.total_steps = 2  # stop after the checkpoint at step 2, as if killed there
+    first.train()
+    (resumed_dir / "summary.json").unlink()
+    again = Trainer(load(REPO / "recipes" / "revffn.yaml", base), run_dir=resumed_dir).setup()
+    assert again.step == 2 and again.strategies[-1].teacher is not None
+    again.train()
+    wa = load_file(tmp_path / "a" / "checkpoints" / "step-000006" / "trainable.safetensors")
+    wb = load_file(resumed_dir / "checkpoints" / "step-000006" / "trainable.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    summary = json.loads((resumed_dir / "summary.json").read_text())
+    assert summary["revffn_routing_flips"] >= 0
+
+
+def test_export_refuses_a_revffn_run(tmp_path):
+    from memft.errors import UserError
+    from memft.export import export_run
+
+    r = load(REPO / "recipes" / "revffn.yaml", [*QUICK, "train.max_steps=1", "train.eval_every=null",
+                                                "strategies.1.params.recovery.steps=0"])
+    Trainer(r, run_dir=tmp_path / "run").setup().train()
+    with pytest.raises(UserError, match="trained with `revffn`"):
+        export_run(tmp_path / "run", tmp_path / "out")

@@ -79,6 +79,7 @@ class RevFFN(Strategy):
         "lcsb": "LCSB's frozen layers pass gradients through the residual identity, which the reversible "
                 "coupling no longer has; use one of them.",
     }
+    rewires = "its weights were trained as a reversible two-stream stack, not as residual layers"
     params: RevFFNParams
 
     def __init__(self, params: RevFFNParams):
