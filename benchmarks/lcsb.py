@@ -76,14 +76,12 @@ def trainer(strategies: str, overrides: list[str], run_dir: Path):
 
 
 def _step(t, step: int, batch: dict) -> dict:
-    """One optimizer step as the loop runs it, timed in three parts (seconds)."""
-    from memft.train.loop import default_loss
-
+    """One optimizer step as the loop runs it (strategies' loss hooks included), timed in three parts (seconds)."""
     for s in t.strategies:
         batch = s.on_step_start(step, batch)
     t.model.train()
     t0 = time.perf_counter()
-    out = default_loss(t.model, batch, t.recipe.model.task)
+    out = t._loss(batch)
     loss = out.loss_sum / out.count
     t1 = time.perf_counter()
     loss.backward()
@@ -98,13 +96,13 @@ def _step(t, step: int, batch: dict) -> dict:
 
 
 def _activation_bytes(t, step: int, batch: dict) -> int:
-    from memft.train.loop import default_loss
     from memft.train.meters import SavedTensorMeter
 
     for s in t.strategies:
         batch = s.on_step_start(step, batch)
+    t.model.train()
     with SavedTensorMeter(t.model) as meter:
-        out = default_loss(t.model, batch, t.recipe.model.task)
+        out = t._loss(batch)
     del out
     return meter.bytes
 

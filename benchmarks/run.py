@@ -17,7 +17,7 @@ from memft.bench import METRICS, ratios, run_bench, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("full;full,gradient_checkpointing;full,tokentune;lora;lora,strategies.0.params.target_experts=false;"
-            "lora,lcsb;qlora")
+            "lora,lcsb;qlora;full,revffn")
 
 
 def plot(results: list[dict], out: Path) -> None:
@@ -101,6 +101,9 @@ memft bench recipes/bench_moe.yaml --steps {args.steps} --variants "{args.varian
 - `full,tokentune` selects 25% of each sequence's tokens (the default `fraction`); `lora,lcsb` back-propagates
   through 1 of 4 layer groups per step (here 1 layer each). See their pages in `docs/strategies/` for the
   exactness arguments, fraction/group sweeps, interleaved timings and quality on real data.
+- `full,revffn` runs the 4 decoder layers as one reversible stack (default coupling): autograd keeps only the
+  stack's output streams, not each layer's activations; backward rebuilds and recomputes every layer, so it
+  costs about one extra forward, like checkpointing. See docs/strategies/revffn.md for depth sweeps and recovery.
 - QLoRA stores the attention and shared linear layers in 4-bit NF4; the routed experts stay in full
   precision (they are not `nn.Linear`).
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -283,6 +283,14 @@ def _line_index(text: str) -> dict[tuple, int]:
     return lines
 
 
+def _section(annotation) -> type[BaseModel] | None:
+    """The pydantic model of a nested section, also when it is optional (`X | None`)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _model_for(path: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the field at `path` (for 'did you mean')."""
     model: type[BaseModel] | None = Recipe
@@ -292,11 +300,10 @@ def _model_for(path: tuple) -> type[BaseModel] | None:
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        ann = field.annotation
         if part == "strategies":
             model = StrategySpec
-        elif isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
+        elif section := _section(field.annotation):
+            model = section
         else:
             return None
     return model
@@ -433,8 +440,11 @@ def schema_rows(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not StrategySpec:
-            rows += schema_rows(ann, path + ".")
+        section = _section(ann)
+        if section is not None and section is not StrategySpec:
+            if section is not ann:  # an optional section: say so, then its fields
+                rows.append((path, "section or null", "null", (field.description or "").strip()))
+            rows += schema_rows(section, path + ".")
             continue
         if name == "strategies":
             rows.append((path, "list[{name, params}]", "[{name: full}]", field.description or ""))

@@ -177,10 +177,29 @@ def test_reconstructed_inputs_match_the_forward(coupling):
     assert stack.track_reconstruction is False  # one tracked backward only
 
 
+@pytest.mark.parametrize(("coupling", "expect_buffers"), [("additive", False), ("momentum", True)])
+def test_auto_buffers_keep_the_rebuild_within_tolerance(coupling, expect_buffers):
+    """16 layers in float32: the momentum coupling's error grows ~1/gamma per branch, so `auto` must keep exact
+    inputs every few layers; the additive one rebuilds the whole stack within tolerance and keeps none."""
+    rev = build("tiny-llama", f"[{{name: full}}, {{name: revffn, params: {{coupling: {coupling}}}}}]",
+                "model.config_overrides.num_hidden_layers=16", dtype="float32")
+    stack = rev.strategies[-1].stack
+    assert stack.buffer_every is None
+    stack.track_reconstruction = True
+    revffn_loss(rev, padded_batch(512, [32, 32], 32)).backward()
+    assert stack.calibration and set(stack.calibration) >= {1, 2, 4, 8, 16}
+    if expect_buffers:
+        assert stack.calibration[16] > stack.tolerance  # without buffers it would not rebuild within tolerance
+        assert 1 <= stack.buffer_every < 16
+    else:
+        assert stack.buffer_every == 0
+    assert max(stack.reconstruction_error) <= stack.tolerance
+
+
 def test_routing_flip_is_detected_and_replayed_exactly():
     """Force a reconstruction error large enough to change a routing decision: the recomputation
     must still use the forward's experts (and count the flip)."""
-    rev = build("tiny-mixtral", "[{name: full}, {name: revffn, params: {coupling: additive}}]")
+    rev = build("tiny-mixtral", "[{name: full}, {name: revffn, params: {coupling: additive, buffer_every: 0}}]")
     stack: ReversibleStack = rev.strategies[-1].stack
     tap = next(t for t in stack.taps if t is not None)
     batch = padded_batch(512, [16], 16)
@@ -254,7 +273,8 @@ def test_random_numbers_are_replayed_in_backward(model, noise):
 
 
 def test_bf16_blocks_run_on_float32_streams():
-    rev = build("tiny-mixtral", "[{name: full}, {name: revffn, params: {coupling: additive}}]", dtype="bfloat16")
+    rev = build("tiny-mixtral", "[{name: full}, {name: revffn, params: {coupling: additive, buffer_every: 0}}]",
+                dtype="bfloat16")
     stack = rev.strategies[-1].stack
     seen = []
     original = stack.forward_streams

@@ -328,9 +328,8 @@ def load_model(
         check_upcyclable(config, cfg.name, quantized=quantization_config is not None)  # before loading weights
     moe = is_moe(config)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
-    if moe and dtype == torch.float64:
-        # transformers 5's default fused-expert kernel (`grouped_mm`) takes only fp32/bf16/fp16.
-        kwargs["experts_implementation"] = "eager"
+    if moe and (kernel := experts_kernel(config, dtype)):
+        kwargs["experts_implementation"] = kernel
     auto_class = _auto_class(cfg.task, config)
 
     load_kwargs = dict(kwargs)
@@ -433,6 +432,16 @@ def _apply_pretrained_overrides(config, overrides: dict, name: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # inspection
+
+
+def experts_kernel(config, dtype: torch.dtype) -> str | None:
+    """`eager` where transformers 5's default fused-expert kernel (`grouped_mm`) cannot run: it takes only
+    fp32/bf16/fp16, with rows a multiple of 16 bytes (stories260K upcycled has 172 bf16 = 344 bytes). None: default."""
+    if dtype == torch.float64:
+        return "eager"
+    size = torch.tensor([], dtype=dtype).element_size()
+    widths = [getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
+    return "eager" if any(w and (w * size) % 16 for w in widths) else None
 
 
 def is_moe(model_or_config) -> bool:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from memft.errors import UserError
+from memft.models.load import experts_kernel
 
 if TYPE_CHECKING:
     from transformers import MixtralForCausalLM
@@ -147,8 +148,8 @@ def upcycle(
 
     state = _upcycled_state_dict(model, experts, router_std, seed)
     kwargs = {"attn_implementation": config._attn_implementation}
-    if dtype == torch.float64:
-        kwargs["experts_implementation"] = "eager"  # grouped_mm takes only fp32/bf16/fp16
+    if kernel := experts_kernel(new_config, dtype):
+        kwargs["experts_implementation"] = kernel
     new, info = MixtralForCausalLM.from_pretrained(
         None, config=new_config, state_dict=state, dtype=dtype, output_loading_info=True, **kwargs
     )

@@ -119,6 +119,7 @@ class Trainer:
                              if self.data.eval else None)
         micro_total = math.ceil(r.train.epochs * self.batcher.batches_per_epoch)
         self.total_steps = r.train.max_steps or max(1, micro_total // r.train.grad_accum)
+        self.autocast = _autocast(r, self.device)
         if not for_training:
             return self
 
@@ -130,7 +131,6 @@ class Trainer:
             raise UserError("no parameter requires a gradient after applying the strategies; nothing would train")
         self.optimizer = build_optimizer(groups or [{"params": trainable}], r.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, r.train, self.total_steps)
-        self.autocast = _autocast(r, self.device)
         self.step, self.micro = 0, 0
         self._prepare_run_dir()
         return self

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +50,21 @@ class RecoveryParams(StrategyParams):
 
 
 class RevFFNParams(StrategyParams):
-    coupling: Literal["additive", "momentum"] = "momentum"
-    """`momentum`: per branch `v = gamma*v + (1-gamma)*f(x); x += v` (small drift; error grows ~1/gamma per
-    branch when rebuilding). `additive`: `y1 = x1 + attn(x2); y2 = x2 + ffn(y1)`, output `(y1+y2)/2` (the paper's
-    coupling; stable rebuilding, large drift). See docs/strategies/revffn.md for measurements."""
+    coupling: Literal["additive", "momentum"] = "additive"
+    """`additive` (the paper's): `y1 = x1 + attn(x2); y2 = x2 + ffn(y1)`, output `(y1+y2)/2`; rebuilds stably at any
+    depth (activation memory flat), but moves far from the pretrained function, so give it a `recovery`.
+    `momentum`: per branch `v = gamma*v + (1-gamma)*f(x); x += v`; stays close to the pretrained function, but
+    rebuilding amplifies error ~1/gamma per branch, so deep or bf16 models need buffers (`buffer_every`).
+    Measurements: docs/strategies/revffn.md."""
     gamma: float = Field(default=0.5, gt=0, lt=1)
     """Momentum of the `momentum` coupling: smaller keeps the pretrained function closer, larger rebuilds more exactly."""
-    buffer_every: int = Field(default=0, ge=0)
-    """Keep the exact streams entering every k-th layer, bounding reconstruction error to k layers (0: never).
-    Costs two hidden states per kept layer."""
+    buffer_every: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    """Keep the exact streams entering every k-th layer, so reconstruction error builds up over k layers at most
+    (0: never; activation memory then does not grow with depth). Costs two hidden states per kept layer. `auto`:
+    on the first step, measure how many layers rebuild within `rebuild_tolerance` and use that (often 0 for
+    `additive`, a few layers for `momentum`), with a 10x margin."""
+    rebuild_tolerance: float = Field(default=1e-3, gt=0)
+    """The relative error of a rebuilt layer input that `buffer_every: auto` accepts."""
     aux_loss_coef: float | None = Field(default=None, ge=0)
     """MoE load-balancing loss weight (default: the model config's `router_aux_loss_coef`; 0 turns it off)."""
     recovery: RecoveryParams = Field(default_factory=RecoveryParams)
@@ -105,7 +111,8 @@ class RevFFN(Strategy):
         self.task = ctx.recipe.model.task
         if p.recovery.steps:  # the original function, before rewiring: the distillation teacher
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        self.stack = ReversibleStack(body.layers, p.coupling, p.gamma, p.buffer_every)
+        buffer_every = None if p.buffer_every == "auto" else p.buffer_every
+        self.stack = ReversibleStack(body.layers, p.coupling, p.gamma, buffer_every, p.rebuild_tolerance)
         for i, layer in enumerate(body.layers):
             layer.forward = functools.partial(_record_arguments, self.stack, i)
         body.norm.register_forward_pre_hook(self._run_stack)
@@ -116,7 +123,8 @@ class RevFFN(Strategy):
         n = len(body.layers)
         kind = f"momentum coupling (gamma {p.gamma})" if p.coupling == "momentum" else "additive coupling"
         ctx.notes.append(f"revffn: {n} layers as one reversible stack, {kind}"
-                         + (f", exact inputs kept every {p.buffer_every} layers" if p.buffer_every else "")
+                         + (f", exact inputs kept every {p.buffer_every} layers" if buffer_every else
+                            ", buffer spacing measured on the first step" if buffer_every is None else "")
                          + (f"; MoE load-balancing loss x{self.aux_coef:g}, routing replayed in backward"
                             if any(self.stack.taps) else ""))
         if p.recovery.steps:
@@ -183,17 +191,24 @@ class RevFFN(Strategy):
             self.teacher = None  # recovery is over: free the copy
 
     def metrics(self) -> dict:
-        out = {"revffn_routing_flips": self.earlier_flips + self.stack.flips} if any(self.stack.taps) else {}
+        out = {"revffn_buffer_every": self.stack.buffer_every}
+        if self.stack.calibration:
+            out["revffn_calibration"] = {str(k): v for k, v in self.stack.calibration.items()}
+        if any(self.stack.taps):
+            out["revffn_routing_flips"] = self.earlier_flips + self.stack.flips
         if self.stack.reconstruction_error:
             out["revffn_reconstruction_error"] = self.stack.reconstruction_error
             self.stack.reconstruction_error = []
         return out
 
     def state_dict(self) -> dict:
-        return {"next_step": self.step + 1, "routing_flips": self.earlier_flips + self.stack.flips}
+        return {"next_step": self.step + 1, "routing_flips": self.earlier_flips + self.stack.flips,
+                "buffer_every": self.stack.buffer_every}
 
     def load_state_dict(self, state: dict) -> None:
         self.earlier_flips = int(state.get("routing_flips", 0))
+        if self.params.buffer_every == "auto" and state.get("buffer_every") is not None:
+            self.stack.buffer_every = int(state["buffer_every"])  # a resumed run keeps the measured spacing
         if int(state.get("next_step", 0)) >= self.params.recovery.steps:
             self.teacher = None  # resumed after the recovery stage
 

@@ -115,6 +115,9 @@ def choice_dtype(num_experts: int) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------- the stack
 
+CALIBRATION_MARGIN = 10
+"""`buffer_every: auto` picks a spacing whose measured error is this many times below the tolerance."""
+
 
 class ReversibleStack:
     """Runs a decoder's layers as a reversible two-stream stack.
@@ -123,14 +126,20 @@ class ReversibleStack:
         layers: the decoder layers (pre-norm, see `memft.models.blocks`).
         coupling / gamma: see the module docstring.
         buffer_every: keep the exact streams entering every k-th layer (0: only the output), so
-            reconstruction error cannot build up over more than k layers.
+            reconstruction error cannot build up over more than k layers. None: chosen by `calibrate`
+            on the first forward with gradients, as the most layers rebuilt within `tolerance`.
+        tolerance: the relative reconstruction error `calibrate` allows.
     """
 
-    def __init__(self, layers: nn.ModuleList, coupling: str, gamma: float, buffer_every: int):
+    def __init__(self, layers: nn.ModuleList, coupling: str, gamma: float, buffer_every: int | None,
+                 tolerance: float = 1e-3):
         self.layers = layers
         self.coupling = coupling
         self.steps = coupling_steps(coupling, gamma)
         self.buffer_every = buffer_every
+        self.tolerance = tolerance
+        self.calibration: dict[int, float] = {}
+        """What `calibrate` measured: layers rebuilt from the output -> relative error of the rebuilt input."""
         self.taps = [RouterTap(r) if (r := router_of(layer)) is not None else None for layer in layers]
         self.layer_kwargs: list[dict] = [{} for _ in layers]
         """What the model passed each layer in the current forward (mask, rotary embeddings, positions)."""
@@ -181,6 +190,8 @@ class ReversibleStack:
         s0, s1 = init_streams(h.to(stream_dtype), self.coupling)
         params_need_grad = any(p.requires_grad for p in self.layers.parameters())
         if torch.is_grad_enabled() and (h.requires_grad or params_need_grad):
+            if self.buffer_every is None:
+                self.buffer_every = self.calibrate(s0, s1)
             if not s0.requires_grad:  # frozen embeddings: backward must still run for the layers' weights
                 s0 = s0.detach().requires_grad_()
             s0, s1, aux = _Reversible.apply(self, s0, s1)
@@ -231,6 +242,47 @@ class ReversibleStack:
         if self.token_mask is None or self.token_mask.shape != like.shape[:2]:
             return like.new_ones(like.shape[0] * like.shape[1])
         return self.token_mask.reshape(-1).to(like.device, like.dtype)
+
+    # ---------------------------------------------------------------- calibration
+    @torch.no_grad()
+    def calibrate(self, s0: torch.Tensor, s1: torch.Tensor) -> int:
+        """How many layers can be rebuilt in a row within `tolerance`: run the stack once without gradients,
+        keeping the exact inputs of the layers 1, 2, 4, 8, ... below the output, rebuild from the output and
+        compare. Returns 0 when the whole stack rebuilds within tolerance. Draws no random numbers."""
+        n = len(self.layers)
+        distances = sorted({min(2 ** j, n) for j in range(n.bit_length() + 1)})
+        with torch.random.fork_rng(devices=[s0.device] if s0.device.type == "cuda" else []):
+            y0, y1, _, (kept, choices, _) = self.forward_streams(s0, s1, keep={n - d for d in distances})
+            flips = [t.flips for t in self.taps if t is not None]
+            errors = self.rebuild(y0, y1, kept, choices)
+            for tap, before in zip(filter(None, self.taps), flips):
+                tap.flips = before  # calibration flips are not training flips
+        self.calibration = {d: errors[n - d] for d in distances}
+        # one batch and the step-1 weights only estimate the error (bf16 rounding is chaotic, weights move):
+        # keep an order of magnitude of headroom
+        within = [d for d in distances if self.calibration[d] <= self.tolerance / CALIBRATION_MARGIN]
+        if within and within[-1] == n:
+            return 0
+        return max(within[-1] if within else 1, 1)
+
+    @torch.no_grad()
+    def rebuild(self, y0, y1, kept: dict, choices: dict) -> dict[int, float]:
+        """Undo every layer from the output, without gradients or buffers; the relative error of the rebuilt
+        input of each layer in `kept`."""
+        streams, errors = [y0, y1], {}
+        for i in reversed(range(len(self.layers))):
+            tap = self.taps[i]
+            if tap is not None:
+                tap.mode, tap.choices = "replay", choices[i]
+            try:
+                for step in reversed(self.steps):
+                    undo_step(step, streams, self.branch(i, step, streams[step.source]))
+            finally:
+                if tap is not None:
+                    tap.mode, tap.logits = None, None
+            if i in kept:
+                errors[i] = _relative_error(streams, kept[i])
+        return errors
 
     # ---------------------------------------------------------------- backward
     def backward_streams(self, s0, s1, g0, g1, g_aux, kept, buffer_points, choices, rng):

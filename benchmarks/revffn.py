@@ -1,0 +1,191 @@
+"""RevFFN measurements for docs/strategies/revffn.md.
+
+Usage:
+    python benchmarks/revffn.py drift      # held-out loss of stories260K (dense and upcycled to 4 experts) before
+                                           # and after conversion, per coupling
+    python benchmarks/revffn.py rebuild    # per-layer reconstruction error in float32 and bf16, routing flips
+    python benchmarks/revffn.py recovery   # distillation: held-out loss versus tokens, tokens to within 5%
+    python benchmarks/revffn.py speed      # activation bytes versus depth; step time versus checkpointing
+    python benchmarks/revffn.py all
+
+Each part writes benchmarks/results/revffn_<part>.json; `recovery` also draws docs/img/revffn_recovery.png.
+The held-out text is `recipes/data/stories260k_samples.jsonl` (stories the model sampled itself), on which
+the original model's loss is low; the numbers go into docs/strategies/revffn.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from lcsb import _activation_bytes, _step, machine
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+IMG = ROOT / "docs" / "img"
+RECIPE = ROOT / "recipes" / "revffn.yaml"
+MODELS = {"stories260K": [], "stories260K-moe": ["model.upcycle={experts: 4, top_k: 2}"]}
+COUPLINGS = {"additive": ["strategies.1.params.coupling=additive"],
+             **{f"momentum-{g}": ["strategies.1.params.coupling=momentum", f"strategies.1.params.gamma={g}"]
+                for g in (0.25, 0.5, 0.75)}}
+QUIET = ["log.progress=false", "output.plot=false", "output.checkpoints=false", "train.eval_batches=null",
+         "strategies.1.params.recovery.steps=0", "strategies.1.params.track_reconstruction_every=0"]
+# 8 layers of hidden 256: the layers, not the 512-word head, dominate the step
+WIDE = ["model.name=tiny-llama", "model.config_overrides={hidden_size: 256, intermediate_size: 688, "
+        "num_attention_heads: 8, num_key_value_heads: 4, num_hidden_layers: %d}",
+        "train.batch_size=4", "train.schedule=constant", "train.warmup_steps=0", "train.lr=1e-4"]
+
+
+def trainer(overrides: list[str], run_dir: Path | None = None, for_training: bool = False):
+    from memft.recipe import load
+    from memft.train.loop import Trainer
+
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="revffn-bench-"))
+    return Trainer(load(RECIPE, [*QUIET, *overrides]), run_dir=run_dir).setup(for_training=for_training)
+
+
+def save(part: str, result: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"revffn_{part}.json").write_text(json.dumps({"machine": machine(), **result}, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+# ---------------------------------------------------------------------- conversion drift
+
+
+def drift() -> dict:
+    out = {}
+    for model, extra in MODELS.items():
+        row = {"original": trainer([*extra, "strategies=[{name: full}]"]).evaluate()["eval_loss"]}
+        for name, coupling in COUPLINGS.items():
+            row[name] = trainer([*extra, *coupling]).evaluate()["eval_loss"]
+        out[model] = row
+    return {"eval_loss": out}
+
+
+# ---------------------------------------------------------------------- reconstruction error
+
+
+def rebuild() -> dict:
+    out = {}
+    cases = {**MODELS, "tiny-llama-16 (random init)": ["model.name=tiny-llama",
+                                                        "model.config_overrides={num_hidden_layers: 16}"]}
+    for model, extra in cases.items():
+        for dtype in ("float32", "bfloat16"):
+            for name, coupling in [("additive", COUPLINGS["additive"]), ("momentum-0.5", COUPLINGS["momentum-0.5"]),
+                                   ("momentum-0.5, buffer_every 2",
+                                    [*COUPLINGS["momentum-0.5"], "strategies.1.params.buffer_every=2"])]:
+                t = trainer([*extra, *coupling, f"model.dtype={dtype}"], for_training=True)
+                stack = t.strategies[-1].stack
+                batch = t.batcher.batch(0, 0)
+                stack.track_reconstruction = True
+                t.model.train()
+                out_ = t._loss(batch)
+                (out_.loss_sum / out_.count).backward()
+                out[f"{model} | {dtype} | {name}"] = {
+                    "per_layer": stack.reconstruction_error, "max": max(stack.reconstruction_error),
+                    "routing_flips": stack.flips, "routed_tokens": int(batch["attention_mask"].sum()) * sum(
+                        1 for tap in stack.taps if tap is not None)}
+    return {"relative_error": out}
+
+
+# ---------------------------------------------------------------------- recovery
+
+
+def recovery(steps: int) -> dict:
+    out = {}
+    for model, extra in MODELS.items():
+        original = trainer([*extra, "strategies=[{name: full}]"]).evaluate()["eval_loss"]
+        out[model] = {"original": original, "target": 1.05 * original, "runs": {}}
+        for name in ("additive", "momentum-0.5"):
+            run_dir = Path(tempfile.mkdtemp(prefix="revffn-recovery-"))
+            t = trainer([*extra, *COUPLINGS[name], f"train.max_steps={steps}", "train.eval_every=10",
+                         f"strategies.1.params.recovery.steps={steps}", "log.every=1"], run_dir, for_training=True)
+            t.train()
+            tokens, curve = 0.0, []
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+                m = json.loads(line)
+                tokens += m.get("tokens_per_s", 0) * m.get("step_time_s", 0)
+                if "eval_loss" in m:
+                    curve.append({"step": m["step"], "tokens": round(tokens), "eval_loss": m["eval_loss"]})
+            reached = next((c for c in curve if c["eval_loss"] <= 1.05 * original), None)
+            out[model]["runs"][name] = {"curve": curve, "tokens_to_within_5pct": reached and reached["tokens"],
+                                        "steps_to_within_5pct": reached and reached["step"]}
+    plot_recovery(out, IMG / "revffn_recovery.png")
+    return {"steps": steps, "recovery": out}
+
+
+def plot_recovery(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6))
+    for k, (model, r) in enumerate(result.items()):
+        ax = fig.add_subplot(1, len(result), k + 1)
+        for name, run in r["runs"].items():
+            ax.plot([c["tokens"] / 1e3 for c in run["curve"]], [c["eval_loss"] for c in run["curve"]], marker=".",
+                    label=name)
+        ax.axhline(r["original"], color="black", lw=0.8, label="original model")
+        ax.axhline(r["target"], color="gray", lw=0.8, ls="--", label="original + 5%")
+        ax.set(title=f"{model}: distillation recovery", xlabel="training tokens (thousands)", ylabel="held-out loss",
+               ylim=(r["original"] - 0.1, None))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------- memory and speed
+
+
+def speed(rounds: int) -> dict:
+    variants = {"full": ["strategies=[{name: full}]"],
+                "full + checkpointing": ["strategies=[{name: full}]", "train.gradient_checkpointing=true"],
+                "revffn additive": COUPLINGS["additive"],
+                "revffn momentum-0.5": COUPLINGS["momentum-0.5"]}
+    wide = lambda layers: [WIDE[0], WIDE[1] % layers, *WIDE[2:]]  # noqa: E731
+    depth = {}
+    for name, extra in variants.items():
+        depth[name] = {}
+        for layers in (4, 8, 16):
+            t = trainer([*wide(layers), *extra], for_training=True)
+            depth[name][layers] = _activation_bytes(t, 0, t.batcher.batch(0, 0))
+    built = {name: trainer([*wide(8), *extra], for_training=True) for name, extra in variants.items()}
+    batch = next(iter(built.values())).batcher.batch(0, 0)  # the same batch every step
+    times = {name: [] for name in built}
+    for step in range(rounds + 2):  # two warm-up rounds, then interleaved A, B, C, D, A, B, ...
+        for name, t in built.items():
+            row = _step(t, step, batch)
+            if step >= 2:
+                times[name].append(row["step_s"])
+    step_s = {name: statistics.median(v) for name, v in times.items()}
+    ckpt = "full + checkpointing"
+    return {"tokens_per_batch": int(batch["attention_mask"].sum()), "activation_bytes_by_layers": depth,
+            "median_step_s_8_layers": step_s, "rounds": rounds,
+            "ratio_to_checkpointing_8_layers": {n: {"activation_bytes": depth[n][8] / depth[ckpt][8],
+                                                    "step_time": step_s[n] / step_s[ckpt]} for n in variants},
+            "ratio_16_to_4_layers": {n: depth[n][16] / depth[n][4] for n in variants}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["drift", "rebuild", "recovery", "speed", "all"])
+    ap.add_argument("--recovery-steps", type=int, default=150)
+    ap.add_argument("--rounds", type=int, default=20)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    parts = ["drift", "rebuild", "recovery", "speed"] if args.part == "all" else [args.part]
+    for part in parts:
+        result = {"drift": drift, "rebuild": rebuild, "recovery": lambda: recovery(args.recovery_steps),
+                  "speed": lambda: speed(args.rounds)}[part]()
+        save(part, result)
+
+
+if __name__ == "__main__":
+    main()
