@@ -4,7 +4,8 @@ Text the model itself produced is the one corpus on which its loss is known to b
 nats/token), so it measures how much of the pretrained function a conversion loses and how fast a
 recovery stage brings it back, with no dataset download. Deterministic: seeded, CPU, float32.
 
-Usage: python benchmarks/make_stories.py [--n 600] [--tokens 192]
+Usage: python benchmarks/make_stories.py [--n 600] [--tokens 192] [--seed 0] [--out FILE]
+(benchmarks/revffn.py makes a larger training set with another seed the same way.)
 """
 
 from __future__ import annotations
@@ -25,24 +26,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--tokens", type=int, default=192)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    torch.manual_seed(0)
+    write_stories(args.out, args.n, args.tokens, args.seed)
+
+
+def write_stories(out: Path, n: int, tokens: int = 192, seed: int = 0) -> None:
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
     tok = AutoTokenizer.from_pretrained(MODEL)
     rows = []
     with torch.no_grad():
-        for start in range(0, args.n, 100):
-            bos = torch.full((min(100, args.n - start), 1), tok.bos_token_id)
+        for start in range(0, n, 100):
+            bos = torch.full((min(100, n - start), 1), tok.bos_token_id)
             out = model.generate(bos, attention_mask=torch.ones_like(bos), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                 max_new_tokens=args.tokens, pad_token_id=tok.eos_token_id)
+                                 max_new_tokens=tokens, pad_token_id=tok.eos_token_id)
             for seq in out[:, 1:].tolist():
                 if tok.eos_token_id in seq:
                     seq = seq[: seq.index(tok.eos_token_id)]
                 text = tok.decode(seq, skip_special_tokens=True).strip()
                 if text:
                     rows.append({"text": text})
-    OUT.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {len(rows)} stories to {OUT}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {len(rows)} stories to {out}")
 
 
 if __name__ == "__main__":

@@ -364,3 +364,18 @@ def test_export_refuses_a_revffn_run(tmp_path):
     Trainer(r, run_dir=tmp_path / "run").setup().train()
     with pytest.raises(UserError, match="trained with `revffn`"):
         export_run(tmp_path / "run", tmp_path / "out")
+
+
+@pytest.mark.parametrize("setup", [
+    ["strategies=[{name: full}, {name: revffn}]", "train.optimizer=adamw_8bit"],
+    ["strategies=[{name: qlora, params: {r: 4}}, {name: revffn}]"],
+])
+def test_combines_with_8bit_adamw_and_qlora(tmp_path, setup):
+    r = load(REPO / "recipes" / "revffn.yaml", [*QUICK, "model.name=tiny-mixtral", "train.max_steps=2",
+                                                "train.eval_every=null", "output.checkpoints=false", *setup])
+    t = Trainer(r, run_dir=tmp_path / "run").setup()
+    before = {n: p.detach().float().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    summary = t.train()
+    assert summary["final_loss"] is not None and summary["final_loss"] == summary["final_loss"]  # not NaN
+    after = dict(t.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n].detach().float()) for n in before)
