@@ -113,6 +113,36 @@ def choice_dtype(num_experts: int) -> torch.dtype:
     return torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 32767 else torch.int32
 
 
+@dataclass
+class Saved:
+    """What a forward leaves for backward besides the output streams (all of it saved through autograd)."""
+
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    """Layer -> its exact input streams (buffer points; every layer when tracking)."""
+    choices: dict[int, torch.Tensor]
+    """MoE layer -> the experts its tokens were routed to, (B*T, top_k), a small integer type."""
+    rng: dict[tuple[int, int], torch.Tensor]
+    """(layer, step) -> the RNG state its branch started from, when branches draw random numbers."""
+    aux_weight: torch.Tensor | None
+    """Per expert, `E * f_e / R`: the load-balancing loss is `sum_l sum_e aux_weight_e * sum_t m_t p_lte`."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        return ([t for k in sorted(self.kept) for t in self.kept[k]] + [self.choices[k] for k in sorted(self.choices)]
+                + [self.rng[k] for k in sorted(self.rng)] + ([self.aux_weight] if self.aux_weight is not None else []))
+
+    def layout(self) -> tuple:
+        return sorted(self.kept), sorted(self.choices), sorted(self.rng), self.aux_weight is not None
+
+    @staticmethod
+    def from_tensors(layout: tuple, tensors: list[torch.Tensor]) -> Saved:
+        kept_keys, choice_keys, rng_keys, has_aux = layout
+        it = iter(tensors)
+        kept = {k: (next(it), next(it)) for k in kept_keys}
+        choices = {k: next(it) for k in choice_keys}
+        rng = {k: next(it) for k in rng_keys}
+        return Saved(kept, choices, rng, next(it) if has_aux else None)
+
+
 # ---------------------------------------------------------------------------------- the stack
 
 CALIBRATION_MARGIN = 10
@@ -160,11 +190,6 @@ class ReversibleStack:
     def flips(self) -> int:
         return sum(t.flips for t in self.taps if t is not None)
 
-    def remove(self) -> None:
-        for tap in self.taps:
-            if tap is not None:
-                tap.handle.remove()
-
     # ---------------------------------------------------------------- one branch
     def branch(self, i: int, step: Step, x: torch.Tensor) -> torch.Tensor:
         """The step's branch on stream `x`, computed in the layer's dtype, returned in the stream's."""
@@ -177,11 +202,11 @@ class ReversibleStack:
 
     def needs_rng(self) -> bool:
         """Whether branches draw random numbers (dropout, router jitter) that recomputation must replay."""
-        layer = self.layers[0]
-        config_p = [v for k, v in vars(getattr(layer.self_attn, "config", object())).items()
-                    if ("dropout" in k or "jitter" in k) and isinstance(v, float)]
-        return layer.training and (any(p > 0 for p in config_p) or any(
-            isinstance(m, nn.Dropout) and m.p > 0 for layer in self.layers for m in layer.modules()))
+        first = self.layers[0]
+        config = vars(getattr(first.self_attn, "config", object()))
+        config_p = [v for k, v in config.items() if ("dropout" in k or "jitter" in k) and isinstance(v, float)]
+        return first.training and (any(p > 0 for p in config_p) or any(
+            isinstance(m, nn.Dropout) and m.p > 0 for m in self.layers.modules()))
 
     # ---------------------------------------------------------------- entry point
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
@@ -197,14 +222,14 @@ class ReversibleStack:
             s0, s1, aux = _Reversible.apply(self, s0, s1)
         else:
             with torch.no_grad():
-                s0, s1, aux, _ = self.forward_streams(s0, s1, keep=())
+                s0, s1, aux, _ = self.forward_streams(s0, s1, keep=set())
         self.aux = aux if any(self.taps) else None
         return merge_streams(s0, s1, self.coupling).to(h.dtype)
 
     # ---------------------------------------------------------------- forward
-    def forward_streams(self, s0, s1, keep):
-        """Run every layer; return the output streams, the load-balancing loss and what backward needs:
-        the exact input streams of the layers in `keep`, each MoE layer's expert choices, RNG states."""
+    def forward_streams(self, s0, s1, keep: set[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Saved]:
+        """Run every layer; return the output streams, the load-balancing loss and what backward needs
+        (the exact input streams of the layers in `keep`, expert choices, RNG states)."""
         streams = [s0, s1]
         kept, choices, rng = {}, {}, {}
         mask = self._flat_mask(s0)
@@ -230,13 +255,12 @@ class ReversibleStack:
         finally:
             for tap in filter(None, self.taps):
                 tap.mode, tap.logits = None, None
-        aux = streams[0].new_zeros(())
+        aux, weight = streams[0].new_zeros(()), None
         if counts is not None:
-            rows = mask.sum() * len(choices)
-            self._balance = counts / rows  # f_e: share of routed slots per expert, a constant for gradients
-            self._rows = rows
-            aux = (self._balance * probs / rows).sum() * counts.numel()
-        return streams[0], streams[1], aux, (kept, choices, rng)
+            rows = mask.sum() * len(choices)  # routed (layer, token) pairs
+            weight = counts.numel() * (counts / rows) / rows  # E * f_e / R, a constant for gradients
+            aux = (weight * probs).sum()
+        return streams[0], streams[1], aux, Saved(kept, choices, rng, weight)
 
     def _flat_mask(self, like: torch.Tensor) -> torch.Tensor:
         if self.token_mask is None or self.token_mask.shape != like.shape[:2]:
@@ -251,10 +275,14 @@ class ReversibleStack:
         compare. Returns 0 when the whole stack rebuilds within tolerance. Draws no random numbers."""
         n = len(self.layers)
         distances = sorted({min(2 ** j, n) for j in range(n.bit_length() + 1)})
-        with torch.random.fork_rng(devices=[s0.device] if s0.device.type == "cuda" else []):
-            y0, y1, _, (kept, choices, _) = self.forward_streams(s0, s1, keep={n - d for d in distances})
-            flips = [t.flips for t in self.taps if t is not None]
-            errors = self.rebuild(y0, y1, kept, choices)
+        training = self.layers.training
+        self.layers.eval()  # rounding is what is measured: no dropout or router jitter
+        flips = [t.flips for t in self.taps if t is not None]
+        try:
+            y0, y1, _, saved = self.forward_streams(s0, s1, keep={n - d for d in distances})
+            errors = self.rebuild(y0, y1, saved)
+        finally:
+            self.layers.train(training)
             for tap, before in zip(filter(None, self.taps), flips):
                 tap.flips = before  # calibration flips are not training flips
         self.calibration = {d: errors[n - d] for d in distances}
@@ -266,26 +294,26 @@ class ReversibleStack:
         return max(within[-1] if within else 1, 1)
 
     @torch.no_grad()
-    def rebuild(self, y0, y1, kept: dict, choices: dict) -> dict[int, float]:
+    def rebuild(self, y0, y1, saved: Saved) -> dict[int, float]:
         """Undo every layer from the output, without gradients or buffers; the relative error of the rebuilt
         input of each layer in `kept`."""
         streams, errors = [y0, y1], {}
         for i in reversed(range(len(self.layers))):
             tap = self.taps[i]
             if tap is not None:
-                tap.mode, tap.choices = "replay", choices[i]
+                tap.mode, tap.choices = "replay", saved.choices[i]
             try:
                 for step in reversed(self.steps):
                     undo_step(step, streams, self.branch(i, step, streams[step.source]))
             finally:
                 if tap is not None:
                     tap.mode, tap.logits = None, None
-            if i in kept:
-                errors[i] = _relative_error(streams, kept[i])
+            if i in saved.kept:
+                errors[i] = _relative_error(streams, saved.kept[i])
         return errors
 
     # ---------------------------------------------------------------- backward
-    def backward_streams(self, s0, s1, g0, g1, g_aux, kept, buffer_points, choices, rng):
+    def backward_streams(self, s0, s1, g0, g1, g_aux, saved: Saved, buffer_points: set[int]):
         """Walk the layers in reverse: rebuild each step's input, recompute its branch with grad,
         backpropagate through it (parameter gradients accumulate in `.grad`), free it. At the layers in
         `kept` the rebuilt streams are compared with the exact ones; at `buffer_points` the exact ones
@@ -296,7 +324,7 @@ class ReversibleStack:
         for i in reversed(range(len(self.layers))):
             tap = self.taps[i]
             if tap is not None:
-                tap.mode, tap.choices = "replay", choices[i]
+                tap.mode, tap.choices = "replay", saved.choices[i]
             try:
                 for j in reversed(range(len(self.steps))):
                     step = self.steps[j]
@@ -306,12 +334,12 @@ class ReversibleStack:
                         grads[step.source] = grads[step.source] + step.coef * grads[step.target]
                     else:
                         src.requires_grad_(True)
-                        with torch.enable_grad(), _replaying(rng.get((i, j)), s0.device):
+                        with torch.enable_grad(), _replaying(saved.rng.get((i, j)), s0.device):
                             y = self.branch(i, step, src)
                             outputs, seeds = [y], [step.coef * grads[step.target]]
                             if tap is not None and step.branch == "ffn" and g_aux is not None:
                                 p = torch.softmax(at_least_float32(tap.logits), dim=-1) * mask[:, None]
-                                outputs.append((self._balance * p.sum(0)).sum() * self._balance.numel() / self._rows)
+                                outputs.append((saved.aux_weight * p.sum(0)).sum())  # this layer's aux term
                                 seeds.append(g_aux)
                         torch.autograd.backward(outputs, seeds)
                         undo_step(step, streams, y.detach())
@@ -321,8 +349,8 @@ class ReversibleStack:
             finally:
                 if tap is not None:
                     tap.mode, tap.logits = None, None
-            if i in kept:
-                exact = kept[i]
+            if i in saved.kept:
+                exact = saved.kept[i]
                 errors[i] = _relative_error(streams, exact)
                 if i in buffer_points:
                     streams = [exact[0], exact[1]]
@@ -337,7 +365,7 @@ class _Reversible(torch.autograd.Function):
 
     Saved for backward (and so counted by the activation meter): the two output streams, the
     exact streams at buffer points, each MoE layer's expert choices (one small integer per token and
-    slot) and RNG states when dropout is active. None of it grows with depth except the choices.
+    slot) and RNG states when dropout is active. Only the buffers and the choices grow with depth.
     """
 
     @staticmethod
@@ -347,35 +375,24 @@ class _Reversible(torch.autograd.Function):
         keep = set(range(n)) if stack.track_reconstruction else buffer_points
         stack.replay_rng = stack.needs_rng()
         with torch.no_grad():
-            y0, y1, aux, (kept, choices, rng) = stack.forward_streams(s0, s1, keep)
-        kept_keys, choice_keys, rng_keys = sorted(kept), sorted(choices), sorted(rng)
+            y0, y1, aux, saved = stack.forward_streams(s0, s1, keep)
         ctx.stack = stack
         ctx.layer_kwargs, ctx.token_mask = list(stack.layer_kwargs), stack.token_mask
-        ctx.keys = (kept_keys, choice_keys, rng_keys)
-        ctx.buffer_points = buffer_points
+        ctx.layout, ctx.buffer_points = saved.layout(), buffer_points
         ctx.autocast = _autocast_state(s0.device)
-        ctx.save_for_backward(y0, y1, *[t for k in kept_keys for t in kept[k]],
-                              *[choices[k] for k in choice_keys], *[rng[k] for k in rng_keys])
+        ctx.save_for_backward(y0, y1, *saved.tensors())
         return y0, y1, aux
 
     @staticmethod
     def backward(ctx, g0, g1, g_aux):
         stack = ctx.stack
         stack.layer_kwargs, stack.token_mask = ctx.layer_kwargs, ctx.token_mask
-        kept_keys, choice_keys, rng_keys = ctx.keys
-        saved = list(ctx.saved_tensors)
-        y0, y1 = saved[0], saved[1]
-        pos = 2
-        kept = {}
-        for k in kept_keys:
-            kept[k] = (saved[pos], saved[pos + 1])
-            pos += 2
-        choices = dict(zip(choice_keys, saved[pos:pos + len(choice_keys)]))
-        rng = dict(zip(rng_keys, saved[pos + len(choice_keys):]))
+        y0, y1, *rest = ctx.saved_tensors
+        saved = Saved.from_tensors(ctx.layout, rest)
         g0 = torch.zeros_like(y0) if g0 is None else g0
         g1 = torch.zeros_like(y1) if g1 is None else g1
         with _autocast_from(ctx.autocast):
-            gx0, gx1 = stack.backward_streams(y0, y1, g0, g1, g_aux, kept, ctx.buffer_points, choices, rng)
+            gx0, gx1 = stack.backward_streams(y0, y1, g0, g1, g_aux, saved, ctx.buffer_points)
         return None, gx0, gx1
 
 
