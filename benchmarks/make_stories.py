@@ -40,9 +40,9 @@ def write_stories(out: Path, n: int, tokens: int = 192, seed: int = 0) -> None:
     with torch.no_grad():
         for start in range(0, n, 100):
             bos = torch.full((min(100, n - start), 1), tok.bos_token_id)
-            out = model.generate(bos, attention_mask=torch.ones_like(bos), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                 max_new_tokens=tokens, pad_token_id=tok.eos_token_id)
-            for seq in out[:, 1:].tolist():
+            samples = model.generate(bos, attention_mask=torch.ones_like(bos), do_sample=True, top_k=0, top_p=1.0,
+                                     temperature=1.0, max_new_tokens=tokens, pad_token_id=tok.eos_token_id)
+            for seq in samples[:, 1:].tolist():
                 if tok.eos_token_id in seq:
                     seq = seq[: seq.index(tok.eos_token_id)]
                 text = tok.decode(seq, skip_special_tokens=True).strip()

@@ -76,9 +76,10 @@ def rebuild() -> dict:
                                                         "model.config_overrides={num_hidden_layers: 16}"]}
     for model, extra in cases.items():
         for dtype in ("float32", "bfloat16"):
-            for name, coupling in [("additive", COUPLINGS["additive"]), ("momentum-0.5", COUPLINGS["momentum-0.5"]),
-                                   ("momentum-0.5, buffer_every 2",
-                                    [*COUPLINGS["momentum-0.5"], "strategies.1.params.buffer_every=2"])]:
+            no_buffers = "strategies.1.params.buffer_every=0"
+            for name, coupling in [("additive", [*COUPLINGS["additive"], no_buffers]),
+                                   ("momentum-0.5", [*COUPLINGS["momentum-0.5"], no_buffers]),
+                                   ("momentum-0.5, buffer_every auto", COUPLINGS["momentum-0.5"])]:
                 t = trainer([*extra, *coupling, f"model.dtype={dtype}"], for_training=True)
                 stack = t.strategies[-1].stack
                 batch = t.batcher.batch(0, 0)
@@ -88,6 +89,7 @@ def rebuild() -> dict:
                 (out_.loss_sum / out_.count).backward()
                 out[f"{model} | {dtype} | {name}"] = {
                     "per_layer": stack.reconstruction_error, "max": max(stack.reconstruction_error),
+                    "buffer_every": stack.buffer_every,
                     "routing_flips": stack.flips, "routed_tokens": int(batch["attention_mask"].sum()) * sum(
                         1 for tap in stack.taps if tap is not None)}
     return {"relative_error": out}
@@ -169,6 +171,8 @@ def speed(rounds: int) -> dict:
         for layers in (4, 8, 16):
             t = trainer([*wide(layers), *extra], for_training=True)
             depth[name][layers] = _activation_bytes(t, 0, t.batcher.batch(0, 0))
+            if "revffn" in name:
+                depth[name][f"buffer_every at {layers} layers"] = t.strategies[-1].stack.buffer_every
     built = {name: trainer([*wide(8), *extra], for_training=True) for name, extra in variants.items()}
     batch = next(iter(built.values())).batcher.batch(0, 0)  # the same batch every step
     times = {name: [] for name in built}

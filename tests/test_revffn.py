@@ -379,3 +379,10 @@ def test_combines_with_8bit_adamw_and_qlora(tmp_path, setup):
     assert summary["final_loss"] is not None and summary["final_loss"] == summary["final_loss"]  # not NaN
     after = dict(t.model.named_parameters())
     assert any(not torch.equal(before[n], after[n].detach().float()) for n in before)
+
+
+def test_a_bad_buffer_spacing_is_one_clear_error():
+    from memft.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"1 problem.*`strategies.1.params.buffer_every`: should be `auto` or a number"):
+        load(REPO / "recipes" / "revffn.yaml", ["strategies.1.params.buffer_every=-1"])

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from memft.models.blocks import decoder_body
@@ -58,7 +58,7 @@ class RevFFNParams(StrategyParams):
     Measurements: docs/strategies/revffn.md."""
     gamma: float = Field(default=0.5, gt=0, lt=1)
     """Momentum of the `momentum` coupling: smaller keeps the pretrained function closer, larger rebuilds more exactly."""
-    buffer_every: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    buffer_every: int | Literal["auto"] = "auto"
     """Keep the exact streams entering every k-th layer, so reconstruction error builds up over k layers at most
     (0: never; activation memory then does not grow with depth). Costs two hidden states per kept layer. `auto`:
     on the first step, measure how many layers rebuild within `rebuild_tolerance` and use that (often 0 for
@@ -72,6 +72,13 @@ class RevFFNParams(StrategyParams):
     track_reconstruction_every: int = Field(default=0, ge=0)
     """Every N optimizer steps, measure each layer's reconstruction error (logged as `revffn_reconstruction_error`;
     that step keeps every layer's input, like checkpointing). 0: never."""
+
+    @field_validator("buffer_every", mode="before")
+    @classmethod
+    def _layers_or_auto(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError("should be `auto` or a number of layers >= 0 (0: no buffers)")
 
 
 @register
@@ -192,8 +199,9 @@ class RevFFN(Strategy):
 
     def metrics(self) -> dict:
         out = {"revffn_buffer_every": self.stack.buffer_every}
-        if self.stack.calibration:
+        if self.stack.calibration:  # logged once, on the first line after it was measured
             out["revffn_calibration"] = {str(k): v for k, v in self.stack.calibration.items()}
+            self.stack.calibration = {}
         if any(self.stack.taps):
             out["revffn_routing_flips"] = self.earlier_flips + self.stack.flips
         if self.stack.reconstruction_error:

@@ -169,7 +169,8 @@ class ReversibleStack:
         self.buffer_every = buffer_every
         self.tolerance = tolerance
         self.calibration: dict[int, float] = {}
-        """What `calibrate` measured: layers rebuilt from the output -> relative error of the rebuilt input."""
+        """What `calibrate` measured (until reported): layers rebuilt from the output -> relative error of the
+        rebuilt input."""
         self.taps = [RouterTap(r) if (r := router_of(layer)) is not None else None for layer in layers]
         self.layer_kwargs: list[dict] = [{} for _ in layers]
         """What the model passed each layer in the current forward (mask, rotary embeddings, positions)."""
