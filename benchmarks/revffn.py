@@ -5,10 +5,13 @@ Usage:
                                            # and after conversion, per coupling
     python benchmarks/revffn.py rebuild    # per-layer reconstruction error in float32 and bf16, routing flips
     python benchmarks/revffn.py recovery   # distillation: held-out loss versus tokens, tokens to within 5%
+                                           # (--recovery-steps ADDITIVE MOMENTUM, --models, --tag)
+    python benchmarks/revffn.py --plot benchmarks/results/revffn_recovery*.json   # docs/img/revffn_recovery.png
     python benchmarks/revffn.py speed      # activation bytes versus depth; step time versus checkpointing
     python benchmarks/revffn.py all
+    python benchmarks/revffn.py markdown   # the tables of docs/strategies/revffn.md, from the results files
 
-Each part writes benchmarks/results/revffn_<part>.json; `recovery` also draws docs/img/revffn_recovery.png.
+Each part writes benchmarks/results/revffn_<part><tag>.json.
 The held-out text is `recipes/data/stories260k_samples.jsonl` (stories the model sampled itself), on which
 the original model's loss is low; the numbers go into docs/strategies/revffn.md by hand.
 """
@@ -110,13 +113,15 @@ def recovery_data() -> list[str]:
             "train.eval_batches=25"]
 
 
-def recovery(steps: dict[str, int]) -> dict:
+def recovery(steps: dict[str, int], models: list[str]) -> dict:
+    """Distil each converted model for `steps[coupling]` steps (0: skip), evaluating 20 times on the way."""
     out = {}
     data = recovery_data()
-    for model, extra in MODELS.items():
+    for model in models:
+        extra = MODELS[model]
         original = trainer([*extra, *data, "strategies=[{name: full}]"]).evaluate()["eval_loss"]
         out[model] = {"original": original, "target": 1.05 * original, "runs": {}}
-        for name, n in steps.items():
+        for name, n in [(name, n) for name, n in steps.items() if n]:
             run_dir = Path(tempfile.mkdtemp(prefix="revffn-recovery-"))
             t = trainer([*extra, *data, *COUPLINGS[name], f"train.max_steps={n}", f"train.eval_every={n // 20}",
                          f"strategies.1.params.recovery.steps={n}", "log.every=1"], run_dir, for_training=True)
@@ -130,26 +135,31 @@ def recovery(steps: dict[str, int]) -> dict:
             reached = next((c for c in curve if c["eval_loss"] <= 1.05 * original), None)
             out[model]["runs"][name] = {"curve": curve, "tokens_to_within_5pct": reached and reached["tokens"],
                                         "steps_to_within_5pct": reached and reached["step"]}
-    plot_recovery(out, IMG / "revffn_recovery.png")
     return {"steps": steps, "recovery": out}
 
 
-def plot_recovery(result: dict, path: Path) -> None:
+def plot_recovery(results: list[dict], path: Path) -> None:
+    """One panel per model; the runs of several results files (e.g. a short and a long one) together."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
+    merged: dict = {}
+    for result in results:
+        for model, r in result.items():
+            merged.setdefault(model, {**r, "runs": {}})["runs"].update(
+                {f"{name} ({run['curve'][-1]['step']} steps)": run for name, run in r["runs"].items()})
     fig = Figure(figsize=(10, 3.6))
-    for k, (model, r) in enumerate(result.items()):
-        ax = fig.add_subplot(1, len(result), k + 1)
+    for k, (model, r) in enumerate(merged.items()):
+        ax = fig.add_subplot(1, len(merged), k + 1)
         for name, run in r["runs"].items():
             ax.plot([c["tokens"] / 1e3 for c in run["curve"]], [c["eval_loss"] for c in run["curve"]], marker=".",
-                    label=name)
+                    label=f"{name}, converted: {run['curve'][0]['eval_loss']:.2f}")
         ax.axhline(r["original"], color="black", lw=0.8, label="original model")
         ax.axhline(r["target"], color="gray", lw=0.8, ls="--", label="original + 5%")
         ax.set(title=f"{model}: distillation recovery", xlabel="training tokens (thousands)", ylabel="held-out loss",
-               ylim=(r["original"] - 0.1, None))
+               ylim=(r["original"] - 0.1, r["original"] + 0.8))
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,18 +200,73 @@ def speed(rounds: int) -> dict:
             "ratio_16_to_4_layers": {n: depth[n][16] / depth[n][4] for n in variants}}
 
 
+# ---------------------------------------------------------------------- tables for the docs
+
+
+def markdown() -> str:
+    """The tables of docs/strategies/revffn.md, from the results files."""
+    load = lambda part: json.loads((RESULTS / f"revffn_{part}.json").read_text())  # noqa: E731
+    out = []
+    d = load("drift")["eval_loss"]
+    names = list(next(iter(d.values())))
+    out += ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    out += [f"| {m} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |" for m, row in d.items()]
+    r = load("rebuild")["relative_error"]
+    out += ["", "| model | dtype | coupling | buffer_every | max error | per layer (input of layer 0 first) | flips |",
+            "|---|---|---|---|---|---|---|"]
+    for key, v in r.items():
+        model, dtype, name = key.split(" | ")
+        flips = f"{v['routing_flips']} / {v['routed_tokens']}" if v["routed_tokens"] else "-"
+        per_layer = " ".join(f"{e:.0e}" for e in v["per_layer"])
+        out.append(f"| {model} | {dtype} | {name} | {v.get('buffer_every', 0)} | {v['max']:.1e} | {per_layer} | "
+                   f"{flips} |")
+    for tag in ("", "_long"):
+        if not (RESULTS / f"revffn_recovery{tag}.json").exists():
+            continue
+        rec = load(f"recovery{tag}")["recovery"]
+        out += ["", "| model | coupling | steps | original | converted | after recovery | tokens to within 5% |",
+                "|---|---|---|---|---|---|---|"]
+        for model, m in rec.items():
+            for name, run in m["runs"].items():
+                c = run["curve"]
+                reached = f"{run['tokens_to_within_5pct']:,} ({run['steps_to_within_5pct']} steps)" if run[
+                    "tokens_to_within_5pct"] else f"not within {c[-1]['tokens']:,}"
+                out.append(f"| {model} | {name} | {c[-1]['step']} | {m['original']:.3f} | {c[0]['eval_loss']:.3f} | "
+                           f"{c[-1]['eval_loss']:.3f} | {reached} |")
+    sp = load("speed")
+    depth = sp["activation_bytes_by_layers"]
+    out += ["", "| variant | 4 layers | 8 layers | 16 layers | 16 / 4 | at 8 layers vs checkpointing | step time vs "
+            "checkpointing (8 layers) |", "|---|---|---|---|---|---|---|"]
+    for name, row in depth.items():
+        ratio = sp["ratio_to_checkpointing_8_layers"][name]
+        mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+        out.append(f"| {name} | {mib(row['4'])} | {mib(row['8'])} | {mib(row['16'])} | "
+                   f"{sp['ratio_16_to_4_layers'][name]:.2f}x | {ratio['activation_bytes']:.2f}x | "
+                   f"{ratio['step_time']:.2f}x |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["drift", "rebuild", "recovery", "speed", "all"])
+    ap.add_argument("part", choices=["drift", "rebuild", "recovery", "speed", "all", "markdown"])
     ap.add_argument("--recovery-steps", type=int, nargs=2, default=[800, 300], metavar=("ADDITIVE", "MOMENTUM"))
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--tag", default="", help="suffix of the results file, e.g. `_long`")
+    ap.add_argument("--plot", nargs="*", metavar="JSON", help="draw docs/img/revffn_recovery.png from recovery results")
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
+    if args.plot:
+        plot_recovery([json.loads(Path(f).read_text())["recovery"] for f in args.plot], IMG / "revffn_recovery.png")
+        return
+    if args.part == "markdown":
+        print(markdown())
+        return
     torch.manual_seed(0)
     parts = ["drift", "rebuild", "recovery", "speed"] if args.part == "all" else [args.part]
     for part in parts:
-        result = {"drift": drift, "rebuild": rebuild, "recovery": lambda: recovery(dict(zip(("additive", "momentum-0.5"), args.recovery_steps))),
+        result = {"drift": drift, "rebuild": rebuild, "recovery": lambda: recovery(dict(zip(("additive", "momentum-0.5"), args.recovery_steps)), args.models),
                   "speed": lambda: speed(args.rounds)}[part]()
-        save(part, result)
+        save(part + args.tag, result)
 
 
 if __name__ == "__main__":
