@@ -384,5 +384,5 @@ def test_combines_with_8bit_adamw_and_qlora(tmp_path, setup):
 def test_a_bad_buffer_spacing_is_one_clear_error():
     from memft.errors import RecipeError
 
-    with pytest.raises(RecipeError, match=r"1 problem.*`strategies.1.params.buffer_every`: should be `auto` or a number"):
+    with pytest.raises(RecipeError, match=r"(?s)1 problem.*`strategies.1.params.buffer_every`: should be `auto` or a number"):
         load(REPO / "recipes" / "revffn.yaml", ["strategies.1.params.buffer_every=-1"])

@@ -85,11 +85,11 @@ def reference_loss(trainer: Trainer, batch: dict, selected: torch.Tensor, loss_o
             h.remove()
         hf.config._attn_implementation = saved_impl
     if trainer.recipe.model.task == "sequence_classification":
-        return F.cross_entropy(logits.float(), batch["labels"])
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), batch["labels"])
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
     if loss_on == "selected":
         targets = targets.masked_fill(~keep, -100)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 def efficient_loss(trainer: Trainer, batch: dict) -> torch.Tensor:
