@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from memft.errors import UserError
-from memft.models.load import experts_kernel
+from memft.models.load import experts_kernel, is_moe
 
 if TYPE_CHECKING:
     from transformers import MixtralForCausalLM
@@ -44,8 +44,6 @@ def check_upcyclable(config, name: str = "the model", *, quantized: bool = False
         name: the model's name, for the message.
         quantized: whether the model is (to be) loaded with a quantization config (`qlora`).
     """
-    from memft.models.load import is_moe
-
     model_type = getattr(config, "model_type", "?")
     if is_moe(config):
         raise UserError(
