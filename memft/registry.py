@@ -136,6 +136,13 @@ class Strategy:
         """Extra values for the logged lines of `metrics.jsonl` (and the last ones for `summary.json`)."""
         return {}
 
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint that live outside the model's trainable parameters (e.g. MEFT's host adapter)."""
+        return {}
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `tensor_state` returned."""
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state to put in checkpoints (e.g. a schedule position)."""
         return {}

@@ -60,14 +60,14 @@ def _host(width=64, d=8, experts=8, dtype=torch.float64):
 
     g = torch.Generator().manual_seed(0)
     return HostAdapter(torch.randn(width, d, generator=g, dtype=dtype), torch.randn(width, d, generator=g, dtype=dtype),
-                       torch.randn(experts, d, generator=g, dtype=dtype))
+                       experts)
 
 
 def _fake_backward(host, experts, seed):
     """Ship `experts`' rows, give them a random gradient, send it back."""
-    rows_obj, rows = host.gather(torch.tensor(experts), torch.device("cpu"))
+    rows_obj, rows = host.gather(torch.tensor(experts), torch.zeros(8, 8), torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
-    for leaf in (rows_obj.keys, rows_obj.values, rows_obj.router):
+    for leaf in (rows_obj.keys, rows_obj.values):
         leaf.grad = torch.randn(leaf.shape, generator=g, dtype=leaf.dtype)
     host.accumulate(rows_obj, rows)
     return rows
@@ -95,9 +95,100 @@ def test_row_sparse_adamw_touches_only_the_shipped_rows():
     updated = host.step(lr=1e-2, weight_decay=0.1, rows="touched")
     changed = (host.params["keys"] != before["keys"]).any(1)
     assert changed[rows].all() and not changed[~torch.isin(torch.arange(64), rows)].any()
-    assert updated == 2 * rows.numel() + host.params["router"].size(0)
+    assert updated == 2 * rows.numel()
     # a touched row's update is AdamW's on that row alone
     p = before["values"][rows].clone().requires_grad_()
     p.grad = grads["values"][rows]
     torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1, foreach=False).step()
     torch.testing.assert_close(host.params["values"][rows], p.detach(), rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------- in a model
+from pathlib import Path  # noqa: E402
+
+from memft.recipe import load  # noqa: E402
+from memft.strategies.meft.adapter import dense_reference as _dense  # noqa: E402
+from memft.train.loop import Trainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MEFT = "{name: meft, params: {width: 256, experts: 16, n_probe: 2, topk: 8}}"
+
+
+def build(model: str, strategies: str, *extra: str) -> Trainer:
+    r = load(REPO / "recipes" / "lora.yaml", [f"model.name={model}", f"strategies={strategies}", "data.max_samples=8",
+                                              "data.max_length=256", *extra])
+    return Trainer(r, run_dir="unused").setup(for_training=False)
+
+
+def batch_of(vocab=512, n=2, t=24):
+    ids = torch.randint(5, vocab, (n, t), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 16:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
+def test_zero_values_leave_the_model_unchanged(model):
+    plain = build(model, "[{name: full}]")
+    meft = build(model, f"[{MEFT}]")
+    batch = batch_of()
+    with torch.no_grad():
+        a = plain.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = meft.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
+def test_model_gradients_equal_the_dense_reference_adapter(model):
+    t = build(model, f"[{MEFT}]")
+    s = t.strategies[-1]
+    g = torch.Generator().manual_seed(7)
+    for h in s.hosts:  # non-zero values, or the key and router gradients would be trivially zero
+        h.params["values"].copy_(torch.randn(h.params["values"].shape, generator=g) * 0.05)
+    batch = batch_of()
+    out = t._loss(batch)
+    (out.loss_sum / out.count).backward()
+    sparse_router = [r.grad.clone() for r in s.routers]
+    host_grads = []
+    for i, rows, index in s.pending:
+        kg = torch.zeros_like(s.hosts[i].params["keys"]).index_add_(0, index, rows.keys.grad)
+        vg = torch.zeros_like(s.hosts[i].params["values"]).index_add_(0, index, rows.values.grad)
+        host_grads.append((kg, vg))
+    sparse_loss = out.loss_sum.item() / out.count
+    s.pending.clear()
+
+    # the reference: the same model with each adapter computed densely over all M keys, plain autograd
+    t.model.zero_grad(set_to_none=True)
+    leaves = [(h.params["keys"].clone().requires_grad_(), h.params["values"].clone().requires_grad_()) for h in s.hosts]
+    p = s.params
+    s.adapter_out = lambda i, x: _dense(x.reshape(-1, x.size(-1)).float(), leaves[i][0], leaves[i][1].T,
+                                        s.routers[i].float(), p.n_probe, p.topk, p.width // p.experts
+                                        ).to(x.dtype).view(x.shape)
+    ref = t._loss(batch)
+    (ref.loss_sum / ref.count).backward()
+    assert abs(ref.loss_sum.item() / ref.count - sparse_loss) <= 1e-6 * abs(sparse_loss)
+    for i, (kg, vg) in enumerate(host_grads):
+        for got, want in ((kg, leaves[i][0].grad), (vg, leaves[i][1].grad), (sparse_router[i], s.routers[i].grad)):
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max().clamp_min(1e-12)
+    assert any(kg.abs().sum() > 0 for kg, _ in host_grads)
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
+    base = ["log.progress=false", "output.plot=false", "train.batch_size=4", "data.max_samples=40",
+            "data.max_length=128", "train.warmup_steps=0", "train.eval_every=null", "train.max_steps=6",
+            "output.save_every=3", "output.keep_last=3", f"strategies=[{MEFT}]", "train.lr=1e-2"]
+    straight = Trainer(load(REPO / "recipes" / "quickstart.yaml", base), run_dir=tmp_path / "a").setup()
+    summary = straight.train()
+    losses = [m["loss"] for m in map(__import__("json").loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in m]
+    assert losses[-1] < losses[0]
+    assert summary["meft_rows_touched"] > 0 and summary["trainable_params"] == sum(r.numel() for r in straight.strategies[-1].routers)
+    first = Trainer(load(REPO / "recipes" / "quickstart.yaml", base), run_dir=tmp_path / "b").setup()
+    first.total_steps = 3
+    first.train()
+    (tmp_path / "b" / "summary.json").unlink()
+    again = Trainer(load(REPO / "recipes" / "quickstart.yaml", base), run_dir=tmp_path / "b").setup()
+    again.train()
+    for ha, hb in zip(straight.strategies[-1].hosts, again.strategies[-1].hosts):
+        for name in ha.params:
+            assert torch.equal(ha.params[name], hb.params[name]) and torch.equal(ha.exp_avg[name], hb.exp_avg[name])

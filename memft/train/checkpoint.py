@@ -48,6 +48,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
 OPTIMIZER_JSON_FILE = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
+STRATEGY_TENSORS_FILE = "strategies.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "state.json"
 ADAPTER_DIR = "adapter"
@@ -223,6 +224,7 @@ def save(
     scheduler: Any | None,
     state: dict,
     keep_last: int,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint of `step` atomically and keep only the newest `keep_last` ones.
 
@@ -233,6 +235,8 @@ def save(
         state: the loop's own JSON-able state (e.g. `{"step": 50, "epoch": 0, "batch_index": 400}`),
             given back by `load`.
         keep_last: how many step checkpoints to keep (>= 1); the one just written is always kept.
+        tensors: strategies' tensor state that lives outside the model (e.g. MEFT's host adapter and its
+            optimizer moments), by name; given back by `load_tensors`.
 
     Returns:
         The checkpoint directory.
@@ -268,6 +272,9 @@ def save(
         files.append(SCHEDULER_FILE)
 
     save_file(_rng_tensors(), tmp / RNG_FILE)
+    if tensors:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / STRATEGY_TENSORS_FILE)
+        files.append(STRATEGY_TENSORS_FILE)
 
     peft_model = _find_peft_model(model)
     if peft_model is not None:
@@ -349,6 +356,12 @@ def _load_trainable(ckpt_dir: Path, model: nn.Module) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
+
+
+def load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The strategies' tensor state saved with `save(tensors=...)` (empty when there was none)."""
+    path = Path(ckpt_dir) / STRATEGY_TENSORS_FILE
+    return load_file(path) if path.exists() else {}
 
 
 def load(

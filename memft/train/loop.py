@@ -150,8 +150,11 @@ class Trainer:
             state = checkpoint.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             self._apply_train_settings(old["train"]["lr"] if old else r.train.lr)
             self.step, self.micro = state["step"], state["micro_batches"]
+            tensors = checkpoint.load_tensors(latest)
             for s in self.strategies:
                 s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
+                prefix = f"{s.name}."
+                s.load_tensor_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
             self.notes.append(f"resumed from {latest} at step {self.step}" + (
                 "; the run already finished, nothing to do" if self.step >= self.total_steps else ""))
@@ -296,8 +299,10 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "micro_batches": self.micro,
                  "strategies": {s.name: s.state_dict() for s in self.strategies}}
+        tensors = {f"{s.name}.{k}": v for s in self.strategies for k, v in s.tensor_state().items()}
         return checkpoint.save(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, state=state, keep_last=self.recipe.output.keep_last)
+                               scheduler=self.scheduler, state=state, keep_last=self.recipe.output.keep_last,
+                               tensors=tensors)
 
     def _log(self, file, record: dict) -> None:
         file.write(json.dumps(record) + "\n")

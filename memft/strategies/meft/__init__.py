@@ -1,1 +1,184 @@
-"""MEFT (work in progress on branch meft-wip): see adapter.py; the strategy, offloading and CPU AdamW come next."""
+"""`meft`: a very wide sparse key-value adapter on every FFN, its keys and values in host memory.
+
+Hao et al., "MEFT: Memory-Efficient Fine-Tuning through Sparse Adapter" (ACL 2024). Parallel to
+each decoder layer's FFN (dense MLP or MoE block), on the FFN's normed input `x`, the adapter adds
+`sum_{j in S(x)} relu(g_e(j)(x) * k_j . x) v_j` (`adapter.py`): a learned router picks `n_probe` of the
+E key-experts per token and only their keys are scored; the top-K survive. `V` starts at zero.
+
+Placement (`offload.py`): K and V (M x d each per layer) and their AdamW state live in host memory;
+per forward only the rows of the experts some token probes are copied to the device, as leaves whose
+gradients go back after backward; the adapter's AdamW runs on the CPU after the loop's optimizer step,
+on the rows that were touched (`rows: touched`, lazy AdamW) or on all rows (`rows: all`, exact AdamW).
+The routers (E x d per layer) are small and train on the device with the loop's optimizer. Without
+`full`/`lora`/`qlora` in the recipe the base model is frozen.
+
+Work in progress on branch meft-wip: measurements, `key_init: ffn`, CUDA stream overlap and docs remain.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from memft.models.blocks import decoder_body
+from memft.registry import BuildContext, Strategy, StrategyParams, register
+from memft.strategies.meft.adapter import probe, sparse_forward
+from memft.strategies.meft.offload import HostAdapter
+
+ROUTER_INIT_SCALE = 50.0
+"""The router starts as this many times each expert's mean key (a scaled centroid), as in the reference code."""
+
+
+class MeftParams(StrategyParams):
+    width: int = Field(default=4096, ge=2)
+    """M: key-value pairs per layer."""
+    experts: int | None = Field(default=None, ge=1)
+    """E: key-experts per layer, each a contiguous block of M/E keys (must divide `width`). Default: about sqrt(M)."""
+    n_probe: int = Field(default=2, ge=1)
+    """Experts each token probes (only their keys are scored)."""
+    topk: int = Field(default=32, ge=1)
+    """Keys kept per token after scoring."""
+    init_std: float = Field(default=0.02, gt=0)
+    """Std of the keys' normal init (values start at zero)."""
+    rows: Literal["touched", "all"] = "touched"
+    """AdamW on the host rows a step touched (lazy: untouched rows and their moments stay as they are) or on
+    all rows (exact AdamW; costs a pass over the whole adapter per step)."""
+    lr: float | None = Field(default=None, gt=0)
+    """Learning rate of the keys and values (default `train.lr`); it follows the run's schedule."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """Decoupled weight decay of the keys and values."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> MeftParams:
+        if self.experts is None:
+            root = round(math.sqrt(self.width))
+            self.experts = max(d for d in range(1, root + 1) if self.width % d == 0)
+        if self.width % self.experts:
+            raise ValueError(f"`experts` ({self.experts}) must divide `width` ({self.width})")
+        if self.n_probe > self.experts:
+            raise ValueError(f"`n_probe` ({self.n_probe}) cannot exceed `experts` ({self.experts})")
+        return self
+
+
+@register
+class Meft(Strategy):
+    name = "meft"
+    Params = MeftParams
+    order = 30
+    summary = "Wide sparse key-value adapters on every FFN, kept in host memory; a router picks the rows."
+    adds_trainable = True
+    params: MeftParams
+
+    def __init__(self, params: MeftParams):
+        super().__init__(params)
+        self.hosts: list[HostAdapter] = []
+        self.routers: list[nn.Parameter] = []
+        self.pending: list[tuple[int, object, torch.Tensor]] = []
+        self.meters = {"meft_bytes_to_device": 0, "meft_bytes_to_host": 0, "meft_rows_touched": 0,
+                       "meft_cpu_optimizer_s": 0.0, "meft_device_bytes": 0}
+        self.lr_factor = None
+
+    def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
+        p = self.params
+        body = decoder_body(model)
+        recipe = ctx.recipe
+        if not any(s.name in ("full", "lora", "qlora") for s in recipe.strategies):
+            model.requires_grad_(False)  # MEFT alone: the base is frozen, only adapters and routers learn
+        d = model.config.hidden_size
+        g = torch.Generator().manual_seed(recipe.model.seed)
+        pin = ctx.device.type == "cuda"
+        block = p.width // p.experts
+        for i, layer in enumerate(body.layers):
+            keys = torch.randn(p.width, d, generator=g) * p.init_std
+            router = ROUTER_INIT_SCALE * keys.view(p.experts, block, d).mean(1)
+            self.hosts.append(HostAdapter(keys, torch.zeros(p.width, d), p.experts, pin=pin))
+            param = nn.Parameter(router.to(ctx.device))
+            layer.mlp.register_parameter("meft_router", param)
+            self.routers.append(param)
+            layer.mlp.forward = functools.partial(_with_adapter, self, i, layer.mlp.forward)
+        self.lr_factor = _Schedule(recipe)
+        n = len(body.layers)
+        ctx.notes.append(f"meft: {n} layers x {p.width:,} key-value pairs ({p.experts} experts of {block}, "
+                         f"{p.n_probe} probed, top-{p.topk}) in host memory: "
+                         f"{2 * n * p.width * d * 4 / 2**20:,.1f} MiB of weights, as much again x2 of AdamW state")
+        return model
+
+    def adapter_out(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        flat = x.reshape(-1, x.size(-1)).float()
+        router = self.routers[i]
+        with torch.no_grad():
+            experts = torch.unique(probe(router.float(), flat, p.n_probe)[1])
+        rows, index = self.hosts[i].gather(experts, router.float(), flat.device)
+        moved = 2 * rows.keys.numel() * rows.keys.element_size()
+        self.meters["meft_bytes_to_device"] += moved
+        self.meters["meft_device_bytes"] = max(self.meters["meft_device_bytes"], moved)
+        if torch.is_grad_enabled():
+            self.pending.append((i, rows, index))
+        y = sparse_forward(flat, rows, p.n_probe, p.topk, p.width // p.experts)
+        return y.to(x.dtype).view(x.shape)
+
+    def after_backward(self, step: int) -> None:
+        for i, rows, index in self.pending:
+            self.meters["meft_bytes_to_host"] += self.hosts[i].accumulate(rows, index)
+        self.pending.clear()
+
+    def after_optimizer_step(self, step: int) -> None:
+        p = self.params
+        lr = (p.lr or self.lr_factor.base) * self.lr_factor(step)
+        started = time.perf_counter()
+        self.meters["meft_rows_touched"] = sum(
+            h.step(lr, betas=self.lr_factor.betas, weight_decay=p.weight_decay, rows=p.rows) for h in self.hosts)
+        self.meters["meft_cpu_optimizer_s"] = time.perf_counter() - started
+
+    def metrics(self) -> dict:
+        out = dict(self.meters)
+        self.meters.update(meft_bytes_to_device=0, meft_bytes_to_host=0, meft_device_bytes=0)
+        return out
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, h in enumerate(self.hosts):
+            for name in h.params:
+                out[f"{i}.{name}"] = h.params[name]
+                out[f"{i}.{name}.exp_avg"] = h.exp_avg[name]
+                out[f"{i}.{name}.exp_avg_sq"] = h.exp_avg_sq[name]
+                out[f"{i}.{name}.row_steps"] = h.row_steps[name]
+        return out
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, h in enumerate(self.hosts):
+            for name in h.params:
+                h.params[name].copy_(tensors[f"{i}.{name}"])
+                h.exp_avg[name].copy_(tensors[f"{i}.{name}.exp_avg"])
+                h.exp_avg_sq[name].copy_(tensors[f"{i}.{name}.exp_avg_sq"])
+                h.row_steps[name].copy_(tensors[f"{i}.{name}.row_steps"])
+
+
+def _with_adapter(strategy: Meft, index: int, ffn_forward, x: torch.Tensor, *args, **kwargs):
+    out = ffn_forward(x, *args, **kwargs)
+    if isinstance(out, tuple):  # MoE blocks that also return router logits
+        return (out[0] + strategy.adapter_out(index, x),) + out[1:]
+    return out + strategy.adapter_out(index, x)
+
+
+class _Schedule:
+    """The run's learning-rate factor at a step (warm-up, decay), read off a scheduler on a dummy parameter."""
+
+    def __init__(self, recipe):
+        from memft.train.optim import build_scheduler
+
+        t = recipe.train
+        self.base, self.betas = t.lr, t.betas
+        self.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        self.scheduler = build_scheduler(self.optimizer, t, t.max_steps or 10**9)
+
+    def __call__(self, step: int) -> float:
+        return self.scheduler.lr_lambdas[0](step)
+

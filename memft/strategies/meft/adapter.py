@@ -53,7 +53,9 @@ def sparse_forward(x: torch.Tensor, rows: Gathered, n_probe: int, topk: int, blo
     gated = (scores * gate[:, :, None]).masked_fill(~chose[:, :, None], float("-inf")).flatten(1)
     top, idx = torch.topk(gated, min(topk, gated.size(1)), dim=-1)   # (N, K)
     weights = torch.relu(top.masked_fill(torch.isinf(top), 0.0))     # fewer candidates than K: zeros
-    return torch.einsum("nk,nkd->nd", weights, rows.values[idx])
+    # scatter into (N, U*n) and multiply: no (N, K, d) gather, and a backward without racing index-adds
+    act = x.new_zeros(gated.shape).scatter(1, idx, weights)
+    return act @ rows.values
 
 
 def dense_reference(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, router: torch.Tensor,

@@ -1,8 +1,9 @@
-"""One layer's MEFT adapter kept in host memory, with its own AdamW (work in progress).
+"""One layer's MEFT keys and values kept in host memory, with their own AdamW.
 
-Parameters and optimizer state live on the CPU (pinned when CUDA is present). Per step the batch's
-union of probed experts is gathered to the device (`gather`), their gradients come back
-(`accumulate`), and `step` runs AdamW on the CPU:
+Keys K (M, d) and values (the rows of V^T, (M, d)) and their optimizer state live on the CPU (pinned
+when CUDA is present). Per step the batch's union of probed experts is gathered to the device
+(`gather`), their gradients come back (`accumulate`), and `step` runs AdamW on the CPU. (The router,
+E x d, is small and stays on the device as a model parameter.)
 
 * `rows: touched` (lazy AdamW): only rows that received a gradient since the last step are
   updated; their moments, weight decay and bias correction advance with their own update count.
@@ -19,14 +20,14 @@ from memft.strategies.meft.adapter import Gathered
 
 
 class HostAdapter:
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, router: torch.Tensor, pin: bool = False):
-        """keys (M, d), values (M, d) (the rows of V^T, zero to start), router (E, d); copied to host memory."""
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, experts: int, pin: bool = False):
+        """keys (M, d), values (M, d) (the rows of V^T, zero to start), split into `experts` contiguous blocks."""
         def host(t):
             t = t.detach().to("cpu", copy=True).contiguous()
             return t.pin_memory() if pin else t
 
-        self.params = {"keys": host(keys), "values": host(values), "router": host(router)}
-        self.block = keys.size(0) // router.size(0)
+        self.params = {"keys": host(keys), "values": host(values)}
+        self.block = keys.size(0) // experts
         self.grads = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.touched = {k: torch.zeros(v.size(0), dtype=torch.bool) for k, v in self.params.items()}
         self.exp_avg = {k: torch.zeros_like(v) for k, v in self.params.items()}
@@ -38,28 +39,23 @@ class HostAdapter:
         start = experts.cpu()[:, None] * self.block
         return (start + torch.arange(self.block)).flatten()
 
-    def gather(self, experts: torch.Tensor, device: torch.device) -> tuple[Gathered, torch.Tensor]:
-        """The experts' rows (and the whole router) on `device`, as leaves that collect gradients."""
+    def gather(self, experts: torch.Tensor, router: torch.Tensor, device: torch.device) -> tuple[Gathered, torch.Tensor]:
+        """The experts' key and value rows on `device`, as leaves that collect gradients, with the router."""
         rows = self.rows_of(experts)
         ship = lambda t: t.to(device, non_blocking=True).requires_grad_()  # noqa: E731
         p = self.params
-        return Gathered(experts.to(device), ship(p["keys"][rows]), ship(p["values"][rows]), ship(p["router"])), rows
+        return Gathered(experts.to(device), ship(p["keys"][rows]), ship(p["values"][rows]), router), rows
 
     def accumulate(self, gathered: Gathered, rows: torch.Tensor) -> int:
         """Add the gathered leaves' gradients into the host gradients; returns the bytes sent back."""
         moved = 0
-        for name, leaf, index in (("keys", gathered.keys, rows), ("values", gathered.values, rows),
-                                  ("router", gathered.router, None)):
+        for name, leaf in (("keys", gathered.keys), ("values", gathered.values)):
             if leaf.grad is None:
                 continue
             grad = leaf.grad.to("cpu")
             moved += grad.numel() * grad.element_size()
-            if index is None:
-                self.grads[name] += grad
-                self.touched[name][:] = True
-            else:
-                self.grads[name].index_add_(0, index, grad)
-                self.touched[name][index] = True
+            self.grads[name].index_add_(0, rows, grad)
+            self.touched[name][rows] = True
         return moved
 
     @torch.no_grad()
