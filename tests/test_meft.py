@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from memft.strategies.meft.adapter import Gathered, dense_reference, probe, sparse_forward
+from memft.strategies.meft.adapter import (
+    Gathered,
+    dense_reference,
+    probe,
+    sparse_forward,
+)
 
 
 def gather(keys, values, router, x, n_probe, block):
@@ -192,3 +197,42 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     for ha, hb in zip(straight.strategies[-1].hosts, again.strategies[-1].hosts):
         for name in ha.params:
             assert torch.equal(ha.params[name], hb.params[name]) and torch.equal(ha.exp_avg[name], hb.exp_avg[name])
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
+def test_keys_can_start_from_the_ffn(model):
+    t = build(model, "[{name: meft, params: {width: 300, experts: 10, key_init: ffn}}]")
+    layer0 = t.model.model.layers[0].mlp
+    source = (layer0.up_proj.weight if hasattr(layer0, "up_proj")
+              else layer0.experts.gate_up_proj[:, layer0.experts.gate_up_proj.size(1) // 2:].reshape(-1, 64))
+    keys = t.strategies[-1].hosts[0].params["keys"]
+    # every key is one of the FFN's rows
+    assert all((source.detach().float() == k).all(1).any() for k in keys)
+
+
+@pytest.mark.parametrize("extra", [["train.gradient_checkpointing=true"],
+                                   ["strategies=[{name: lora, params: {r: 4}}, " + MEFT + "]"]])
+def test_combinations_get_the_same_adapter_gradients(extra):
+    """Checkpointing recomputes each layer (the adapter gathers again in backward); LoRA trains beside it."""
+    def host_grads(*overrides):
+        t = build("tiny-llama", f"[{MEFT}]", *overrides)
+        t.model.train()
+        g = torch.Generator().manual_seed(7)
+        for h in t.strategies[-1].hosts:
+            h.params["values"].copy_(torch.randn(h.params["values"].shape, generator=g) * 0.05)
+        out = t._loss(batch_of())
+        (out.loss_sum / out.count).backward()
+        s = [x for x in t.strategies if x.name == "meft"][0]
+        s.after_backward(0)
+        return [h.grads["keys"].clone() for h in s.hosts]
+
+    plain, other = host_grads(), host_grads(*extra)
+    for a, b in zip(plain, other):
+        assert (a - b).abs().max() <= 1e-6 * a.abs().max() and a.abs().max() > 0
+
+
+def test_revffn_is_refused():
+    from memft.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="`meft` and `revffn` cannot be combined"):
+        load(REPO / "recipes" / "lora.yaml", [f"strategies=[{{name: full}}, {MEFT}, {{name: revffn}}]"])

@@ -26,6 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from memft.errors import UserError
 from memft.models.blocks import decoder_body
 from memft.registry import BuildContext, Strategy, StrategyParams, register
 from memft.strategies.meft.adapter import probe, sparse_forward
@@ -44,8 +45,12 @@ class MeftParams(StrategyParams):
     """Experts each token probes (only their keys are scored)."""
     topk: int = Field(default=32, ge=1)
     """Keys kept per token after scoring."""
+    key_init: Literal["random", "ffn"] = "random"
+    """`random`: normal(0, `init_std`). `ffn`: rows of the layer's own FFN input projection (`up_proj`, or the
+    experts' up halves), a seeded sample (repeated when M exceeds them), as the paper initialises from the
+    FFN. Values start at zero either way, so the model starts unchanged."""
     init_std: float = Field(default=0.02, gt=0)
-    """Std of the keys' normal init (values start at zero)."""
+    """Std of the keys' normal init with `key_init: random`."""
     rows: Literal["touched", "all"] = "touched"
     """AdamW on the host rows a step touched (lazy: untouched rows and their moments stay as they are) or on
     all rows (exact AdamW; costs a pass over the whole adapter per step)."""
@@ -73,6 +78,10 @@ class Meft(Strategy):
     order = 30
     summary = "Wide sparse key-value adapters on every FFN, kept in host memory; a router picks the rows."
     adds_trainable = True
+    conflicts = {
+        "revffn": "RevFFN recomputes each FFN from a rebuilt input, and MEFT's key routing is not replayed there "
+                  "yet; use one of them.",
+    }
     params: MeftParams
 
     def __init__(self, params: MeftParams):
@@ -95,7 +104,8 @@ class Meft(Strategy):
         pin = ctx.device.type == "cuda"
         block = p.width // p.experts
         for i, layer in enumerate(body.layers):
-            keys = torch.randn(p.width, d, generator=g) * p.init_std
+            keys = (_ffn_rows(layer.mlp, p.width, g) if p.key_init == "ffn"
+                    else torch.randn(p.width, d, generator=g) * p.init_std)
             router = ROUTER_INIT_SCALE * keys.view(p.experts, block, d).mean(1)
             self.hosts.append(HostAdapter(keys, torch.zeros(p.width, d), p.experts, pin=pin))
             param = nn.Parameter(router.to(ctx.device))
@@ -159,6 +169,22 @@ class Meft(Strategy):
                 h.exp_avg[name].copy_(tensors[f"{i}.{name}.exp_avg"])
                 h.exp_avg_sq[name].copy_(tensors[f"{i}.{name}.exp_avg_sq"])
                 h.row_steps[name].copy_(tensors[f"{i}.{name}.row_steps"])
+
+
+def _ffn_rows(mlp: nn.Module, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` rows of the FFN's input-side projection (dense `up_proj`, or every expert's up half), sampled."""
+    if hasattr(mlp, "up_proj"):
+        rows = mlp.up_proj.weight
+    elif hasattr(getattr(mlp, "experts", None), "gate_up_proj"):
+        fused = mlp.experts.gate_up_proj  # (experts, 2 * intermediate, hidden): gate rows, then up rows
+        rows = fused[:, fused.size(1) // 2:].reshape(-1, fused.size(-1))
+    else:
+        raise UserError(f"meft `key_init: ffn` does not know the input projection of {type(mlp).__name__}; "
+                        "use `key_init: random`")
+    rows = rows.detach().float().cpu()
+    picks = torch.cat([torch.randperm(rows.size(0), generator=generator)
+                       for _ in range(-(-count // rows.size(0)))])[:count]
+    return rows[picks].clone()
 
 
 def _with_adapter(strategy: Meft, index: int, ffn_forward, x: torch.Tensor, *args, **kwargs):
