@@ -12,7 +12,8 @@ on the rows that were touched (`rows: touched`, lazy AdamW) or on all rows (`row
 The routers (E x d per layer) are small and train on the device with the loop's optimizer. Without
 `full`/`lora`/`qlora` in the recipe the base model is frozen.
 
-Work in progress on branch meft-wip: measurements, `key_init: ffn`, CUDA stream overlap and docs remain.
+Still to do (issue 6): speed and quality measurements against LoRA and the dense adapter; overlapping
+transfers with compute on CUDA streams. See docs/strategies/meft.md.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class MeftParams(StrategyParams):
     FFN. Values start at zero either way, so the model starts unchanged."""
     init_std: float = Field(default=0.02, gt=0)
     """Std of the keys' normal init with `key_init: random`."""
+    mode: Literal["sparse", "dense"] = "sparse"
+    """`sparse`: MEFT. `dense`: the plain parallel adapter of the same width, `V relu(K x)` over every key (no
+    router, no top-K; all rows shipped every step), for comparison."""
     rows: Literal["touched", "all"] = "touched"
     """AdamW on the host rows a step touched (lazy: untouched rows and their moments stay as they are) or on
     all rows (exact AdamW; costs a pass over the whole adapter per step)."""
@@ -124,17 +128,21 @@ class Meft(Strategy):
         flat = x.reshape(-1, x.size(-1)).float()
         router = self.routers[i]
         with torch.no_grad():
-            experts = torch.unique(probe(router.float(), flat, p.n_probe)[1])
+            experts = (torch.arange(p.experts, device=flat.device) if p.mode == "dense"
+                       else torch.unique(probe(router.float(), flat, p.n_probe)[1]))
         rows, index = self.hosts[i].gather(experts, router.float(), flat.device)
-        moved = 2 * rows.keys.numel() * rows.keys.element_size()
-        self.meters["meft_bytes_to_device"] += moved
-        self.meters["meft_device_bytes"] = max(self.meters["meft_device_bytes"], moved)
+        self.meters["meft_bytes_to_device"] += 2 * rows.keys.numel() * rows.keys.element_size()
         if torch.is_grad_enabled():
             self.pending.append((i, rows, index))
-        y = sparse_forward(flat, rows, p.n_probe, p.topk, p.width // p.experts)
+        y = (torch.relu(flat @ rows.keys.T) @ rows.values if p.mode == "dense"
+             else sparse_forward(flat, rows, p.n_probe, p.topk, p.width // p.experts))
         return y.to(x.dtype).view(x.shape)
 
     def after_backward(self, step: int) -> None:
+        # every layer's gathered rows and their gradients are alive until now, with the routers' AdamW state
+        shipped = sum(2 * rows.keys.numel() * rows.keys.element_size() for _, rows, _ in self.pending)
+        routers = sum(r.numel() * r.element_size() for r in self.routers)
+        self.meters["meft_device_bytes"] = 2 * shipped + 4 * routers
         for i, rows, index in self.pending:
             self.meters["meft_bytes_to_host"] += self.hosts[i].accumulate(rows, index)
         self.pending.clear()

@@ -1,4 +1,4 @@
-"""MEFT's sparse key-value adapter (work in progress: the exact sparse forward; offloading comes next).
+"""MEFT's sparse key-value adapter: the function, computed sparsely, and its dense reference.
 
 Hao et al., "MEFT: Memory-Efficient Fine-Tuning through Sparse Adapter" (ACL 2024). Parallel to a
 layer's FFN, on the FFN's (normed) input `x`:
@@ -42,20 +42,29 @@ def probe(router: torch.Tensor, x: torch.Tensor, n_probe: int) -> tuple[torch.Te
 
 
 def sparse_forward(x: torch.Tensor, rows: Gathered, n_probe: int, topk: int, block: int) -> torch.Tensor:
-    """The adapter's output for tokens `x` (N, d), using only the gathered rows."""
-    g, probed = probe(rows.router, x, n_probe)                       # (N, E), (N, n_probe)
-    # position of each union expert in `rows.experts`, and whether each token probed it
-    local = torch.searchsorted(rows.experts, probed)                 # (N, n_probe) indices into the union
-    chose = torch.zeros(x.size(0), rows.experts.numel(), dtype=torch.bool, device=x.device)
-    chose.scatter_(1, local, True)
-    gate = g[:, rows.experts]                                        # (N, U): each union expert's router score
-    scores = (x @ rows.keys.T).view(x.size(0), -1, block)            # (N, U, n)
-    gated = (scores * gate[:, :, None]).masked_fill(~chose[:, :, None], float("-inf")).flatten(1)
-    top, idx = torch.topk(gated, min(topk, gated.size(1)), dim=-1)   # (N, K)
-    weights = torch.relu(top.masked_fill(torch.isinf(top), 0.0))     # fewer candidates than K: zeros
-    # scatter into (N, U*n) and multiply: no (N, K, d) gather, and a backward without racing index-adds
-    act = x.new_zeros(gated.shape).scatter(1, idx, weights)
-    return act @ rows.values
+    """The adapter's output for tokens `x` (N, d), using only the gathered rows.
+
+    Work and memory grow with N * n_probe * block (the keys each token actually scores), not with the
+    union of probed experts: the (token, probe) pairs are sorted by expert, one matmul per expert, and put
+    back in place by a permutation (so forward and backward are deterministic: no colliding writes).
+    """
+    n_tokens, dim = x.shape
+    g, probed = probe(rows.router, x, n_probe)                       # (N, E), (N, P)
+    local = torch.searchsorted(rows.experts, probed).flatten()       # (N*P,): index into the union
+    order = torch.argsort(local, stable=True)
+    inverse = torch.argsort(order)
+    counts = torch.bincount(local, minlength=rows.experts.numel()).tolist()
+    tokens = order // n_probe
+    keys = rows.keys.view(-1, block, dim)                            # (U, n, d)
+    values = rows.values.view(-1, block, dim)
+    x_sorted = torch.split(x[tokens], counts)
+    scores = torch.cat([xs @ keys[u].T for u, xs in enumerate(x_sorted)])        # (N*P, n), expert order
+    scores = scores * g[tokens, probed.flatten()[order]][:, None]     # gate * key score
+    scores = scores[inverse].view(n_tokens, n_probe * block)          # back to (token, probe slot) order
+    top, idx = torch.topk(scores, min(topk, n_probe * block), dim=-1)
+    act = torch.zeros_like(scores).scatter(1, idx, torch.relu(top)).view(-1, block)[order]
+    out = torch.cat([a @ values[u] for u, a in enumerate(torch.split(act, counts))])  # (N*P, d)
+    return out[inverse].view(n_tokens, n_probe, dim).sum(1)
 
 
 def dense_reference(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, router: torch.Tensor,
