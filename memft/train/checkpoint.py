@@ -6,6 +6,7 @@ Layout of one checkpoint (`run_dir/checkpoints/step-000050/`)::
     optimizer.safetensors   the optimizer state_dict's tensors, under keys like "state.3.exp_avg"
     optimizer.json          the rest of the optimizer state_dict, tensors replaced by {"__tensor__": key}
     scheduler.json          the LR scheduler state_dict (only when a scheduler was given)
+    strategies.safetensors  strategies' tensors kept outside the model (only when there are any)
     rng.safetensors         torch CPU RNG state ("cpu") and CUDA RNG states ("cuda.0", ...)
     state.json              written last: format version, the caller's `state`, python and numpy RNG
                             states, the optimizer class and the list of files above
