@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/meft.py memory    # device-resident adapter bytes and bytes moved per step versus M and n_probe
+    python benchmarks/meft.py quality   # held-out loss, device bytes and step time: LoRA, MEFT, dense adapter
 
 Runs one training step per configuration on stories260K (5 layers, d = 64) with one batch of the GSM8K
 sample, and reads the strategy's meters (`meft_device_bytes`, `meft_bytes_to_device`,
@@ -46,10 +47,48 @@ def memory() -> dict:
     return {"by_width_block_64": by_width, "by_n_probe_of_64": by_probe}
 
 
+def quality(steps: int) -> dict:
+    """Held-out loss after `steps` steps on the GSM8K sample, with each variant's device-resident training
+    state (LoRA / full: weights that train + grads + 2 AdamW moments, 16 bytes per fp32 parameter; MEFT: its
+    `meft_device_bytes` peak) and median step time (variants run one after another)."""
+    from memft.recipe import load
+    from memft.train.loop import Trainer
+
+    variants = {
+        "lora r=16": "[{name: lora, params: {r: 16, alpha: 32}}]",
+        "meft M=4096 (64x64, probe 4, top-32)": "[{name: meft, params: {width: 4096, experts: 64, n_probe: 4}}]",
+        "meft M=1024 (64x16, probe 2, top-16)": "[{name: meft, params: {width: 1024, experts: 64, n_probe: 2, "
+                                                "topk: 16}}]",
+        "dense adapter M=4096": "[{name: meft, params: {width: 4096, experts: 64, mode: dense}}]",
+    }
+    out = {}
+    for name, strategies in variants.items():
+        run_dir = Path(tempfile.mkdtemp(prefix="meft-quality-"))
+        r = load(ROOT / "recipes" / "meft.yaml", [f"strategies={strategies}", "log.progress=false", "output.plot=false",
+                                                  "output.checkpoints=false", f"train.max_steps={steps}",
+                                                  f"train.eval_every={steps}", "log.every=1"]
+                 + (["train.lr=5e-3"] if "lora" in name else []))
+        t = Trainer(r, run_dir=run_dir).setup()
+        summary = t.train()
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        device = max((m.get("meft_device_bytes", 0) for m in lines), default=0) or 16 * summary["trainable_params"]
+        out[name] = {"eval_loss_start": lines[0]["eval_loss"], "eval_loss": summary["eval_loss"],
+                     "device_training_bytes": device, "step_time_s": summary["step_time_s"],
+                     "trainable_params_on_device": summary["trainable_params"]}
+        print(name, out[name])
+    return {"steps": steps, "quality": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["memory"])
-    ap.parse_args()
+    ap.add_argument("part", choices=["memory", "quality"])
+    ap.add_argument("--steps", type=int, default=200)
+    args = ap.parse_args()
+    if args.part == "quality":
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        result = {"machine": machine(), **quality(args.steps)}
+        (RESULTS / "meft_quality.json").write_text(json.dumps(result, indent=2))
+        return
     result = {"machine": machine(), **memory()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "meft_memory.json").write_text(json.dumps(result, indent=2))
