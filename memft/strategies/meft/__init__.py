@@ -59,7 +59,8 @@ class MeftParams(StrategyParams):
     """AdamW on the host rows a step touched (lazy: untouched rows and their moments stay as they are) or on
     all rows (exact AdamW; costs a pass over the whole adapter per step)."""
     lr: float | None = Field(default=None, gt=0)
-    """Learning rate of the keys and values (default `train.lr`); it follows the run's schedule."""
+    """Learning rate of the keys and values (default `train.lr`); it follows the run's warm-up and decay over
+    `train.max_steps` (a run sized by `train.epochs` alone gets the warm-up but no decay, for now)."""
     weight_decay: float = Field(default=0.0, ge=0)
     """Decoupled weight decay of the keys and values."""
 
