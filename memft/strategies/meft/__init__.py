@@ -127,11 +127,11 @@ class Meft(Strategy):
     def adapter_out(self, i: int, x: torch.Tensor) -> torch.Tensor:
         p = self.params
         flat = x.reshape(-1, x.size(-1)).float()
-        router = self.routers[i]
+        router = self.routers[i].float()
         with torch.no_grad():
             experts = (torch.arange(p.experts, device=flat.device) if p.mode == "dense"
-                       else torch.unique(probe(router.float(), flat, p.n_probe)[1]))
-        rows, index = self.hosts[i].gather(experts, router.float(), flat.device)
+                       else torch.unique(probe(router, flat, p.n_probe)[1]))
+        rows, index = self.hosts[i].gather(experts, router, flat.device)
         self.meters["meft_bytes_to_device"] += 2 * rows.keys.numel() * rows.keys.element_size()
         if torch.is_grad_enabled():
             self.pending.append((i, rows, index))

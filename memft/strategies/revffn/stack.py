@@ -186,6 +186,11 @@ class ReversibleStack:
         """The load-balancing loss of the last forward (None for dense models)."""
         self.replay_rng = False
         """Set per forward: whether branches draw random numbers backward must draw again."""
+        config = vars(getattr(layers[0].self_attn, "config", object()))
+        probabilities = [v for k, v in config.items() if ("dropout" in k or "jitter" in k) and isinstance(v, float)]
+        self.draws_random = any(p > 0 for p in probabilities) or any(
+            isinstance(m, nn.Dropout) and m.p > 0 for m in layers.modules())
+        """Whether the layers have dropout or router jitter at all (in training mode); read once."""
 
     @property
     def flips(self) -> int:
@@ -203,11 +208,7 @@ class ReversibleStack:
 
     def needs_rng(self) -> bool:
         """Whether branches draw random numbers (dropout, router jitter) that recomputation must replay."""
-        first = self.layers[0]
-        config = vars(getattr(first.self_attn, "config", object()))
-        config_p = [v for k, v in config.items() if ("dropout" in k or "jitter" in k) and isinstance(v, float)]
-        return first.training and (any(p > 0 for p in config_p) or any(
-            isinstance(m, nn.Dropout) and m.p > 0 for m in self.layers.modules()))
+        return self.layers.training and self.draws_random
 
     # ---------------------------------------------------------------- entry point
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
