@@ -51,6 +51,8 @@ class BuildContext:
     recipe: Recipe
     device: torch.device
     is_moe: bool = False
+    total_steps: int | None = None
+    """Optimizer steps the run will take (None outside training), for strategies that follow the lr schedule."""
     notes: list[str] = field(default_factory=list)
     """Sentences for the plan printed by `--dry-run` and at the start of training."""
 

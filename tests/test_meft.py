@@ -53,6 +53,35 @@ def test_sparse_equals_dense_reference(dtype, tol, width, experts, n_probe, topk
         assert keys.grad[untouched].abs().max() == 0 and values.grad.T[untouched].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_a_capped_expert_set_equals_the_dense_reference_with_the_same_cap(dtype, tol):
+    """Under a device-row cap the batch may probe only some experts; tokens pick their best among them."""
+    g = torch.Generator().manual_seed(3)
+    width, experts, n_probe, topk, d, n = 256, 16, 2, 8, 16, 30
+    block = width // experts
+    keys = torch.randn(width, d, generator=g, dtype=dtype).requires_grad_()
+    values = torch.randn(d, width, generator=g, dtype=dtype).requires_grad_()
+    router = torch.randn(experts, d, generator=g, dtype=dtype).requires_grad_()
+    x = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_()
+    allowed_ids = torch.tensor([1, 4, 5, 11])
+    allowed = torch.zeros(experts, dtype=torch.bool)
+    allowed[allowed_ids] = True
+    assert not torch.isin(probe(router, x, n_probe)[1], allowed_ids).all()  # the cap does reroute probes
+
+    ref = dense_reference(x, keys, values, router, n_probe, topk, block, allowed)
+    ref.square().sum().backward()
+    index = torch.cat([torch.arange(e * block, (e + 1) * block) for e in allowed_ids.tolist()])
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    rows = Gathered(allowed_ids, leaf(keys[index]), leaf(values.T[index]), leaf(router))
+    xs = leaf(x)
+    out = sparse_forward(xs, rows, n_probe, topk, block)
+    out.square().sum().backward()
+    for got, want in ((out, ref), (xs.grad, x.grad), (rows.router.grad, router.grad),
+                      (rows.keys.grad, keys.grad[index]), (rows.values.grad, values.grad.T[index])):
+        assert (got - want).abs().max() <= tol * want.abs().max()
+    assert keys.grad[~torch.isin(torch.arange(width), index)].abs().max() == 0
+
+
 def test_zero_values_leave_the_output_unchanged():
     keys, router = torch.randn(64, 16), torch.randn(8, 16)
     x = torch.randn(10, 16)
@@ -143,9 +172,11 @@ def test_zero_values_leave_the_model_unchanged(model):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
-def test_model_gradients_equal_the_dense_reference_adapter(model):
-    t = build(model, f"[{MEFT}]")
+@pytest.mark.parametrize("model,cap", [("tiny-llama", None), ("tiny-mixtral", None), ("tiny-llama", 64)])
+def test_model_gradients_equal_the_dense_reference_adapter(model, cap):
+    meft = MEFT if cap is None else MEFT.replace("topk: 8", f"topk: 8, device_rows: {cap}")
+    t = build(model, f"[{meft}]")
+    t.model.train()
     s = t.strategies[-1]
     g = torch.Generator().manual_seed(7)
     for h in s.hosts:  # non-zero values, or the key and router gradients would be trivially zero
@@ -154,8 +185,9 @@ def test_model_gradients_equal_the_dense_reference_adapter(model):
     out = t._loss(batch)
     (out.loss_sum / out.count).backward()
     sparse_router = [r.grad.clone() for r in s.routers]
-    host_grads = []
+    host_grads, shipped = [], []
     for i, rows, index in s.pending:
+        shipped.append(rows.experts)
         kg = torch.zeros_like(s.hosts[i].params["keys"]).index_add_(0, index, rows.keys.grad)
         vg = torch.zeros_like(s.hosts[i].params["values"]).index_add_(0, index, rows.values.grad)
         host_grads.append((kg, vg))
@@ -166,9 +198,10 @@ def test_model_gradients_equal_the_dense_reference_adapter(model):
     t.model.zero_grad(set_to_none=True)
     leaves = [(h.params["keys"].clone().requires_grad_(), h.params["values"].clone().requires_grad_()) for h in s.hosts]
     p = s.params
-    s.adapter_out = lambda i, x: _dense(x.reshape(-1, x.size(-1)).float(), leaves[i][0], leaves[i][1].T,
-                                        s.routers[i].float(), p.n_probe, p.topk, p.width // p.experts
-                                        ).to(x.dtype).view(x.shape)
+    allowed = [torch.zeros(p.experts, dtype=torch.bool).index_fill_(0, e, True) for e in shipped]
+    s.adapter_out = lambda i, x, training: _dense(x.reshape(-1, x.size(-1)).float(), leaves[i][0], leaves[i][1].T,
+                                                  s.routers[i].float(), p.n_probe, p.topk, p.width // p.experts,
+                                                  allowed[i]).to(x.dtype).view(x.shape)
     ref = t._loss(batch)
     (ref.loss_sum / ref.count).backward()
     assert abs(ref.loss_sum.item() / ref.count - sparse_loss) <= 1e-6 * abs(sparse_loss)
@@ -176,6 +209,29 @@ def test_model_gradients_equal_the_dense_reference_adapter(model):
         for got, want in ((kg, leaves[i][0].grad), (vg, leaves[i][1].grad), (sparse_router[i], s.routers[i].grad)):
             assert (got - want).abs().max() <= 1e-5 * want.abs().max().clamp_min(1e-12)
     assert any(kg.abs().sum() > 0 for kg, _ in host_grads)
+    if cap is not None:  # the cap held, and it did bind (the uncapped batch probes more experts)
+        assert all(e.numel() * (p.width // p.experts) <= cap for e in shipped)
+        assert s.meters["meft_rerouted_probes"] > 0
+
+
+def test_a_device_row_cap_makes_device_bytes_flat_in_width_and_spares_evaluation():
+    def device_bytes(width, cap, train=True):
+        t = build("tiny-llama", f"[{{name: meft, params: {{width: {width}, experts: {width // 16}, n_probe: 2, "
+                                f"topk: 8, device_rows: {cap}}}}}]")
+        t.model.train(train)
+        s = t.strategies[-1]
+        out = t._loss(batch_of())
+        if not train:
+            return sum(rows.keys.numel() for _, rows, _ in s.pending)
+        (out.loss_sum / out.count).backward()
+        s.after_backward(0)
+        return s.metrics()["meft_device_bytes"] - 4 * sum(r.numel() * r.element_size() for r in s.routers)
+
+    layers, hidden = 8, 64  # tiny-llama
+    flat = layers * 2 * 2 * 128 * hidden * 4  # (K, V) x (rows, their gradients) x float32
+    assert device_bytes(1024, cap=128) == device_bytes(8192, cap=128) == flat
+    assert device_bytes(1024, cap=8192) > device_bytes(1024, cap=128)
+    assert device_bytes(1024, cap=128, train=False) > layers * 128 * hidden  # evaluation probes freely
 
 
 def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
@@ -236,3 +292,14 @@ def test_revffn_is_refused():
 
     with pytest.raises(RecipeError, match="`meft` and `revffn` cannot be combined"):
         load(REPO / "recipes" / "lora.yaml", [f"strategies=[{{name: full}}, {MEFT}, {{name: revffn}}]"])
+
+
+def test_the_adapter_lr_follows_the_runs_schedule_when_sized_by_epochs(tmp_path):
+    r = load(REPO / "recipes" / "quickstart.yaml", [f"strategies=[{MEFT}]", "train.max_steps=null", "train.epochs=1",
+                                                    "data.max_samples=40", "train.batch_size=4", "train.schedule=cosine",
+                                                    "train.warmup_steps=2"])
+    t = Trainer(r, run_dir=tmp_path).setup()
+    s = t.strategies[-1]
+    loop_factor = t.scheduler.lr_lambdas[0]
+    assert t.total_steps > 1 and s.lr_factor(t.total_steps) == loop_factor(t.total_steps) == 0
+    assert all(s.lr_factor(k) == loop_factor(k) for k in range(t.total_steps))

@@ -97,13 +97,21 @@ class Trainer:
             raise UserError(f"`model.num_labels` is {r.model.num_labels} but the data has {self.data.num_labels} "
                             f"classes ({', '.join(map(str, self.data.label_names or []))}); raise it or leave it null")
 
+        self.batcher = Batcher(self.data.train, r.train.batch_size, self.pad_id, shuffle=r.data.shuffle,
+                               seed=r.train.seed)
+        self.eval_batcher = (Batcher(self.data.eval, r.train.batch_size, self.pad_id, shuffle=False, seed=0)
+                             if self.data.eval else None)
+        micro_total = math.ceil(r.train.epochs * self.batcher.batches_per_epoch)
+        self.total_steps = r.train.max_steps or max(1, micro_total // r.train.grad_accum)
+
         load_kwargs = {}
         for s in self.strategies:
             load_kwargs.update(s.load_kwargs(r))
         loaded = load_model(r.model, num_labels=r.model.num_labels, pad_token_id=self.pad_id, **load_kwargs)
         self.model_source, self.is_moe = loaded.source, loaded.is_moe
         model = loaded.model
-        ctx = BuildContext(recipe=r, device=self.device, is_moe=loaded.is_moe, notes=self.notes)
+        ctx = BuildContext(recipe=r, device=self.device, is_moe=loaded.is_moe, total_steps=self.total_steps,
+                           notes=self.notes)
         for s in self.strategies:  # fixed composition order (see memft.registry)
             model = s.apply(model, ctx)
         if r.train.gradient_checkpointing:
@@ -113,12 +121,6 @@ class Trainer:
         self.params = count_params(self.model)
         seed_everything(r.train.seed)  # after model building, which seeds with `model.seed`
 
-        self.batcher = Batcher(self.data.train, r.train.batch_size, self.pad_id, shuffle=r.data.shuffle,
-                               seed=r.train.seed)
-        self.eval_batcher = (Batcher(self.data.eval, r.train.batch_size, self.pad_id, shuffle=False, seed=0)
-                             if self.data.eval else None)
-        micro_total = math.ceil(r.train.epochs * self.batcher.batches_per_epoch)
-        self.total_steps = r.train.max_steps or max(1, micro_total // r.train.grad_accum)
         self.autocast = _autocast(r, self.device)
         if not for_training:
             return self

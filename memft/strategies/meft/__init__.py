@@ -55,12 +55,16 @@ class MeftParams(StrategyParams):
     mode: Literal["sparse", "dense"] = "sparse"
     """`sparse`: MEFT. `dense`: the plain parallel adapter of the same width, `V relu(K x)` over every key (no
     router, no top-K; all rows shipped every step), for comparison."""
+    device_rows: int | None = Field(default=None, ge=1)
+    """Most key-value rows of one layer on the device in a training step (default: no cap, the exact function).
+    When a batch probes more experts than fit, the step keeps the experts most tokens probe (ties: lower id)
+    and each token probes its best `n_probe` among them: device memory is then flat in `width`, at the cost
+    of rerouting some probes (`meft_rerouted_probes` says how many). Evaluation is never capped."""
     rows: Literal["touched", "all"] = "touched"
     """AdamW on the host rows a step touched (lazy: untouched rows and their moments stay as they are) or on
     all rows (exact AdamW; costs a pass over the whole adapter per step)."""
     lr: float | None = Field(default=None, gt=0)
-    """Learning rate of the keys and values (default `train.lr`); it follows the run's warm-up and decay over
-    `train.max_steps` (a run sized by `train.epochs` alone gets the warm-up but no decay, for now)."""
+    """Learning rate of the keys and values (default `train.lr`); it follows the run's warm-up and decay."""
     weight_decay: float = Field(default=0.0, ge=0)
     """Decoupled weight decay of the keys and values."""
 
@@ -73,6 +77,10 @@ class MeftParams(StrategyParams):
             raise ValueError(f"`experts` ({self.experts}) must divide `width` ({self.width})")
         if self.n_probe > self.experts:
             raise ValueError(f"`n_probe` ({self.n_probe}) cannot exceed `experts` ({self.experts})")
+        block = self.width // self.experts
+        if self.device_rows is not None and self.device_rows < self.n_probe * block:
+            raise ValueError(f"`device_rows` ({self.device_rows}) must hold the `n_probe` experts a token probes "
+                             f"({self.n_probe} x {block} keys = {self.n_probe * block})")
         return self
 
 
@@ -96,6 +104,8 @@ class Meft(Strategy):
         self.pending: list[tuple[int, object, torch.Tensor]] = []
         self.meters = {"meft_bytes_to_device": 0, "meft_bytes_to_host": 0, "meft_rows_touched": 0,
                        "meft_cpu_optimizer_s": 0.0, "meft_device_bytes": 0}
+        if params.device_rows is not None:
+            self.meters["meft_rerouted_probes"] = 0.0
         self.lr_factor = None
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
@@ -116,21 +126,21 @@ class Meft(Strategy):
             param = nn.Parameter(router.to(ctx.device))
             layer.mlp.register_parameter("meft_router", param)
             self.routers.append(param)
-            layer.mlp.forward = functools.partial(_with_adapter, self, i, layer.mlp.forward)
-        self.lr_factor = _Schedule(recipe)
+            layer.mlp.forward = functools.partial(_with_adapter, self, i, layer.mlp, layer.mlp.forward)
+        self.lr_factor = _Schedule(recipe, ctx.total_steps)
         n = len(body.layers)
         ctx.notes.append(f"meft: {n} layers x {p.width:,} key-value pairs ({p.experts} experts of {block}, "
                          f"{p.n_probe} probed, top-{p.topk}) in host memory: "
                          f"{2 * n * p.width * d * 4 / 2**20:,.1f} MiB of weights, as much again x2 of AdamW state")
         return model
 
-    def adapter_out(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def adapter_out(self, i: int, x: torch.Tensor, training: bool) -> torch.Tensor:
         p = self.params
         flat = x.reshape(-1, x.size(-1)).float()
         router = self.routers[i].float()
         with torch.no_grad():
             experts = (torch.arange(p.experts, device=flat.device) if p.mode == "dense"
-                       else torch.unique(probe(router, flat, p.n_probe)[1]))
+                       else self._experts_to_ship(router, flat, training))
         rows, index = self.hosts[i].gather(experts, router, flat.device)
         self.meters["meft_bytes_to_device"] += 2 * rows.keys.numel() * rows.keys.element_size()
         if torch.is_grad_enabled():
@@ -138,6 +148,19 @@ class Meft(Strategy):
         y = (torch.relu(flat @ rows.keys.T) @ rows.values if p.mode == "dense"
              else sparse_forward(flat, rows, p.n_probe, p.topk, p.width // p.experts))
         return y.to(x.dtype).view(x.shape)
+
+    def _experts_to_ship(self, router: torch.Tensor, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """The union of experts the tokens probe, or, over a training cap, the most-probed ones (ascending ids)."""
+        p = self.params
+        probed = probe(router, x, p.n_probe)[1].flatten()
+        cap = None if p.device_rows is None or not training else p.device_rows // (p.width // p.experts)
+        votes = torch.bincount(probed, minlength=p.experts)
+        if cap is None or int((votes > 0).sum()) <= cap:
+            return torch.unique(probed)
+        keep = torch.argsort(votes, descending=True, stable=True)[:cap]  # stable: ties go to the lower id
+        self.meters["meft_rerouted_probes"] = max(self.meters["meft_rerouted_probes"],
+                                                  1 - votes[keep].sum().item() / probed.numel())
+        return keep.sort().values
 
     def after_backward(self, step: int) -> None:
         # every layer's gathered rows and their gradients are alive until now, with the routers' AdamW state
@@ -159,6 +182,8 @@ class Meft(Strategy):
     def metrics(self) -> dict:
         out = dict(self.meters)
         self.meters.update(meft_bytes_to_device=0, meft_bytes_to_host=0, meft_device_bytes=0)
+        if "meft_rerouted_probes" in self.meters:
+            self.meters["meft_rerouted_probes"] = 0.0
         return out
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
@@ -196,23 +221,23 @@ def _ffn_rows(mlp: nn.Module, count: int, generator: torch.Generator) -> torch.T
     return rows[picks].clone()
 
 
-def _with_adapter(strategy: Meft, index: int, ffn_forward, x: torch.Tensor, *args, **kwargs):
+def _with_adapter(strategy: Meft, index: int, mlp: nn.Module, ffn_forward, x: torch.Tensor, *args, **kwargs):
     out = ffn_forward(x, *args, **kwargs)
     if isinstance(out, tuple):  # MoE blocks that also return router logits
-        return (out[0] + strategy.adapter_out(index, x),) + out[1:]
-    return out + strategy.adapter_out(index, x)
+        return (out[0] + strategy.adapter_out(index, x, mlp.training),) + out[1:]
+    return out + strategy.adapter_out(index, x, mlp.training)
 
 
 class _Schedule:
     """The run's learning-rate factor at a step (warm-up, decay), read off a scheduler on a dummy parameter."""
 
-    def __init__(self, recipe):
+    def __init__(self, recipe, total_steps: int | None):
         from memft.train.optim import build_scheduler
 
         t = recipe.train
         self.base, self.betas = t.lr, t.betas
         self.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        self.scheduler = build_scheduler(self.optimizer, t, t.max_steps or 10**9)
+        self.scheduler = build_scheduler(self.optimizer, t, total_steps or t.max_steps or 10**9)
 
     def __call__(self, step: int) -> float:
         return self.scheduler.lr_lambdas[0](step)

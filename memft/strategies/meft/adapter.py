@@ -12,6 +12,10 @@ layer's FFN, on the FFN's (normed) input `x`:
 `V` starts at zero, so the model starts unchanged. Only the keys of the experts some token of the
 batch probes are ever touched: `gather` fetches their blocks (K rows, V columns) and the router,
 and the forward scores every token against that union, masking the experts it did not probe.
+
+A device-row cap (`allowed`) restricts the experts a batch may probe to a given set: each token then
+probes its best `n_probe` experts among the allowed ones. Without a cap the allowed set is the union
+itself, which changes nothing.
 """
 
 from __future__ import annotations
@@ -35,10 +39,15 @@ class Gathered:
     """(E, d): the whole router (small)."""
 
 
-def probe(router: torch.Tensor, x: torch.Tensor, n_probe: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router scores and the probed experts per token: ((N, E) scores, (N, n_probe) expert ids)."""
+def probe(router: torch.Tensor, x: torch.Tensor, n_probe: int,
+          allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router scores and the probed experts per token: ((N, E) scores, (N, n_probe) expert ids).
+
+    `allowed` ((E,) bool): probe only among these experts (a device-row cap); the scores stay unmasked.
+    """
     g = x @ router.T
-    return g, torch.topk(g, n_probe, dim=-1).indices
+    choose = g if allowed is None else g.detach().masked_fill(~allowed, float("-inf"))
+    return g, torch.topk(choose, n_probe, dim=-1).indices
 
 
 def sparse_forward(x: torch.Tensor, rows: Gathered, n_probe: int, topk: int, block: int) -> torch.Tensor:
@@ -49,7 +58,9 @@ def sparse_forward(x: torch.Tensor, rows: Gathered, n_probe: int, topk: int, blo
     back in place by a permutation (so forward and backward are deterministic: no colliding writes).
     """
     n_tokens, dim = x.shape
-    g, probed = probe(rows.router, x, n_probe)                       # (N, E), (N, P)
+    allowed = torch.zeros(rows.router.size(0), dtype=torch.bool, device=x.device)
+    allowed[rows.experts] = True                                     # all probed experts, or a capped set
+    g, probed = probe(rows.router, x, n_probe, allowed)              # (N, E), (N, P)
     local = torch.searchsorted(rows.experts, probed).flatten()       # (N*P,): index into the union
     order = torch.argsort(local, stable=True)
     inverse = torch.argsort(order)
@@ -68,9 +79,9 @@ def sparse_forward(x: torch.Tensor, rows: Gathered, n_probe: int, topk: int, blo
 
 
 def dense_reference(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, router: torch.Tensor,
-                    n_probe: int, topk: int, block: int) -> torch.Tensor:
+                    n_probe: int, topk: int, block: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """The same function with plain dense tensors: every key scored, masks applied, V (d, M) multiplied."""
-    g, probed = probe(router, x, n_probe)
+    g, probed = probe(router, x, n_probe, allowed)
     experts = router.size(0)
     chose = torch.zeros(x.size(0), experts, dtype=torch.bool, device=x.device).scatter_(1, probed, True)
     gate = g.repeat_interleave(block, dim=1)                         # (N, M)
