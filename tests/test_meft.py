@@ -199,7 +199,7 @@ def test_model_gradients_equal_the_dense_reference_adapter(model, cap):
     leaves = [(h.params["keys"].clone().requires_grad_(), h.params["values"].clone().requires_grad_()) for h in s.hosts]
     p = s.params
     allowed = [torch.zeros(p.experts, dtype=torch.bool).index_fill_(0, e, True) for e in shipped]
-    s.adapter_out = lambda i, x, training: _dense(x.reshape(-1, x.size(-1)).float(), leaves[i][0], leaves[i][1].T,
+    s.adapter_out = lambda i, x, rows: _dense(x.reshape(-1, x.size(-1)).float(), leaves[i][0], leaves[i][1].T,
                                                   s.routers[i].float(), p.n_probe, p.topk, p.width // p.experts,
                                                   allowed[i]).to(x.dtype).view(x.shape)
     ref = t._loss(batch)

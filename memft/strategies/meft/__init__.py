@@ -12,8 +12,9 @@ on the rows that were touched (`rows: touched`, lazy AdamW) or on all rows (`row
 The routers (E x d per layer) are small and train on the device with the loop's optimizer. Without
 `full`/`lora`/`qlora` in the recipe the base model is frozen.
 
-Still to do (issue 6): speed and quality measurements against LoRA and the dense adapter; overlapping
-transfers with compute on CUDA streams. See docs/strategies/meft.md.
+On CUDA the rows travel from pinned memory on a side stream while the FFN computes. `device_rows` caps
+the rows of a layer on the device in a training step, making device memory flat in the width. See
+docs/strategies/meft.md.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from memft.errors import UserError
 from memft.models.blocks import decoder_body
 from memft.registry import BuildContext, Strategy, StrategyParams, register
-from memft.strategies.meft.adapter import probe, sparse_forward
+from memft.strategies.meft.adapter import Gathered, probe, sparse_forward
 from memft.strategies.meft.offload import HostAdapter
 
 ROUTER_INIT_SCALE = 50.0
@@ -107,6 +108,7 @@ class Meft(Strategy):
         if params.device_rows is not None:
             self.meters["meft_rerouted_probes"] = 0.0
         self.lr_factor = None
+        self.copy_stream = None
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
         p = self.params
@@ -117,6 +119,7 @@ class Meft(Strategy):
         d = model.config.hidden_size
         g = torch.Generator().manual_seed(recipe.model.seed)
         pin = ctx.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(ctx.device) if pin else None
         block = p.width // p.experts
         for i, layer in enumerate(body.layers):
             keys = (_ffn_rows(layer.mlp, p.width, g) if p.key_init == "ffn"
@@ -134,17 +137,25 @@ class Meft(Strategy):
                          f"{2 * n * p.width * d * 4 / 2**20:,.1f} MiB of weights, as much again x2 of AdamW state")
         return model
 
-    def adapter_out(self, i: int, x: torch.Tensor, training: bool) -> torch.Tensor:
+    def ship(self, i: int, x: torch.Tensor, training: bool) -> Gathered:
+        """Route the tokens and send their experts' rows to the device (on CUDA on a side stream, so the FFN
+        computes while they travel)."""
         p = self.params
         flat = x.reshape(-1, x.size(-1)).float()
         router = self.routers[i].float()
         with torch.no_grad():
             experts = (torch.arange(p.experts, device=flat.device) if p.mode == "dense"
                        else self._experts_to_ship(router, flat, training))
-        rows, index = self.hosts[i].gather(experts, router, flat.device)
+        rows, index = self.hosts[i].gather(experts, router, flat.device, stream=self.copy_stream)
         self.meters["meft_bytes_to_device"] += 2 * rows.keys.numel() * rows.keys.element_size()
         if torch.is_grad_enabled():
             self.pending.append((i, rows, index))
+        return rows
+
+    def adapter_out(self, i: int, x: torch.Tensor, rows: Gathered) -> torch.Tensor:
+        p = self.params
+        rows.wait()
+        flat = x.reshape(-1, x.size(-1)).float()
         y = (torch.relu(flat @ rows.keys.T) @ rows.values if p.mode == "dense"
              else sparse_forward(flat, rows, p.n_probe, p.topk, p.width // p.experts))
         return y.to(x.dtype).view(x.shape)
@@ -222,10 +233,11 @@ def _ffn_rows(mlp: nn.Module, count: int, generator: torch.Generator) -> torch.T
 
 
 def _with_adapter(strategy: Meft, index: int, mlp: nn.Module, ffn_forward, x: torch.Tensor, *args, **kwargs):
+    rows = strategy.ship(index, x, mlp.training)  # first, so that the copy overlaps the FFN on CUDA
     out = ffn_forward(x, *args, **kwargs)
     if isinstance(out, tuple):  # MoE blocks that also return router logits
-        return (out[0] + strategy.adapter_out(index, x, mlp.training),) + out[1:]
-    return out + strategy.adapter_out(index, x, mlp.training)
+        return (out[0] + strategy.adapter_out(index, x, rows),) + out[1:]
+    return out + strategy.adapter_out(index, x, rows)
 
 
 class _Schedule:

@@ -37,6 +37,17 @@ class Gathered:
     """(U * n, d): their value vectors (rows of V^T)."""
     router: torch.Tensor
     """(E, d): the whole router (small)."""
+    ready: torch.cuda.Event | None = None
+    """On CUDA: recorded on the copy stream once the rows have arrived."""
+
+    def wait(self) -> None:
+        """Make the current stream wait for the rows (CUDA; nothing to wait for on the CPU)."""
+        if self.ready is not None:
+            stream = torch.cuda.current_stream(self.keys.device)
+            stream.wait_event(self.ready)
+            for t in (self.keys, self.values):
+                t.record_stream(stream)  # allocated on the copy stream, used on this one
+            self.ready = None
 
 
 def probe(router: torch.Tensor, x: torch.Tensor, n_probe: int,

@@ -39,12 +39,28 @@ class HostAdapter:
         start = experts.cpu()[:, None] * self.block
         return (start + torch.arange(self.block)).flatten()
 
-    def gather(self, experts: torch.Tensor, router: torch.Tensor, device: torch.device) -> tuple[Gathered, torch.Tensor]:
-        """The experts' key and value rows on `device`, as leaves that collect gradients, with the router."""
+    def gather(self, experts: torch.Tensor, router: torch.Tensor, device: torch.device,
+               stream: torch.cuda.Stream | None = None) -> tuple[Gathered, torch.Tensor]:
+        """The experts' key and value rows on `device`, as leaves that collect gradients, with the router.
+
+        With a CUDA `stream` the rows are gathered into pinned staging memory and copied on that stream
+        without blocking; `Gathered.wait()` makes the compute stream wait for them.
+        """
         rows = self.rows_of(experts)
-        ship = lambda t: t.to(device, non_blocking=True).requires_grad_()  # noqa: E731
         p = self.params
-        return Gathered(experts.to(device), ship(p["keys"][rows]), ship(p["values"][rows]), router), rows
+        if stream is None:
+            return Gathered(experts, p["keys"][rows].to(device).requires_grad_(),
+                            p["values"][rows].to(device).requires_grad_(), router), rows
+        staged = [torch.empty((rows.numel(), t.size(1)), dtype=t.dtype, pin_memory=True) for t in
+                  (p["keys"], p["values"])]
+        for t, out in zip((p["keys"], p["values"]), staged):
+            torch.index_select(t, 0, rows, out=out)
+        stream.wait_stream(torch.cuda.current_stream(device))  # `experts` was computed on the compute stream
+        with torch.cuda.stream(stream):
+            keys, values = (t.to(device, non_blocking=True) for t in staged)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return Gathered(experts, keys.requires_grad_(), values.requires_grad_(), router, ready), rows
 
     def accumulate(self, gathered: Gathered, rows: torch.Tensor) -> int:
         """Add the gathered leaves' gradients into the host gradients; returns the bytes sent back."""
