@@ -114,11 +114,13 @@ def speed(rounds: int) -> dict:
 
     pairs = {
         "stories260K": ([], {"lora r=16": "[{name: lora, params: {r: 16}}]",
+                             "lora r=32": "[{name: lora, params: {r: 32}}]",
                              "meft M=16384 cap 256": "[{name: meft, params: {width: 16384, experts: 256, n_probe: 2, "
                                                      "device_rows: 256}}]",
                              "meft M=4096 uncapped": "[{name: meft, params: {width: 4096, experts: 64, n_probe: 4}}]"}),
         "llama d=512 x 4 layers": (WIDE, {
             "lora r=16": "[{name: lora, params: {r: 16}}]",
+            "lora r=64": "[{name: lora, params: {r: 64}}]",
             "meft M=65536 cap 256": "[{name: meft, params: {width: 65536, experts: 1024, n_probe: 2, "
                                     "device_rows: 256}}]",
             "meft M=16384 uncapped": "[{name: meft, params: {width: 16384, experts: 256, n_probe: 2}}]"}),

@@ -27,6 +27,8 @@ METRICS = [  # (summary key, column title, higher is better)
     ("final_loss", "final loss", False),
     ("eval_loss", "eval loss", False),
     ("eval_accuracy", "eval accuracy", True),
+    ("meft_device_bytes_peak", "MEFT device bytes", False),
+    ("meft_bytes_to_device", "MEFT to device / step", False),
 ]
 CHECKPOINTING = {"gradient_checkpointing", "gc"}
 
@@ -127,7 +129,7 @@ def format_table(results: list[dict]):
             if v is None:
                 cells.append("-")
                 continue
-            shown = _fmt_bytes(v) if key.endswith("bytes") else (f"{v:,.0f}" if key == "tokens_per_s" else f"{v:.4g}")
+            shown = _fmt_bytes(v) if "bytes" in key else (f"{v:,.0f}" if key == "tokens_per_s" else f"{v:.4g}")
             cells.append(f"{shown} ({q[key]:.2f}x)" if q[key] is not None else shown)
         table.add_row(r["variant"], *cells)
     return table

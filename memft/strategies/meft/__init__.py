@@ -103,10 +103,10 @@ class Meft(Strategy):
         self.hosts: list[HostAdapter] = []
         self.routers: list[nn.Parameter] = []
         self.pending: list[tuple[int, object, torch.Tensor]] = []
-        self.meters = {"meft_bytes_to_device": 0, "meft_bytes_to_host": 0, "meft_rows_touched": 0,
-                       "meft_cpu_optimizer_s": 0.0, "meft_device_bytes": 0}
-        if params.device_rows is not None:
-            self.meters["meft_rerouted_probes"] = 0.0
+        self.meters = self._fresh_meters()  # this step's
+        self.finished_steps: list[dict] = []  # since the last report
+        self.reported: dict = {}
+        self.device_peak = 0
         self.lr_factor = None
         self.copy_stream = None
 
@@ -147,7 +147,8 @@ class Meft(Strategy):
             experts = (torch.arange(p.experts, device=flat.device) if p.mode == "dense"
                        else self._experts_to_ship(router, flat, training))
         rows, index = self.hosts[i].gather(experts, router, flat.device, stream=self.copy_stream)
-        self.meters["meft_bytes_to_device"] += 2 * rows.keys.numel() * rows.keys.element_size()
+        if training:  # evaluation's traffic is not a training step's
+            self.meters["meft_bytes_to_device"] += 2 * rows.keys.numel() * rows.keys.element_size()
         if torch.is_grad_enabled():
             self.pending.append((i, rows, index))
         return rows
@@ -189,13 +190,26 @@ class Meft(Strategy):
         self.meters["meft_rows_touched"] = sum(
             h.step(lr, betas=self.lr_factor.betas, weight_decay=p.weight_decay, rows=p.rows) for h in self.hosts)
         self.meters["meft_cpu_optimizer_s"] = time.perf_counter() - started
+        self.finished_steps.append(self.meters)
+        self.meters = self._fresh_meters()
+
+    def _fresh_meters(self) -> dict:
+        meters = {"meft_bytes_to_device": 0, "meft_bytes_to_host": 0, "meft_rows_touched": 0,
+                  "meft_cpu_optimizer_s": 0.0, "meft_device_bytes": 0}
+        if self.params.device_rows is not None:
+            meters["meft_rerouted_probes"] = 0.0
+        return meters
 
     def metrics(self) -> dict:
-        out = dict(self.meters)
-        self.meters.update(meft_bytes_to_device=0, meft_bytes_to_host=0, meft_device_bytes=0)
-        if "meft_rerouted_probes" in self.meters:
-            self.meters["meft_rerouted_probes"] = 0.0
-        return out
+        """Per step, averaged over the steps since the last report (device bytes and rerouting: their maximum);
+        with no new step (the summary), the last report again. `meft_device_bytes_peak` covers the whole run."""
+        if self.finished_steps:
+            steps, self.finished_steps = self.finished_steps, []
+            worst = ("meft_device_bytes", "meft_rerouted_probes")
+            self.reported = {k: max(m[k] for m in steps) if k in worst else sum(m[k] for m in steps) / len(steps)
+                             for k in steps[0]}
+            self.device_peak = max(self.device_peak, self.reported["meft_device_bytes"])
+        return {**self.reported, "meft_device_bytes_peak": self.device_peak}
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         out = {}
