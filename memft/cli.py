@@ -191,6 +191,104 @@ def bench(
 
 @app.command()
 @handle_errors
+def profile(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="Memory budget, e.g. 24GiB: says whether the recipe "
+                                                           "fits and, if not, which changes would.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Predict for this device (`cuda` or `cpu`; default: what "
+                                                       "`model.device` resolves to here).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the prediction as JSON here.")] = None,
+    measure: Annotated[bool, typer.Option(help="Run one real step of the recipe here and show predicted versus "
+                                               "measured.")] = False,
+) -> None:
+    """Predict a recipe's peak memory from its model's config: no weights, no GPU, a few seconds.
+
+    Weights, gradients and optimizer state are exact (the model is built on the meta device with the
+    recipe's strategies); activations are fitted from real steps of small twins of the model.
+
+    Examples:
+
+      memft profile recipes/lora.yaml model.name=meta-llama/Meta-Llama-3-8B data.max_length=2048 --gpu-memory 24GiB
+
+      memft profile recipes/bench_moe.yaml --measure --json profile.json
+    """
+    from memft import recipe as recipe_mod
+    from memft.profile import advice, predict
+
+    r = recipe_mod.load(recipe, overrides or [])
+    budget = advice.parse_bytes(gpu_memory) if gpu_memory else None
+    with console.status("fitting activations on small twins of the model ..."):
+        p = predict.profile(r, device)
+    console.print(_profile_table(p))
+    if json_out:
+        predict.write_json(p, json_out)
+    if measure:
+        with console.status("running one real step ..."):
+            measured = predict.measure(r)
+        console.print(_measure_table(p, measured))
+    if budget is None:
+        return
+    if p.peak <= budget:
+        console.print(f"[green]fits[/green]: predicted peak {_fmt_bytes(p.peak)} of {_fmt_bytes(budget)} "
+                      f"({budget - p.peak:,} bytes to spare)", highlight=False)
+        return
+    console.print(f"[red]does not fit[/red]: predicted peak {_fmt_bytes(p.peak)} > {_fmt_bytes(budget)}; "
+                  "trying changes ...", highlight=False)
+    with console.status("profiling the alternatives ..."):
+        ranked = advice.rank(r, overrides or [], budget,
+                             lambda extra: predict.profile(recipe_mod.load(recipe, extra), device))
+    table = Table(title=f"Changes, ranked (budget {_fmt_bytes(budget)})", title_justify="left")
+    for col in ("change", "predicted peak", "fits", "cost", "overrides"):
+        table.add_column(col, justify="right" if col == "predicted peak" else "left")
+    for change, q in ranked:
+        table.add_row(change.label, _fmt_bytes(q.peak), "yes" if q.peak <= budget else "no", change.cost,
+                      " ".join(change.overrides))
+    console.print(table)
+
+
+def _profile_table(p) -> Table:
+    table = Table(title=f"memft profile: {p.model} ({p.device}, {p.dtype}, micro-batch {p.batch_size} x "
+                        f"{p.seq_len} tokens, {' + '.join(p.strategies)}"
+                        f"{', checkpointing' if p.gradient_checkpointing else ''})", title_justify="left")
+    table.add_column("what")
+    table.add_column("bytes", justify="right")
+    table.add_column("detail")
+    for kind, n in p.weights.items():
+        table.add_row(f"weights ({kind})", _fmt_bytes(n), f"{p.params:,} parameters" if kind == "nf4" or
+                      len(p.weights) == 1 else "")
+    table.add_row("gradients", _fmt_bytes(p.gradients), f"{p.trainable_params:,} trainable parameters")
+    table.add_row(f"optimizer state ({p.optimizer})", _fmt_bytes(p.optimizer_state), "")
+    table.add_row("activations", _fmt_bytes(p.activations),
+                  f"{_fmt_bytes(p.per_layer)} per layer x {p.layers}, {_fmt_bytes(p.logits)} logits and loss")
+    table.add_row("backward transient", _fmt_bytes(p.backward_transient), "the logits' gradient")
+    for name, n in p.strategy_device.items():
+        table.add_row(name, _fmt_bytes(n), "")
+    table.add_row("[bold]predicted peak[/bold]", f"[bold]{_fmt_bytes(p.peak)}[/bold]", "on the device")
+    for name, n in p.host.items():
+        table.add_row(f"host: {name}", _fmt_bytes(n), "CPU memory, not on the device")
+    table.caption = (f"activations fitted on {p.twins} twins (largest fit error {p.fit_residual:.1%}); "
+                     f"source: {p.source}" + "".join(f"\n{n}" for n in p.notes))
+    return table
+
+
+def _measure_table(p, measured: dict) -> Table:
+    table = Table(title="Predicted versus measured (one real step here)", title_justify="left")
+    for col in ("what", "predicted", "measured", "ratio"):
+        table.add_column(col, justify="left" if col == "what" else "right")
+    pairs = [("activations (saved tensors)", p.activations, measured["activation_bytes"]),
+             ("weights", p.weight_bytes, measured["weight_bytes"]),
+             ("gradients", p.gradients, measured["gradient_bytes"]),
+             ("optimizer state", p.optimizer_state, measured["optimizer_bytes"])]
+    if measured.get("cuda_peak_bytes"):
+        pairs.append(("peak (torch.cuda.max_memory_allocated)", p.peak, measured["cuda_peak_bytes"]))
+    for name, a, b in pairs:
+        table.add_row(name, _fmt_bytes(a), _fmt_bytes(b), f"{a / b:.3f}" if b else "-")
+    return table
+
+
+@app.command()
+@handle_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `memft train`.")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the standalone Hugging Face model.")],

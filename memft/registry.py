@@ -67,6 +67,23 @@ class LossOutput:
     """The logits the loss was taken on, when the caller may want them (evaluation accuracy)."""
 
 
+@dataclass
+class MemoryEstimate:
+    """What a strategy adds to `memft profile`'s prediction beyond the model it applied to (meta device)."""
+
+    device: dict[str, int] = field(default_factory=dict)
+    """Device bytes outside the model's parameters and saved activations, by name."""
+    host: dict[str, int] = field(default_factory=dict)
+    """Host-memory bytes, by name."""
+    notes: list[str] = field(default_factory=list)
+
+    def merge(self, other: MemoryEstimate | None) -> None:
+        if other is not None:
+            self.device |= other.device
+            self.host |= other.host
+            self.notes += other.notes
+
+
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """Losses are taken in float32 for half-precision logits and stay float64 for float64 ones."""
     import torch
@@ -137,6 +154,20 @@ class Strategy:
     def metrics(self) -> dict[str, Any]:
         """Extra values for the logged lines of `metrics.jsonl` (and the last ones for `summary.json`)."""
         return {}
+
+    def grad_tokens(self, batch: dict) -> int | None:
+        """How many of `batch`'s tokens carry gradients, when this strategy chooses them (None: all of them)."""
+        return None
+
+    def vary_for_profile(self, rng) -> None:
+        """Profiler twins only (`memft profile` fits activations on small copies of the model): re-draw what sets
+        `grad_tokens`, so that tokens with and without gradients can be told apart (a fixed fraction would make
+        them proportional), or shrink what would not fit a twin (MEFT's width)."""
+
+    def estimate(self, model: nn.Module, recipe: Recipe, tokens: int) -> MemoryEstimate | None:
+        """Memory `memft profile` cannot see in `model` (built on the meta device, this strategy applied) or in
+        its saved activations, for micro-batches of `tokens` tokens: e.g. host-memory state."""
+        return None
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint that live outside the model's trainable parameters (e.g. MEFT's host adapter)."""

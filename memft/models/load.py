@@ -269,20 +269,60 @@ def load_model(
             pretrained weights, a missing `num_labels`, a task the architecture does not support, or
             `cfg.upcycle` on a model that is not a dense Llama-family causal LM or is loaded in 4 bits.
     """
-    from transformers import AutoConfig
-
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     if quantization_config is not None and dtype == torch.float64:
         raise UserError("4-bit quantization (QLoRA) does not support `model.dtype: float64`; use float32 or bfloat16")
+    resolved = resolve_config(cfg, num_labels=num_labels, pad_token_id=pad_token_id)
+    config, source = resolved.config, resolved.source
+    if cfg.upcycle is not None:
+        from memft.models.upcycle import check_upcyclable
+
+        check_upcyclable(config, cfg.name, quantized=quantization_config is not None)  # before loading weights
+    model = build_model(config, cfg, weights=resolved.weights, hub_kwargs=resolved.hub_kwargs,
+                        quantization_config=quantization_config, device=device)
+    moe = is_moe(config)
+    if cfg.upcycle is not None:
+        from memft.models.upcycle import upcycle
+
+        up = cfg.upcycle
+        model = upcycle(model, up.experts, up.top_k, router_std=up.router_std, seed=cfg.seed)
+        source += f", upcycled to {up.experts} experts, top-k {up.top_k}"
+        moe = True
+    if quantization_config is None:
+        model = model.to(device)
+    model.eval()
+    return LoadedModel(model=model, source=source, is_moe=moe)
+
+
+@dataclass
+class ResolvedConfig:
+    config: Any
+    """The transformers config, with the recipe's overrides, task head size and `use_cache=False`."""
+    source: str
+    """Where it came from, for logs (see `LoadedModel.source`)."""
+    weights: Any = None
+    """What `from_pretrained` loads (a directory or hub id), or None for random init."""
+    hub_kwargs: dict = None
+
+
+def resolve_config(cfg: ModelConfig, *, num_labels: int | None = None, pad_token_id: int | None = None,
+                   fallback: Any = None) -> ResolvedConfig:
+    """The config `cfg` names (built-in, local directory or config file, hub id), without loading weights.
+
+    `fallback(name)` may return a local config.json path for a hub id before the hub is asked (the
+    profiler's shipped configs of popular models).
+    """
+    from transformers import AutoConfig
+
     if cfg.task == "sequence_classification":
         num_labels = num_labels or cfg.num_labels
         if num_labels is None:
             raise UserError("`model.task: sequence_classification` needs the number of classes; set `model.num_labels`")
-
     builtin = _find_builtin(cfg.name)
     path = Path(cfg.name).expanduser()
     hub_kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    shipped = fallback(cfg.name) if fallback is not None and builtin is None and not path.exists() else None
     if builtin is not None:
         tree = _read_json(builtin.config_file)
         tree.pop(META_KEY, None)
@@ -296,6 +336,12 @@ def load_model(
             config = _config_from_dict({**tree, **cfg.config_overrides}, builtin.name, "`model.config_overrides`")
             kind = "built-in" if builtin.path.parent == CONFIGS_DIR else "local config"
             source, weights = f"{kind} {builtin.name} (random init, seed {cfg.seed})", None
+    elif shipped is not None:
+        tree = _read_json(shipped)
+        tree.pop(META_KEY, None)
+        config = _config_from_dict(tree, cfg.name, "its shipped config")
+        _apply_pretrained_overrides(config, cfg.config_overrides, cfg.name)
+        source, weights = f"{cfg.name} (config shipped with memft)", cfg.name
     else:
         if path.is_dir():
             where, hub_kwargs["local_files_only"] = str(path.resolve()), True
@@ -321,20 +367,27 @@ def load_model(
         # Training never reuses past K/V; a cache would keep every layer's K/V alive for nothing.
         # generate() still caches: it reads `generation_config.use_cache`.
         config.use_cache = False
+    return ResolvedConfig(config, source, weights, hub_kwargs)
 
-    if cfg.upcycle is not None:
-        from memft.models.upcycle import check_upcyclable
 
-        check_upcyclable(config, cfg.name, quantized=quantization_config is not None)  # before loading weights
-    moe = is_moe(config)
+def model_kwargs(config, cfg: ModelConfig) -> dict[str, Any]:
+    """`dtype`, attention and (MoE) experts implementation for building `config` as the recipe asks."""
+    dtype = DTYPES[cfg.dtype]
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
-    if moe and (kernel := experts_kernel(config, dtype)):
+    if is_moe(config) and (kernel := experts_kernel(config, dtype)):
         kwargs["experts_implementation"] = kernel
-    auto_class = _auto_class(cfg.task, config)
+    return kwargs
 
+
+def build_model(config, cfg: ModelConfig, *, weights: Any = None, hub_kwargs: dict | None = None,
+                quantization_config: Any = None, device: torch.device | None = None) -> nn.Module:
+    """The model of `config`: pretrained from `weights`, or random init seeded with `cfg.seed`."""
+    kwargs = model_kwargs(config, cfg)
+    auto_class = _auto_class(cfg.task, config)
     load_kwargs = dict(kwargs)
     if quantization_config is not None:
         # bitsandbytes quantizes while loading, onto the device named here.
+        device = device or torch.device("cpu")
         target = torch.cuda.current_device() if device.type == "cuda" and device.index is None else str(device)
         load_kwargs |= {"quantization_config": quantization_config, "device_map": {"": target}}
     # Random-init built-ins and new classification heads draw from torch's global generator.
@@ -344,24 +397,13 @@ def load_model(
         # float64 reference and a float32 run would otherwise start from different weights), then
         # load those weights in the target dtype, or quantized, through the path a checkpoint takes.
         model = auto_class.from_config(config, **{**kwargs, "dtype": torch.float32})
-        if dtype != torch.float32 or quantization_config is not None:
+        if kwargs["dtype"] != torch.float32 or quantization_config is not None:
             model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), **load_kwargs)
-    else:
-        try:
-            model = auto_class.from_pretrained(weights, config=config, **load_kwargs, **hub_kwargs)
-        except OSError as exc:
-            raise UserError(f"could not load the weights of `{cfg.name}`: {_first_line(exc)}") from None
-    if cfg.upcycle is not None:
-        from memft.models.upcycle import upcycle
-
-        up = cfg.upcycle
-        model = upcycle(model, up.experts, up.top_k, router_std=up.router_std, seed=cfg.seed)
-        source += f", upcycled to {up.experts} experts, top-k {up.top_k}"
-        moe = True
-    if quantization_config is None:
-        model = model.to(device)
-    model.eval()
-    return LoadedModel(model=model, source=source, is_moe=moe)
+        return model
+    try:
+        return auto_class.from_pretrained(weights, config=config, **load_kwargs, **(hub_kwargs or {}))
+    except OSError as exc:
+        raise UserError(f"could not load the weights of `{cfg.name}`: {_first_line(exc)}") from None
 
 
 def _auto_class(task: str, config):

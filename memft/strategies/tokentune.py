@@ -153,6 +153,12 @@ class TokenTune(Strategy):
                                      generator=generator, extra=extra)
         return {**batch, POSITIONS_KEY: positions}
 
+    def grad_tokens(self, batch: dict) -> int | None:
+        return batch[POSITIONS_KEY].numel() if POSITIONS_KEY in batch else None
+
+    def vary_for_profile(self, rng) -> None:
+        self.params = self.params.model_copy(update={"tokens": None, "fraction": rng.uniform(0.1, 0.9)})
+
     def _selected_loss(self) -> bool:
         return self.task == "causal_lm" and self.params.loss_on == "selected"
 

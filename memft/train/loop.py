@@ -61,6 +61,15 @@ def default_loss(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
     return LossOutput(loss_sum, int((labels != -100).sum()), logits=logits)
 
 
+def step_loss(strategies: list, model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
+    """The first strategy's own loss (TokenTune, RevFFN, ...), else the plain one."""
+    for s in strategies:
+        out = s.loss(model, batch)
+        if out is not None:
+            return out
+    return default_loss(model, batch, task)
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer in backward. Reentrant checkpointing saves each layer's input through
     autograd (so the saved-tensor meter sees it) and works with frozen embeddings once inputs require grad."""
@@ -121,7 +130,7 @@ class Trainer:
         self.params = count_params(self.model)
         seed_everything(r.train.seed)  # after model building, which seeds with `model.seed`
 
-        self.autocast = _autocast(r, self.device)
+        self.autocast = autocast_context(r, self.device)
         if not for_training:
             return self
 
@@ -271,11 +280,7 @@ class Trainer:
         return {k: v for s in self.strategies for k, v in s.metrics().items()}
 
     def _loss(self, batch: dict) -> LossOutput:
-        for s in self.strategies:
-            out = s.loss(self.model, batch)
-            if out is not None:
-                return out
-        return default_loss(self.model, batch, self.recipe.model.task)
+        return step_loss(self.strategies, self.model, batch, self.recipe.model.task)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -349,7 +354,7 @@ class Trainer:
 # ---------------------------------------------------------------------- helpers
 
 
-def _autocast(recipe: Recipe, device: torch.device):
+def autocast_context(recipe: Recipe, device: torch.device):
     wanted = recipe.train.autocast
     if device.type == "cuda" and (wanted == "bf16" or (wanted == "auto" and torch.cuda.is_bf16_supported())):
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -30,7 +30,13 @@ from torch import nn
 
 from memft.errors import UserError
 from memft.models.blocks import decoder_body
-from memft.registry import BuildContext, Strategy, StrategyParams, register
+from memft.registry import (
+    BuildContext,
+    MemoryEstimate,
+    Strategy,
+    StrategyParams,
+    register,
+)
 from memft.strategies.meft.adapter import Gathered, probe, sparse_forward
 from memft.strategies.meft.offload import HostAdapter
 
@@ -122,6 +128,9 @@ class Meft(Strategy):
         self.copy_stream = torch.cuda.Stream(ctx.device) if pin else None
         block = p.width // p.experts
         for i, layer in enumerate(body.layers):
+            if ctx.device.type == "meta":  # `memft profile`: the routers' shapes only; `estimate` counts the rest
+                layer.mlp.register_parameter("meft_router", nn.Parameter(torch.empty(p.experts, d, device="meta")))
+                continue
             keys = (_ffn_rows(layer.mlp, p.width, g) if p.key_init == "ffn"
                     else torch.randn(p.width, d, generator=g) * p.init_std)
             router = ROUTER_INIT_SCALE * keys.view(p.experts, block, d).mean(1)
@@ -136,6 +145,29 @@ class Meft(Strategy):
                          f"{p.n_probe} probed, top-{p.topk}) in host memory: "
                          f"{2 * n * p.width * d * 4 / 2**20:,.1f} MiB of weights, as much again x2 of AdamW state")
         return model
+
+    def estimate(self, model: nn.Module, recipe, tokens: int) -> MemoryEstimate:
+        p = self.params
+        layers = len(decoder_body(model).layers)
+        d = model.config.hidden_size
+        block = p.width // p.experts
+        # host: keys and values, their gradient buffers and two AdamW moments (float32), plus per-row step counts
+        host = layers * (2 * 4 * p.width * d * 4 + 2 * 8 * p.width)
+        # device: the rows a step ships (at most every probed expert's block, the cap, or the whole adapter), and
+        # their gradients
+        rows = min(p.width, p.device_rows or p.width, tokens * p.n_probe * block) if p.mode == "sparse" else p.width
+        return MemoryEstimate(device={"meft shipped rows and gradients": layers * rows * d * 4 * 2 * 2},
+                              host={"meft adapters and AdamW state": host},
+                              notes=["meft: shipped rows are an upper bound (the union of the probed experts); "
+                                     "its activations are fitted on twins with 16 keys per expert"])
+
+    def vary_for_profile(self, rng) -> None:
+        # twins keep the routing but not the width: 16 keys per expert (at most), in CPU memory
+        block = min(self.params.width // self.params.experts, 16)
+        self.params = self.params.model_copy(update={
+            "width": self.params.experts * block, "topk": min(self.params.topk, self.params.n_probe * block),
+            "device_rows": None if self.params.device_rows is None else max(
+                self.params.n_probe * block, self.params.device_rows * block // (self.params.width // self.params.experts))})
 
     def ship(self, i: int, x: torch.Tensor, training: bool) -> Gathered:
         """Route the tokens and send their experts' rows to the device (on CUDA on a side stream, so the FFN

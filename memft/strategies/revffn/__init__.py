@@ -33,6 +33,7 @@ from memft.models.blocks import decoder_body
 from memft.registry import (
     BuildContext,
     LossOutput,
+    MemoryEstimate,
     Strategy,
     StrategyParams,
     at_least_float32,
@@ -111,6 +112,14 @@ class RevFFN(Strategy):
             problems.append("`train.gradient_checkpointing` recomputes layers that `revffn` already rebuilds from "
                             "their outputs; turn it off")
         return problems
+
+    def estimate(self, model: nn.Module, recipe, tokens: int) -> MemoryEstimate | None:
+        if self.teacher is None:
+            return None
+        teacher = sum(t.numel() * t.element_size() for t in [*self.teacher.parameters(), *self.teacher.buffers()])
+        return MemoryEstimate(device={"revffn recovery teacher": teacher},
+                              notes=[f"revffn: the recovery teacher (a frozen copy of the weights) is freed after "
+                                     f"step {self.params.recovery.steps}"])
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
         p = self.params

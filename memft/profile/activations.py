@@ -1,0 +1,196 @@
+"""Predict a recipe's activation bytes at full size from real steps of small twins of its model.
+
+Activation memory is what autograd saves for backward (`SavedTensorMeter`). Every saved tensor of a
+Transformer has a shape made of the batch, the sequence and one or two of the model's widths, so the
+total is a sum of a few monomials (tokens x hidden, tokens x vocab, batch x seq^2, ...) with
+small integer-like coefficients that only the code knows: which tensors HF's layers, the attention
+kernel, the MoE dispatch and each strategy keep.
+
+Rather than writing those coefficients down per architecture (and getting them wrong when
+transformers or a strategy changes), we measure them: build *twins* of the model (same class, same
+depth, same strategies and dtype, but widths of a few dozen), run one real training forward of each on
+the CPU at a few batch shapes, and solve for the coefficients by least squares. The fit is exact when
+every saved tensor is one of the monomials below (then the twins' residual is ~0, reported as
+`fit_residual`), and the full-size prediction is the monomials evaluated at the real widths.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from memft.models.load import _EXPERT_COUNT_KEYS, is_moe
+
+TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
+                 "decoder_start_token_id")
+
+
+@dataclass
+class Widths:
+    """The dimensions a saved tensor's shape can be made of."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+
+    @classmethod
+    def of(cls, config) -> Widths:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        experts = next((getattr(config, k) for k in _EXPERT_COUNT_KEYS if isinstance(getattr(config, k, None), int)), 0)
+        moe = is_moe(config)
+        return cls(hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 0) or 0, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   vocab=config.vocab_size, experts=experts if moe else 0,
+                   top_k=(getattr(config, "num_experts_per_tok", 0) or 0) if moe else 0,
+                   expert_intermediate=(getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
+                   if moe else 0,
+                   shared_intermediate=getattr(config, "shared_expert_intermediate_size", 0) or 0)
+
+
+def features(w: Widths, batch: int, seq: int, grad_tokens: int | None = None,
+             weight_casts: bool = False) -> dict[str, float]:
+    """The monomials saved bytes are made of, for one forward of `batch` sequences of `seq` tokens.
+
+    `grad_tokens`: when a strategy lets only some tokens carry gradients (TokenTune), their count; the
+    token monomials then appear twice, once for all tokens and once for those.
+    `weight_casts`: under autocast, the low-precision copy of each trainable weight is saved too.
+    """
+    n = batch * seq
+    out = _token_features("tokens", n, w) | {
+        "batch": batch,
+        "seq x head_dim": seq * w.head_dim,
+        "batch x seq^2": batch * seq * seq,
+        "batch x heads x seq^2": batch * w.heads * seq * seq,
+        "experts": w.experts,
+        "experts x hidden": w.experts * w.hidden,
+        "experts x expert width": w.experts * w.expert_intermediate,
+        "experts x hidden x expert width": w.experts * w.hidden * w.expert_intermediate,  # peft's fused-expert deltas
+        "constant": 1,
+    }
+    if weight_casts:
+        q, kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
+        out |= {"hidden": w.hidden, "intermediate": w.intermediate, "query width": q, "key/value width": kv,
+                "vocab": w.vocab, "hidden x hidden": w.hidden ** 2, "hidden x intermediate": w.hidden * w.intermediate,
+                "hidden x query width": w.hidden * q, "hidden x key/value width": w.hidden * kv,
+                "hidden x vocab": w.hidden * w.vocab, "hidden x shared expert width": w.hidden * w.shared_intermediate}
+    if grad_tokens is not None:
+        out |= _token_features("grad tokens", grad_tokens, w) | {
+            "grad tokens x seq": grad_tokens * seq, "grad tokens x heads x seq": grad_tokens * w.heads * seq,
+            "grad tokens x head_dim": grad_tokens * w.head_dim}
+    return out
+
+
+def _token_features(label: str, n: int, w: Widths) -> dict[str, float]:
+    return {
+        label: n,
+        f"{label} x hidden": n * w.hidden,
+        f"{label} x intermediate": n * w.intermediate,
+        f"{label} x query width": n * w.heads * w.head_dim,
+        f"{label} x key/value width": n * w.kv_heads * w.head_dim,
+        f"{label} x heads": n * w.heads,
+        f"{label} x vocab": n * w.vocab,
+        f"{label} x experts": n * w.experts,
+        f"{label} x top-k": n * w.top_k,
+        f"{label} x top-k x hidden": n * w.top_k * w.hidden,
+        f"{label} x top-k x expert width": n * w.top_k * w.expert_intermediate,
+        f"{label} x shared expert width": n * w.shared_intermediate,
+    }
+
+
+LOGIT_FEATURES = ("tokens x vocab", "grad tokens x vocab")
+"""Features that belong to the logits and loss rather than to the decoder layers."""
+
+
+def twin_config(config, w: Widths):
+    """`config` with its widths replaced by `w` (depth, layer pattern, norms, flags unchanged)."""
+    twin = copy.deepcopy(config)
+    values = {"hidden_size": w.hidden, "intermediate_size": w.intermediate, "num_attention_heads": w.heads,
+              "num_key_value_heads": w.kv_heads, "vocab_size": w.vocab, "num_experts_per_tok": w.top_k,
+              "moe_intermediate_size": w.expert_intermediate, "shared_expert_intermediate_size": w.shared_intermediate}
+    if getattr(config, "head_dim", None):
+        values["head_dim"] = w.head_dim
+    for key in _EXPERT_COUNT_KEYS:
+        values[key] = w.experts
+    for key, value in values.items():
+        if getattr(config, key, None):  # only what the architecture has
+            setattr(twin, key, value)
+    for key in TOKEN_ID_KEYS:
+        token = getattr(config, key, None)
+        if isinstance(token, int) and token >= w.vocab:
+            setattr(twin, key, w.vocab - 1)
+    return twin
+
+
+def sample_widths(real: Widths, config, rng: random.Random) -> Widths:
+    """Small random widths of the same architecture (multiples of 8, so every kernel choice stays the same)."""
+    heads = rng.choice([2, 4, 6]) if real.heads > 1 else 1
+    kv_heads = heads if real.kv_heads == real.heads else rng.choice([d for d in range(1, heads + 1) if heads % d == 0
+                                                                     and d < heads] or [1])
+    head_dim = rng.choice([8, 16, 24])
+    hidden = rng.randrange(32, 104, 8) if getattr(config, "head_dim", None) else heads * head_dim
+    intermediate = rng.randrange(16, 136, 8) if real.intermediate else 0
+    experts = rng.randrange(2, 7) if real.experts else 0
+    # Mixtral-style experts are `intermediate_size` wide; Qwen-MoE-style ones have their own width
+    expert_width = (rng.randrange(16, 72, 8) if getattr(config, "moe_intermediate_size", None) else intermediate
+                    ) if experts else 0
+    return Widths(hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                  vocab=rng.randrange(64, 328, 8), experts=experts,
+                  top_k=rng.randrange(1, min(experts, 3) + 1) if experts else 0, expert_intermediate=expert_width,
+                  shared_intermediate=rng.randrange(16, 72, 8) if real.shared_intermediate else 0)
+
+
+@dataclass
+class Fit:
+    coefficients: dict[str, float]
+    """Bytes per unit of each feature."""
+    residual: float
+    """Largest relative error of the fit on the twins themselves (0: every saved tensor is a feature)."""
+    twins: int
+
+    def predict(self, w: Widths, batch: int, seq: int, grad_tokens: int | None = None) -> tuple[float, float]:
+        """(total bytes, of which logits and loss) for a forward of `batch` x `seq` at widths `w`."""
+        f = features(w, batch, seq, grad_tokens, weight_casts=True)
+        total = sum(self.coefficients.get(k, 0.0) * v for k, v in f.items())
+        logits = sum(self.coefficients.get(k, 0.0) * f[k] for k in LOGIT_FEATURES if k in f)
+        return total, logits
+
+
+SHAPES_PER_TWIN = 3
+"""Batch shapes measured on each twin (building a twin costs more than running it)."""
+
+
+def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weight_casts: bool = False,
+        seed: int = 0) -> Fit:
+    """Measure twins with `measure(twin_config, [(batch, seq), ...]) -> [(bytes, grad_tokens or None), ...]` and
+    fit the feature coefficients. `partial_gradients`: a strategy reports grad tokens; `weight_casts`: the
+    forward runs under autocast (more features each)."""
+    real = Widths.of(config)
+    names = [k for k, v in features(real, 2, 16, 8 if partial_gradients else None, weight_casts).items() if v]
+    rng = random.Random(seed)
+    rows, targets = [], []
+    twins = math.ceil((len(names) + 6) / SHAPES_PER_TWIN)
+    for _ in range(twins):
+        w = sample_widths(real, config, rng)
+        shapes = [(rng.randint(1, 3), rng.randrange(8, min(max_seq, 64) + 1)) for _ in range(SHAPES_PER_TWIN)]
+        for (batch, seq), (measured, grad_tokens) in zip(shapes, measure(twin_config(config, w), shapes)):
+            f = features(w, batch, seq, grad_tokens, weight_casts)
+            rows.append([f.get(k, 0.0) for k in names])
+            targets.append(measured)
+    a = torch.tensor(rows, dtype=torch.float64)
+    b = torch.tensor(targets, dtype=torch.float64)
+    scale = a.abs().amax(0).clamp_min(1)
+    solution = torch.linalg.lstsq(a / scale, b[:, None], driver="gelsd").solution[:, 0] / scale
+    residual = float(((a @ solution - b).abs() / b.clamp_min(1)).max())
+    return Fit(dict(zip(names, solution.tolist())), residual if math.isfinite(residual) else float("inf"), twins)

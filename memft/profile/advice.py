@@ -1,0 +1,92 @@
+"""What to change when a recipe does not fit a memory budget: candidates, each profiled, ranked.
+
+Every candidate is a set of recipe overrides (the same `key=value` strings `memft train` takes), so a
+suggestion can be pasted onto the command line as is. Each is predicted by the same profiler, and its
+speed cost is a rough factor from our side-by-side CPU benchmarks (docs/benchmarks.md and the strategy
+pages), stated as such.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from memft.errors import UserError
+from memft.recipe import Recipe
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """`24GiB`, `80GB`, `24G` (binary), `512MiB` or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise UserError(f"`--gpu-memory {text}`: give a size like 24GiB, 80GB or 24G")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+@dataclass
+class Change:
+    label: str
+    overrides: list[str]
+    cost: str
+    """Expected effect on speed (or on what is trained), in words."""
+
+
+def candidates(recipe: Recipe) -> list[Change]:
+    """Changes worth trying for `recipe`, each a list of overrides."""
+    names = [s.name for s in recipe.strategies]
+    specs = [s.model_dump(mode="json", exclude_defaults=True) for s in recipe.strategies]
+    t = recipe.train
+
+    def with_strategies(*extra: dict, drop: tuple[str, ...] = ()) -> list[str]:
+        kept = [s for s in specs if s["name"] not in drop]
+        return [f"strategies={[*kept, *extra]}".replace("'", "")]
+
+    out = []
+    if not t.gradient_checkpointing and "revffn" not in names:
+        out.append(Change("gradient checkpointing", ["train.gradient_checkpointing=true"],
+                          "about 1.3x step time (each layer's forward runs twice)"))
+    if t.optimizer == "adamw" and any(s in names for s in ("full", "lora")):
+        out.append(Change("8-bit AdamW", ["train.optimizer=adamw_8bit"], "about the same speed; optimizer state 4x smaller"))
+    if "full" in names:
+        out.append(Change("LoRA instead of full fine-tuning", with_strategies({"name": "lora"}, drop=("full",)),
+                          "trains adapters, not the weights"))
+        out.append(Change("QLoRA instead of full fine-tuning", with_strategies({"name": "qlora"}, drop=("full",)),
+                          "trains adapters on a 4-bit base; matmuls dequantize (slower)"))
+    if "lora" in names:
+        lora = next(s for s in specs if s["name"] == "lora")
+        out.append(Change("QLoRA instead of LoRA", with_strategies({**lora, "name": "qlora"}, drop=("lora",)),
+                          "4-bit base weights; matmuls dequantize (slower)"))
+    if "tokentune" not in names and "revffn" not in names:
+        out.append(Change("TokenTune (25% of tokens carry gradients)",
+                          with_strategies({"name": "tokentune", "params": {"fraction": 0.25}}),
+                          "exact forward, gradients from a quarter of the tokens"))
+    if "lcsb" not in names and "revffn" not in names and any(s in names for s in ("lora", "qlora", "full")):
+        out.append(Change("LCSB (1 of 4 layer groups gets gradients per step)",
+                          with_strategies({"name": "lcsb", "params": {"groups": 4}}),
+                          "faster backward; each layer is trained every 4th step"))
+    if t.batch_size > 1:
+        half = t.batch_size // 2
+        out.append(Change(f"micro-batch {half}, accumulation {t.grad_accum * t.batch_size // half}",
+                          [f"train.batch_size={half}", f"train.grad_accum={t.grad_accum * t.batch_size // half}"],
+                          "same tokens per step, more micro-steps (lower throughput on a GPU)"))
+    if recipe.data.max_length > 256:
+        out.append(Change(f"sequences of {recipe.data.max_length // 2} tokens",
+                          [f"data.max_length={recipe.data.max_length // 2}"],
+                          "truncates longer examples (changes the data)"))
+    return out
+
+
+def rank(recipe: Recipe, overrides: list[str], budget: int, predict) -> list[tuple[Change, object]]:
+    """Each candidate's profile (`predict(overrides) -> Profile`, None when the change is invalid here), those
+    that fit first, each group by predicted peak."""
+    results = []
+    for change in candidates(recipe):
+        try:
+            profile = predict([*overrides, *change.overrides])
+        except UserError:
+            continue  # the change conflicts with this recipe (e.g. a strategy combination)
+        results.append((change, profile))
+    return sorted(results, key=lambda cp: (cp[1].peak > budget, cp[1].peak))

@@ -1,0 +1,315 @@
+"""The memory a recipe needs, predicted from its model's config: no weights, no GPU.
+
+* Weights, gradients and optimizer state are **exact**: the model is built on PyTorch's `meta` device
+  (shapes and dtypes, no storage) with the recipe's strategies applied, and every parameter is
+  counted as the real run stores it (bitsandbytes' NF4 packing and quantization constants for QLoRA,
+  AdamW's two moments in the parameter's dtype, 8-bit AdamW's blockwise state).
+* Activations are **fitted from real steps of small twins** of the model (`activations.py`).
+* Strategies add what lives outside the model (MEFT's host-memory adapter) through `Strategy.estimate()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memft import registry
+from memft.models.load import (
+    _auto_class,
+    build_model,
+    is_moe,
+    model_kwargs,
+    resolve_config,
+    resolve_device,
+)
+from memft.paths import CONFIGS_DIR
+from memft.profile import activations
+from memft.recipe import Recipe
+from memft.registry import BuildContext, MemoryEstimate
+from memft.strategies.lora import HEADS
+from memft.train.meters import SavedTensorMeter
+
+SHIPPED = CONFIGS_DIR / "hub"
+"""Public config.json files of popular models, by hub id (`configs/hub/<org>/<name>.json`)."""
+
+NF4_BLOCK = 64
+"""bitsandbytes' 4-bit block size: one absmax per 64 weights."""
+DOUBLE_QUANT_BLOCK = 256
+"""With double quantization the absmax values are themselves 8-bit in blocks of 256."""
+ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256
+"""bitsandbytes' 8-bit AdamW keeps fp32 state below 4,096 elements, else uint8 state with an fp32 absmax per 256."""
+
+
+def shipped_config(name: str) -> Path | None:
+    path = SHIPPED / f"{name}.json"
+    return path if "/" in name and path.is_file() else None
+
+
+def list_shipped() -> list[str]:
+    return sorted(str(p.relative_to(SHIPPED).with_suffix("")) for p in SHIPPED.glob("*/*.json"))
+
+
+@dataclass
+class Profile:
+    model: str
+    source: str
+    device: str
+    dtype: str
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    strategies: list[str]
+    gradient_checkpointing: bool
+    optimizer: str
+    params: int
+    trainable_params: int
+    weights: dict[str, int]
+    """Bytes of the weights (and buffers) by storage kind: `float32`, `bfloat16`, `nf4` (packed + constants)."""
+    gradients: int
+    optimizer_state: int
+    activations: int
+    """Bytes autograd saves for backward in one micro-batch (what `activation_bytes` in summary.json measures)."""
+    logits: int
+    """The part of `activations` that belongs to the logits and the loss."""
+    layers: int
+    backward_transient: int
+    """The largest buffer backward allocates on top: the logits' gradient."""
+    strategy_device: dict[str, int] = field(default_factory=dict)
+    """Device bytes strategies add outside the model (MEFT's shipped rows)."""
+    host: dict[str, int] = field(default_factory=dict)
+    """Host-memory bytes strategies keep (MEFT's adapter and its AdamW state)."""
+    fit_residual: float = 0.0
+    twins: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def per_layer(self) -> int:
+        return (self.activations - self.logits) // max(self.layers, 1)
+
+    @property
+    def peak(self) -> int:
+        """Weights + gradients + optimizer state + one micro-batch's activations + backward's largest buffer."""
+        return (self.weight_bytes + self.gradients + self.optimizer_state + self.activations + self.backward_transient
+                + sum(self.strategy_device.values()))
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "weight_bytes": self.weight_bytes, "activations_per_layer": self.per_layer,
+                "peak": self.peak}
+
+
+def skeleton(recipe: Recipe, config) -> tuple[nn.Module, list, set[int]]:
+    """The model on the meta device with the recipe's strategies applied, and the ids of the weights a
+    4-bit load would quantize (every `nn.Linear` of the base model but the heads)."""
+    strategies = registry.compose(recipe)
+    with torch.device("meta"):
+        model = _auto_class(recipe.model.task, config).from_config(config, **model_kwargs(config, recipe.model))
+    quantized = set()
+    if any(s.load_kwargs(recipe).get("quantization_config") is not None for s in strategies):
+        quantized = {id(m.weight) for name, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in HEADS}
+    ctx = BuildContext(recipe=recipe, device=torch.device("meta"), is_moe=is_moe(config),
+                       total_steps=recipe.train.max_steps)
+    for s in strategies:
+        model = s.apply(model, ctx)
+    return model, strategies, quantized
+
+
+def nf4_bytes(numel: int, double_quant: bool) -> int:
+    """Storage of one 4-bit weight: packed nibbles plus its quantization constants."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    packed = math.ceil(numel / 2) + 4 * 16  # two weights per byte, and the 16 NF4 levels (float32)
+    if not double_quant:
+        return packed + 4 * blocks
+    return packed + blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 4 * 256 + 4  # + 8-bit absmax's own constants
+
+
+def state_bytes(model: nn.Module, quantized: set[int], recipe: Recipe, double_quant: bool) -> dict:
+    """Weights by kind, gradients and optimizer state, exactly as the run stores them."""
+    weights: dict[str, int] = {}
+    seen = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if id(t) in quantized:
+            weights["nf4"] = weights.get("nf4", 0) + nf4_bytes(t.numel(), double_quant)
+        else:
+            kind = str(t.dtype).removeprefix("torch.")
+            weights[kind] = weights.get(kind, 0) + t.numel() * t.element_size()
+    trainable = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    if recipe.train.optimizer == "adamw_8bit":
+        big = [p for p in trainable if p.numel() >= ADAM8_MIN_SIZE]
+        optimizer = (sum(2 * p.numel() + 2 * 4 * math.ceil(p.numel() / ADAM8_BLOCK) for p in big)
+                     + sum(2 * 4 * p.numel() for p in trainable if p.numel() < ADAM8_MIN_SIZE)
+                     + (2 * 4 * 256 if big else 0))  # the two quantization maps, shared by all parameters
+    else:
+        optimizer = sum(2 * p.numel() * p.element_size() + 4 for p in trainable)  # exp_avg, exp_avg_sq, step
+    return {"weights": weights, "gradients": gradients, "optimizer_state": optimizer,
+            "params": sum(t.numel() for t in model.parameters()), "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):
+    """`measure(config, shapes) -> [(bytes, grad tokens)]`: saved-tensor bytes of real training forwards of
+    `config` with the recipe's strategies at each (batch, seq), on the CPU (`vary`: let strategies re-draw what sets their
+    grad tokens, for the fit)."""
+    from memft.train.loop import enable_gradient_checkpointing, step_loss
+
+    rng = random.Random(seed)
+
+    def measure(config, shapes: list[tuple[int, int]]) -> list[tuple[int, int | None]]:
+        strategies = registry.compose(recipe)
+        for s in strategies if vary else ():
+            s.vary_for_profile(rng)
+        load_kwargs = {}
+        for s in strategies:
+            load_kwargs.update(s.load_kwargs(recipe))
+        model = build_model(config, recipe.model, quantization_config=load_kwargs.get("quantization_config"),
+                            device=torch.device("cpu"))
+        ctx = BuildContext(recipe=recipe, device=torch.device("cpu"), is_moe=is_moe(config),
+                           total_steps=recipe.train.max_steps)
+        for s in strategies:
+            model = s.apply(model, ctx)
+        if recipe.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        out = []
+        for batch, seq in shapes:
+            inputs = synthetic_batch(recipe, config.vocab_size, batch, seq,
+                                     torch.Generator().manual_seed(seed + batch * 1000 + seq))
+            for s in strategies:
+                inputs = s.on_step_start(0, inputs)
+            with SavedTensorMeter(model) as meter, autocast:
+                step_loss(strategies, model, inputs, recipe.model.task)
+            out.append((meter.bytes, grad_tokens(strategies, inputs)))
+        return out
+
+    return measure
+
+
+def grad_tokens(strategies: list, batch: dict) -> int | None:
+    """Tokens of `batch` that carry gradients, when a strategy chooses them (TokenTune); None: all."""
+    return next((n for s in strategies if (n := s.grad_tokens(batch)) is not None), None)
+
+
+def synthetic_batch(recipe: Recipe, vocab: int, batch: int, seq: int, generator: torch.Generator) -> dict:
+    """Full-length random sequences (the worst case a batch of `data.max_length` can be)."""
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels = (torch.randint(0, recipe.model.num_labels or 2, (batch,), generator=generator)
+              if recipe.model.task == "sequence_classification" else ids.clone())
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def profile(recipe: Recipe, device: str | None = None) -> Profile:
+    """Predict `recipe`'s memory on `device` (default: what `model.device` resolves to here)."""
+    from memft.train.loop import autocast_context
+
+    target = torch.device(device) if device else resolve_device(recipe.model.device)
+    num_labels = recipe.model.num_labels or (2 if recipe.model.task == "sequence_classification" else None)
+    resolved = resolve_config(recipe.model, num_labels=num_labels, fallback=shipped_config)
+    config = resolved.config
+    model, strategies, quantized = skeleton(recipe, config)
+    qlora = next((s for s in strategies if s.name == "qlora"), None)
+    states = state_bytes(model, quantized, recipe, double_quant=bool(qlora and qlora.params.double_quant))
+
+    autocast = autocast_context(recipe, target) if target.type == "cpu" else _cpu_twin_autocast(recipe, target)
+    seq = recipe.data.max_length
+    batch = recipe.train.batch_size
+    real_batch = synthetic_batch(recipe, config.vocab_size, batch, seq, torch.Generator().manual_seed(0))
+    for s in strategies:
+        real_batch = s.on_step_start(0, real_batch)
+    selected = grad_tokens(strategies, real_batch)
+    fit = activations.fit(twin_measure(recipe, autocast), config, max_seq=seq, partial_gradients=selected is not None,
+                          weight_casts=isinstance(autocast, torch.autocast))
+    widths = activations.Widths.of(config)
+    total, logits = fit.predict(widths, batch, seq, selected)
+    transient = batch * seq * widths.vocab * 4 if recipe.model.task == "causal_lm" else 0
+
+    extra = MemoryEstimate()
+    for s in strategies:
+        extra.merge(s.estimate(model, recipe, batch * seq))
+    return Profile(
+        model=recipe.model.name, source=resolved.source, device=str(target), dtype=recipe.model.dtype,
+        batch_size=batch, seq_len=seq, grad_accum=recipe.train.grad_accum,
+        strategies=[s.name for s in strategies], gradient_checkpointing=recipe.train.gradient_checkpointing,
+        optimizer=recipe.train.optimizer, params=states["params"], trainable_params=states["trainable_params"],
+        weights=states["weights"], gradients=states["gradients"], optimizer_state=states["optimizer_state"],
+        activations=int(round(total)), logits=int(round(logits)), layers=config.num_hidden_layers,
+        backward_transient=transient, strategy_device=extra.device, host=extra.host,
+        fit_residual=fit.residual, twins=fit.twins, notes=extra.notes)
+
+
+def _cpu_twin_autocast(recipe: Recipe, target: torch.device):
+    """On CUDA the loop autocasts to bf16 by default; the CPU twins do the same so they save what it saves."""
+    from contextlib import nullcontext
+
+    wanted = recipe.train.autocast
+    if wanted == "bf16" or (wanted == "auto" and target.type == "cuda"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def write_json(p: Profile, path: Path) -> None:
+    path.write_text(json.dumps(p.to_json(), indent=2))
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and buffers occupy, each storage once, with 4-bit quantization constants."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        if torch.is_tensor(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            for part in (state.absmax, state.code, state.offset,
+                         *((state.state2.absmax, state.state2.code) if state.nested else ())):
+                add(part)
+    return sum(seen.values())
+
+
+def measure(recipe: Recipe) -> dict:
+    """One real training step of `recipe` here, on a full-length synthetic micro-batch: the bytes autograd
+    saved, the weights, gradients and optimizer state as stored, and on CUDA the peak allocated."""
+    import tempfile
+
+    from memft.train.loop import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="memft-profile-") as tmp:
+        t = Trainer(recipe.model_copy(deep=True), run_dir=tmp).setup()
+        cuda = t.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(t.device)
+        vocab = t.model.config.vocab_size
+        batch = {k: v.to(t.device) for k, v in synthetic_batch(recipe, vocab, recipe.train.batch_size,
+                                                               recipe.data.max_length, torch.Generator().manual_seed(0)).items()}
+        for s in t.strategies:
+            batch = s.on_step_start(0, batch)
+        t.model.train()
+        with SavedTensorMeter(t.model) as meter, t.autocast:
+            out = t._loss(batch)
+        (out.loss_sum / max(out.count, 1)).backward()
+        for s in t.strategies:
+            s.after_backward(0)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in t.model.parameters() if p.grad is not None)
+        t.optimizer.step()
+        for s in t.strategies:
+            s.after_optimizer_step(0)
+        states = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                  for state in t.optimizer.state.values() for v in state.values() if torch.is_tensor(v)}
+        return {"activation_bytes": meter.bytes, "weight_bytes": stored_bytes(t.model), "gradient_bytes": grads,
+                "optimizer_bytes": sum(states.values()),
+                "cuda_peak_bytes": torch.cuda.max_memory_allocated(t.device) if cuda else None}

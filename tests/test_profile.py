@@ -1,0 +1,135 @@
+"""`memft profile`: weights, gradients and optimizer state exact; activations within 10% of measured."""
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from memft.models.load import resolve_config
+from memft.profile import activations, advice, predict
+from memft.recipe import load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe(model: str, strategies: str, *extra: str):
+    return load(REPO / "recipes" / "lora.yaml", [f"model.name={model}", f"strategies={strategies}",
+                                                 "train.batch_size=2", "data.max_length=96", *extra])
+
+
+STATE_CASES = [
+    ("tiny-llama", "[{name: full}]", ()),
+    ("tiny-mixtral", "[{name: lora, params: {r: 4}}]", ("model.dtype=bfloat16",)),
+    ("tiny-qwen2-moe", "[{name: full}]", ("train.optimizer=adamw_8bit",)),
+    ("stories260K", "[{name: qlora}]", ()),
+    ("stories260K", "[{name: qlora, params: {double_quant: false}}]", ()),
+    ("tiny-mixtral", "[{name: full, params: {freeze: ['.*embed.*']}}, {name: revffn}]", ()),
+    ("tiny-llama", "[{name: meft, params: {width: 256, experts: 16}}]", ()),
+]
+
+
+@pytest.mark.parametrize("model,strategies,extra", STATE_CASES)
+def test_weights_gradients_and_optimizer_state_are_exact(model, strategies, extra):
+    r = recipe(model, strategies, *extra)
+    config = resolve_config(r.model).config
+    skeleton, built, quantized = predict.skeleton(r, config)
+    qlora = next((s for s in built if s.name == "qlora"), None)
+    predicted = predict.state_bytes(skeleton, quantized, r, double_quant=bool(qlora and qlora.params.double_quant))
+    measured = predict.measure(r)
+    assert sum(predicted["weights"].values()) == measured["weight_bytes"]
+    assert predicted["gradients"] == measured["gradient_bytes"]
+    assert predicted["optimizer_state"] == measured["optimizer_bytes"]
+
+
+ACTIVATION_CASES = [
+    ("tiny-llama", "[{name: full}]", ()),
+    ("tiny-llama", "[{name: qlora}]", ()),
+    ("tiny-llama", "[{name: full}]", ("train.gradient_checkpointing=true",)),
+    ("tiny-llama", "[{name: lora}, {name: revffn, params: {coupling: momentum}}]", ()),
+    ("tiny-mixtral", "[{name: lora}]", ()),
+    ("tiny-mixtral", "[{name: lora}, {name: lcsb, params: {groups: 2}}]", ()),
+    ("tiny-mixtral", "[{name: full}, {name: revffn}]", ()),
+    ("tiny-qwen2-moe", "[{name: full}]", ("train.gradient_checkpointing=true",)),
+    ("tiny-olmoe", "[{name: lora}]", ("model.dtype=bfloat16",)),
+    ("tiny-llama", "[{name: full}]", ("train.autocast=bf16",)),  # saves bf16 copies of the fp32 weights too
+    ("tiny-mixtral", "[{name: lora}]", ("train.autocast=bf16",)),
+]
+
+
+@pytest.mark.parametrize("model,strategies,extra", ACTIVATION_CASES)
+def test_predicted_activations_are_within_10_percent_of_measured(model, strategies, extra):
+    """One fit on small twins, checked against real saved-tensor bytes at three batch shapes, none of them a twin."""
+    r = recipe(model, strategies, *extra)
+    config = resolve_config(r.model).config
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if r.train.autocast == "bf16" else contextlib.nullcontext()
+    fit = activations.fit(predict.twin_measure(r, autocast), config, max_seq=256,
+                          weight_casts=r.train.autocast == "bf16")
+    real = predict.twin_measure(r, autocast, vary=False)
+    widths = activations.Widths.of(config)
+    shapes = [(1, 80), (2, 128), (4, 200)]
+    for (batch, seq), (measured, _) in zip(shapes, real(config, shapes)):
+        predicted, logits = fit.predict(widths, batch, seq)
+        assert abs(predicted / measured - 1) <= 0.10, (batch, seq, predicted, measured)
+        assert 0 < logits < predicted
+
+
+def test_profile_matches_a_real_step_of_the_recipe():
+    r = recipe("tiny-mixtral", "[{name: lora}]")
+    p = predict.profile(r, "cpu")
+    m = predict.measure(r)
+    assert abs(p.activations / m["activation_bytes"] - 1) <= 0.10
+    assert (p.weight_bytes, p.gradients, p.optimizer_state) == (m["weight_bytes"], m["gradient_bytes"], m["optimizer_bytes"])
+    assert p.peak == (p.weight_bytes + p.gradients + p.optimizer_state + p.activations + p.backward_transient)
+
+
+def test_shipped_configs_of_popular_models_profile_offline():
+    r = load(REPO / "recipes" / "lora.yaml", ["model.name=meta-llama/Meta-Llama-3-8B", "model.dtype=bfloat16",
+                                              "data.max_length=1024", "train.batch_size=1"])
+    p = predict.profile(r, "cuda")
+    assert p.params > 8_030_000_000 and p.source.endswith("(config shipped with memft)")
+    assert p.weights["bfloat16"] == 2 * 8_030_261_248  # the base; LoRA's adapters are float32
+    # 1,024 tokens of a 32-layer model, at least the residual stream and the FFN input per layer in bf16
+    assert p.activations > 32 * 1024 * 4096 * 2 * 2
+    assert set(predict.list_shipped()) >= {"mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B", "Qwen/Qwen2.5-7B",
+                                           "allenai/OLMoE-1B-7B-0924", "google-bert/bert-large-uncased"}
+
+
+def test_budget_parsing():
+    assert advice.parse_bytes("24GiB") == 24 * 2**30 and advice.parse_bytes("80GB") == 80 * 10**9
+    assert advice.parse_bytes("512M") == 512 * 2**20 and advice.parse_bytes("1000") == 1000
+    from memft.errors import UserError
+
+    with pytest.raises(UserError, match="24GiB"):
+        advice.parse_bytes("lots")
+
+
+def test_cli_profile_fit_advice_and_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from memft.cli import app
+
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(app, ["profile", "recipes/lora.yaml", "model.name=tiny-llama", "data.max_length=128",
+                                      "strategies=[{name: full}]", "--gpu-memory", "4MiB", "--json", str(out)],
+                                    env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "predicted peak" in result.output and "does not fit" in result.output
+    assert "gradient checkpointing" in result.output and "LoRA instead of full" in result.output
+    saved = json.loads(out.read_text())
+    assert saved["peak"] > 4 * 2**20 and saved["activations"] > 0 and saved["weights"]["float32"] > 0
+    bad = CliRunner().invoke(app, ["profile", "recipes/lora.yaml", "--gpu-memory", "lots"])
+    assert bad.exit_code == 2 and "24GiB" in bad.output
+
+
+def test_advice_ranks_fitting_changes_first():
+    r = recipe("tiny-llama", "[{name: full}]")
+    base = predict.profile(r, "cpu")
+    budget = int(base.peak * 0.8)
+    ranked = advice.rank(r, ["model.name=tiny-llama", "strategies=[{name: full}]", "train.batch_size=2",
+                             "data.max_length=96"], budget,
+                         lambda extra: predict.profile(load(REPO / "recipes" / "lora.yaml", extra), "cpu"))
+    fits = [p.peak <= budget for _, p in ranked]
+    assert any(fits) and fits == sorted(fits, reverse=True)  # every fitting change before every other one
+    assert all(p.peak < base.peak for c, p in ranked if c.label == "gradient checkpointing")
