@@ -1,0 +1,141 @@
+"""`memft profile` measurements for docs/profile.md.
+
+Usage:
+    python benchmarks/profile.py accuracy   # predicted vs measured, every strategy, tiny dense and MoE models
+    python benchmarks/profile.py popular    # predicted peak of the shipped popular models under each strategy
+    python benchmarks/profile.py plot       # docs/img/profile_popular.png from the `popular` results
+
+Results go to benchmarks/results/profile_<part>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lcsb import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+ACCURACY = [  # (model, strategies, extra overrides)
+    ("tiny-llama", "[{name: full}]", []),
+    ("tiny-llama", "[{name: full}]", ["train.gradient_checkpointing=true"]),
+    ("tiny-llama", "[{name: lora}]", []),
+    ("tiny-llama", "[{name: qlora}]", []),
+    ("tiny-llama", "[{name: full}]", ["train.optimizer=adamw_8bit"]),
+    ("tiny-llama", "[{name: full}, {name: tokentune, params: {fraction: 0.25}}]", []),
+    ("tiny-llama", "[{name: lora}, {name: lcsb, params: {groups: 4}}]", []),
+    ("tiny-llama", "[{name: full}, {name: revffn}]", []),
+    ("tiny-llama", "[{name: meft, params: {width: 1024, experts: 16}}]", []),
+    ("tiny-llama", "[{name: full}]", ["train.autocast=bf16"]),
+    ("tiny-mixtral", "[{name: full}]", []),
+    ("tiny-mixtral", "[{name: lora}]", ["train.gradient_checkpointing=true"]),
+    ("tiny-mixtral", "[{name: qlora}]", []),
+    ("tiny-mixtral", "[{name: lora}, {name: lcsb, params: {groups: 2}}]", []),
+    ("tiny-mixtral", "[{name: full}, {name: revffn}]", []),
+    ("tiny-qwen2-moe", "[{name: lora}]", ["model.dtype=bfloat16"]),
+    ("tiny-olmoe", "[{name: full}, {name: tokentune, params: {fraction: 0.25}}]", []),
+]
+
+POPULAR_STRATEGIES = {
+    "full": ("[{name: full}]", []),
+    "full + checkpointing": ("[{name: full}]", ["train.gradient_checkpointing=true"]),
+    "full + 8-bit AdamW + checkpointing": ("[{name: full}]", ["train.gradient_checkpointing=true",
+                                                              "train.optimizer=adamw_8bit"]),
+    "lora": ("[{name: lora}]", []),
+    "lora + checkpointing": ("[{name: lora}]", ["train.gradient_checkpointing=true"]),
+    "qlora + checkpointing": ("[{name: qlora}]", ["train.gradient_checkpointing=true"]),
+}
+
+
+def accuracy(batch: int, seq: int) -> list[dict]:
+    from memft.profile import predict
+    from memft.recipe import load
+
+    rows = []
+    for model, strategies, extra in ACCURACY:
+        r = load(ROOT / "recipes" / "lora.yaml", [f"model.name={model}", f"strategies={strategies}",
+                                                  f"train.batch_size={batch}", f"data.max_length={seq}", *extra])
+        started = time.perf_counter()
+        p = predict.profile(r, "cpu")
+        seconds = time.perf_counter() - started
+        m = predict.measure(r)
+        row = {"model": model, "strategies": strategies, "extra": extra, "profile_s": seconds,
+               "fit_residual": p.fit_residual, "predicted": p.to_json(), "measured": m,
+               "activation_ratio": p.activations / m["activation_bytes"]}
+        rows.append(row)
+        print(f"{model:15} {strategies[:60]:60} {' '.join(extra):35} act {row['activation_ratio']:.3f} "
+              f"weights {p.weight_bytes == m['weight_bytes']} grads {p.gradients == m['gradient_bytes']} "
+              f"opt {p.optimizer_state == m['optimizer_bytes']} ({seconds:.1f} s)", flush=True)
+    return rows
+
+
+def popular(seq: int) -> list[dict]:
+    from memft.profile import predict
+    from memft.recipe import load
+
+    rows = []
+    for name in predict.list_shipped():
+        for label, (strategies, extra) in POPULAR_STRATEGIES.items():
+            task = ["model.task=sequence_classification", "model.num_labels=2"] if "bert" in name else []
+            r = load(ROOT / "recipes" / "lora.yaml", [f"model.name={name}", "model.dtype=bfloat16", *task,
+                                                      f"strategies={strategies}", "train.batch_size=1",
+                                                      f"data.max_length={min(seq, 512 if 'bert' in name else seq)}",
+                                                      *extra])
+            started = time.perf_counter()
+            p = predict.profile(r, "cuda")
+            rows.append({"model": name, "variant": label, "seconds": time.perf_counter() - started, **p.to_json()})
+            print(f"{name:40} {label:38} peak {p.peak / 2**30:7.1f} GiB (weights {p.weight_bytes / 2**30:.1f}, "
+                  f"activations {p.activations / 2**30:.1f}; {rows[-1]['seconds']:.1f} s)", flush=True)
+    return rows
+
+
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = json.loads((RESULTS / "profile_popular.json").read_text())["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    variants = list(POPULAR_STRATEGIES)
+    fig = Figure(figsize=(11, 5))
+    ax = fig.add_subplot()
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        peaks = [next((r["peak"] / 2**30 for r in rows if r["model"] == m and r["variant"] == v), 0) for m in models]
+        ax.bar([j + i * width for j in range(len(models))], peaks, width, label=v)
+    ax.set_yscale("log")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], [m.split("/")[1] for m in models],
+                  rotation=25, ha="right", fontsize=8)
+    for gib in (24, 80):
+        ax.axhline(gib, color="gray", lw=0.8, ls="--")
+        ax.text(len(models) - 0.5, gib * 1.05, f"{gib} GiB", fontsize=7, color="gray")
+    ax.set_ylabel("predicted peak (GiB, log scale)")
+    ax.set_title("memft profile: one sequence of 2,048 tokens (BERT: 512), bf16 weights, CUDA autocast")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = ROOT / "docs" / "img" / "profile_popular.png"
+    fig.savefig(out, dpi=100)
+    print(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["accuracy", "popular", "plot"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=None)
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.part == "plot":
+        plot()
+        return
+    rows = accuracy(args.batch, args.seq or 256) if args.part == "accuracy" else popular(args.seq or 2048)
+    (RESULTS / f"profile_{args.part}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
