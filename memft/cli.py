@@ -237,7 +237,7 @@ def profile(
                   "trying changes ...", highlight=False)
     with console.status("profiling the alternatives ..."):
         ranked = advice.rank(r, overrides or [], budget,
-                             lambda extra: predict.profile(recipe_mod.load(recipe, extra), device))
+                             lambda extra: predict.profile(recipe_mod.load(recipe, extra), device), moe=p.moe)
     table = Table(title=f"Changes, ranked (budget {_fmt_bytes(budget)})", title_justify="left")
     for col in ("change", "predicted peak", "fits", "cost", "overrides"):
         table.add_column(col, justify="right" if col == "predicted peak" else "left")

@@ -123,6 +123,16 @@ def test_cli_profile_fit_advice_and_json(tmp_path):
     assert bad.exit_code == 2 and "24GiB" in bad.output
 
 
+def test_advice_offers_leaving_the_experts_out_on_moe():
+    r = recipe("tiny-mixtral", "[{name: lora, params: {r: 4}}]")
+    changes = {c.label: c for c in advice.candidates(r, moe=True)}
+    assert "target_experts: False" in changes["lora without the routed experts"].overrides[0]
+    assert "lora without the routed experts" not in {c.label for c in advice.candidates(r, moe=False)}
+    lean = load(REPO / "recipes" / "lora.yaml", ["model.name=tiny-mixtral", "train.batch_size=2", "data.max_length=96",
+                                                 *changes["lora without the routed experts"].overrides])
+    assert predict.profile(lean, "cpu").peak < predict.profile(r, "cpu").peak
+
+
 def test_advice_ranks_fitting_changes_first():
     r = recipe("tiny-llama", "[{name: full}]")
     base = predict.profile(r, "cpu")

@@ -303,7 +303,7 @@ class ResolvedConfig:
     """Where it came from, for logs (see `LoadedModel.source`)."""
     weights: Any = None
     """What `from_pretrained` loads (a directory or hub id), or None for random init."""
-    hub_kwargs: dict = None
+    hub_kwargs: dict | None = None
 
 
 def resolve_config(cfg: ModelConfig, *, num_labels: int | None = None, pad_token_id: int | None = None,

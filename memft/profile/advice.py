@@ -34,8 +34,8 @@ class Change:
     """Expected effect on speed (or on what is trained), in words."""
 
 
-def candidates(recipe: Recipe) -> list[Change]:
-    """Changes worth trying for `recipe`, each a list of overrides."""
+def candidates(recipe: Recipe, moe: bool = False) -> list[Change]:
+    """Changes worth trying for `recipe` (`moe`: its model routes to experts), each a list of overrides."""
     names = [s.name for s in recipe.strategies]
     specs = [s.model_dump(mode="json", exclude_defaults=True) for s in recipe.strategies]
     t = recipe.train
@@ -59,6 +59,13 @@ def candidates(recipe: Recipe) -> list[Change]:
         lora = next(s for s in specs if s["name"] == "lora")
         out.append(Change("QLoRA instead of LoRA", with_strategies({**lora, "name": "qlora"}, drop=("lora",)),
                           "4-bit base weights; matmuls dequantize (slower)"))
+    for name in ("lora", "qlora"):
+        spec = next((s for s in specs if s["name"] == name), None)
+        if moe and spec is not None and spec.get("params", {}).get("target_experts") is not False:
+            out.append(Change(f"{name} without the routed experts",
+                              with_strategies({**spec, "params": {**spec.get("params", {}), "target_experts": False}},
+                                              drop=(name,)),
+                              "adapters on attention and shared layers only (peft keeps a delta per expert)"))
     if "tokentune" not in names and "revffn" not in names:
         out.append(Change("TokenTune (25% of tokens carry gradients)",
                           with_strategies({"name": "tokentune", "params": {"fraction": 0.25}}),
@@ -79,11 +86,11 @@ def candidates(recipe: Recipe) -> list[Change]:
     return out
 
 
-def rank(recipe: Recipe, overrides: list[str], budget: int, predict) -> list[tuple[Change, object]]:
-    """Each candidate's profile (`predict(overrides) -> Profile`, None when the change is invalid here), those
-    that fit first, each group by predicted peak."""
+def rank(recipe: Recipe, overrides: list[str], budget: int, predict, moe: bool = False) -> list[tuple[Change, object]]:
+    """Each candidate's profile (`predict(overrides) -> Profile`; changes the recipe refuses are left out),
+    those that fit first, each group by predicted peak."""
     results = []
-    for change in candidates(recipe):
+    for change in candidates(recipe, moe):
         try:
             profile = predict([*overrides, *change.overrides])
         except UserError:

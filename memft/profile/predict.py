@@ -67,6 +67,7 @@ class Profile:
     strategies: list[str]
     gradient_checkpointing: bool
     optimizer: str
+    moe: bool
     params: int
     trainable_params: int
     weights: dict[str, int]
@@ -242,7 +243,7 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         model=recipe.model.name, source=resolved.source, device=str(target), dtype=recipe.model.dtype,
         batch_size=batch, seq_len=seq, grad_accum=recipe.train.grad_accum,
         strategies=[s.name for s in strategies], gradient_checkpointing=recipe.train.gradient_checkpointing,
-        optimizer=recipe.train.optimizer, params=states["params"], trainable_params=states["trainable_params"],
+        optimizer=recipe.train.optimizer, moe=is_moe(config), params=states["params"], trainable_params=states["trainable_params"],
         weights=states["weights"], gradients=states["gradients"], optimizer_state=states["optimizer_state"],
         activations=int(round(total)), logits=int(round(logits)), layers=config.num_hidden_layers,
         backward_transient=transient, strategy_device=extra.device, host=extra.host,

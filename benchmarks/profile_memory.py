@@ -1,9 +1,9 @@
 """`memft profile` measurements for docs/profile.md.
 
 Usage:
-    python benchmarks/profile.py accuracy   # predicted vs measured, every strategy, tiny dense and MoE models
-    python benchmarks/profile.py popular    # predicted peak of the shipped popular models under each strategy
-    python benchmarks/profile.py plot       # docs/img/profile_popular.png from the `popular` results
+    python benchmarks/profile_memory.py accuracy   # predicted vs measured, every strategy, tiny dense and MoE models
+    python benchmarks/profile_memory.py popular    # predicted peak of the shipped popular models under each strategy
+    python benchmarks/profile_memory.py plot       # docs/img/profile_popular.png from the `popular` results
 
 Results go to benchmarks/results/profile_<part>.json.
 """
@@ -73,24 +73,30 @@ def accuracy(batch: int, seq: int) -> list[dict]:
     return rows
 
 
-def popular(seq: int) -> list[dict]:
+def popular(seq: int) -> None:
+    """Profiles every shipped model under each variant; results are saved after each one (a rerun skips
+    what is there)."""
     from memft.profile import predict
     from memft.recipe import load
 
-    rows = []
+    out = RESULTS / "profile_popular.json"
+    saved = json.loads(out.read_text()) if out.exists() else {"machine": machine(), "rows": []}
+    done = {(r["model"], r["variant"]) for r in saved["rows"]}
     for name in predict.list_shipped():
+        bert = "bert" in name
+        base = ROOT / "recipes" / ("classify_sst2.yaml" if bert else "lora.yaml")
         for label, (strategies, extra) in POPULAR_STRATEGIES.items():
-            task = ["model.task=sequence_classification", "model.num_labels=2"] if "bert" in name else []
-            r = load(ROOT / "recipes" / "lora.yaml", [f"model.name={name}", "model.dtype=bfloat16", *task,
-                                                      f"strategies={strategies}", "train.batch_size=1",
-                                                      f"data.max_length={min(seq, 512 if 'bert' in name else seq)}",
-                                                      *extra])
+            if (name, label) in done:
+                continue
+            r = load(base, [f"model.name={name}", "model.dtype=bfloat16", f"strategies={strategies}",
+                            "train.batch_size=1", f"data.max_length={512 if bert else seq}", *extra])
             started = time.perf_counter()
             p = predict.profile(r, "cuda")
-            rows.append({"model": name, "variant": label, "seconds": time.perf_counter() - started, **p.to_json()})
+            saved["rows"].append({"model": name, "variant": label, "seconds": time.perf_counter() - started,
+                                  **p.to_json()})
+            out.write_text(json.dumps(saved, indent=2))
             print(f"{name:40} {label:38} peak {p.peak / 2**30:7.1f} GiB (weights {p.weight_bytes / 2**30:.1f}, "
-                  f"activations {p.activations / 2**30:.1f}; {rows[-1]['seconds']:.1f} s)", flush=True)
-    return rows
+                  f"activations {p.activations / 2**30:.1f}; {saved['rows'][-1]['seconds']:.1f} s)", flush=True)
 
 
 def plot() -> None:
@@ -133,8 +139,11 @@ def main() -> None:
     if args.part == "plot":
         plot()
         return
-    rows = accuracy(args.batch, args.seq or 256) if args.part == "accuracy" else popular(args.seq or 2048)
-    (RESULTS / f"profile_{args.part}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    if args.part == "popular":
+        popular(args.seq or 2048)
+        return
+    rows = accuracy(args.batch, args.seq or 256)
+    (RESULTS / "profile_accuracy.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
