@@ -159,6 +159,10 @@ class Strategy:
         """How many of `batch`'s tokens carry gradients, when this strategy chooses them (None: all of them)."""
         return None
 
+    depth_uniform: bool = True
+    """`memft profile` may fit this strategy on 1- and 2-layer twins and scale by depth (False: its cost per layer
+    depends on the depth, as with LCSB's groups or RevFFN's reversible stack)."""
+
     def vary_for_profile(self, rng) -> None:
         """Profiler twins only (`memft profile` fits activations on small copies of the model): re-draw what sets
         `grad_tokens`, so that tokens with and without gradients can be told apart (a fixed fraction would make

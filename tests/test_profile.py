@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from memft import registry
 from memft.models.load import resolve_config
 from memft.profile import activations, advice, predict
 from memft.recipe import load
@@ -64,8 +65,7 @@ def test_predicted_activations_are_within_10_percent_of_measured(model, strategi
     r = recipe(model, strategies, *extra)
     config = resolve_config(r.model).config
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if r.train.autocast == "bf16" else contextlib.nullcontext()
-    fit = activations.fit(predict.twin_measure(r, autocast), config, max_seq=256,
-                          weight_casts=r.train.autocast == "bf16")
+    fit = predict.fit_activations(r, config, registry.compose(r), autocast, partial_gradients=False)
     real = predict.twin_measure(r, autocast, vary=False)
     widths = activations.Widths.of(config)
     shapes = [(1, 80), (2, 128), (4, 200)]

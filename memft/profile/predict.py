@@ -198,6 +198,14 @@ def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):
     return measure
 
 
+def fit_activations(recipe: Recipe, config, strategies: list, autocast, partial_gradients: bool) -> activations.Fit:
+    """Fit `recipe`'s activation bytes on twins (by depth when every layer and strategy allows it)."""
+    by_depth = activations.uniform_layers(config) and all(s.depth_uniform for s in strategies)
+    return activations.fit(twin_measure(recipe, autocast), config, max_seq=recipe.data.max_length,
+                           partial_gradients=partial_gradients, weight_casts=isinstance(autocast, torch.autocast),
+                           by_depth=by_depth)
+
+
 def grad_tokens(strategies: list, batch: dict) -> int | None:
     """Tokens of `batch` that carry gradients, when a strategy chooses them (TokenTune); None: all."""
     return next((n for s in strategies if (n := s.grad_tokens(batch)) is not None), None)
@@ -230,8 +238,7 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
     for s in strategies:
         real_batch = s.on_step_start(0, real_batch)
     selected = grad_tokens(strategies, real_batch)
-    fit = activations.fit(twin_measure(recipe, autocast), config, max_seq=seq, partial_gradients=selected is not None,
-                          weight_casts=isinstance(autocast, torch.autocast))
+    fit = fit_activations(recipe, config, strategies, autocast, partial_gradients=selected is not None)
     widths = activations.Widths.of(config)
     total, logits = fit.predict(widths, batch, seq, selected)
     transient = batch * seq * widths.vocab * 4 if recipe.model.task == "causal_lm" else 0

@@ -98,6 +98,7 @@ def skip_backward(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 @register
 class Lcsb(Strategy):
     name = "lcsb"
+    depth_uniform = False  # see `memft profile`: its per-layer cost depends on the depth
     Params = LcsbParams
     # last: the gate wraps each layer as the other strategies left it (adapters, RevFFN/TokenTune wrappers)
     order = 60

@@ -157,7 +157,7 @@ class TokenTune(Strategy):
         return batch[POSITIONS_KEY].numel() if POSITIONS_KEY in batch else None
 
     def vary_for_profile(self, rng) -> None:
-        self.params = self.params.model_copy(update={"tokens": None, "fraction": rng.uniform(0.1, 0.9)})
+        self.params = self.params.model_copy(update={"tokens": None, "fraction": rng.uniform(0.05, 0.5)})
 
     def _selected_loss(self) -> bool:
         return self.task == "causal_lm" and self.params.loss_on == "selected"

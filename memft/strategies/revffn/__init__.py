@@ -85,6 +85,7 @@ class RevFFNParams(StrategyParams):
 @register
 class RevFFN(Strategy):
     name = "revffn"
+    depth_uniform = False  # see `memft profile`: its per-layer cost depends on the depth
     Params = RevFFNParams
     order = 50
     summary = "Reversible two-stream decoder layers: activations stop growing with depth (with a recovery stage)."
