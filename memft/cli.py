@@ -248,6 +248,8 @@ def profile(
 
 
 def _profile_table(p) -> Table:
+    from memft.profile.predict import RELIABLE_FIT
+
     table = Table(title=f"memft profile: {p.model} ({p.device}, {p.dtype}, micro-batch {p.batch_size} x "
                         f"{p.seq_len} tokens, {' + '.join(p.strategies)}"
                         f"{', checkpointing' if p.gradient_checkpointing else ''})", title_justify="left")
@@ -267,8 +269,10 @@ def _profile_table(p) -> Table:
     table.add_row("[bold]predicted peak[/bold]", f"[bold]{_fmt_bytes(p.peak)}[/bold]", "on the device")
     for name, n in p.host.items():
         table.add_row(f"host: {name}", _fmt_bytes(n), "CPU memory, not on the device")
+    shaky = ("\n[yellow]the fit does not explain every saved tensor: treat the activations as approximate[/yellow]"
+             if p.fit_residual > RELIABLE_FIT else "")
     table.caption = (f"activations fitted on {p.twins} twins (largest fit error {p.fit_residual:.1%}); "
-                     f"source: {p.source}" + "".join(f"\n{n}" for n in p.notes))
+                     f"source: {p.source}" + "".join(f"\n{n}" for n in p.notes) + shaky)
     return table
 
 

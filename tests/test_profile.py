@@ -65,12 +65,14 @@ def test_predicted_activations_are_within_10_percent_of_measured(model, strategi
     r = recipe(model, strategies, *extra)
     config = resolve_config(r.model).config
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if r.train.autocast == "bf16" else contextlib.nullcontext()
-    fit = predict.fit_activations(r, config, registry.compose(r), autocast, partial_gradients=False)
+    partial = "tokentune" in strategies
+    fit = predict.fit_activations(r, config, registry.compose(r), autocast, partial_gradients=partial)
     real = predict.twin_measure(r, autocast, vary=False)
     widths = activations.Widths.of(config)
     shapes = [(1, 80), (2, 128), (4, 200)]
-    for (batch, seq), (measured, _) in zip(shapes, real(config, shapes)):
-        predicted, logits = fit.predict(widths, batch, seq)
+    for (batch, seq), (measured, grad_tokens) in zip(shapes, real(config, shapes)):
+        assert (grad_tokens is not None) == partial
+        predicted, logits = fit.predict(widths, batch, seq, grad_tokens)
         assert abs(predicted / measured - 1) <= 0.10, (batch, seq, predicted, measured)
         assert 0 < logits < predicted
 
@@ -143,3 +145,13 @@ def test_advice_ranks_fitting_changes_first():
     fits = [p.peak <= budget for _, p in ranked]
     assert any(fits) and fits == sorted(fits, reverse=True)  # every fitting change before every other one
     assert all(p.peak < base.peak for c, p in ranked if c.label == "gradient checkpointing")
+
+
+def test_token_selection_is_predicted_or_bounded_never_underestimated():
+    """TokenTune's own fit is not reliable yet: profile then shows the bound without selection, and says so."""
+    r = recipe("tiny-llama", "[{name: full}, {name: tokentune, params: {fraction: 0.25}}]")
+    p = predict.profile(r, "cpu")
+    measured = predict.measure(r)["activation_bytes"]
+    assert p.activations >= 0.9 * measured
+    if p.activations > 1.1 * measured:
+        assert any("upper bound" in n for n in p.notes)
