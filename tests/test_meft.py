@@ -297,9 +297,9 @@ def test_revffn_is_refused():
 
 
 def test_the_adapter_lr_follows_the_runs_schedule_when_sized_by_epochs(tmp_path):
-    r = load(REPO / "recipes" / "quickstart.yaml", [f"strategies=[{MEFT}]", "train.max_steps=null", "train.epochs=1",
-                                                    "data.max_samples=40", "train.batch_size=4", "train.schedule=cosine",
-                                                    "train.warmup_steps=2"])
+    r = load(REPO / "recipes" / "quickstart.yaml", [
+        f"strategies=[{MEFT}]", "train.max_steps=null", "train.epochs=1", "data.max_samples=40", "train.batch_size=4",
+        "train.schedule=cosine", "train.warmup_steps=2"])
     t = Trainer(r, run_dir=tmp_path).setup()
     s = t.strategies[-1]
     loop_factor = t.scheduler.lr_lambdas[0]

@@ -82,7 +82,8 @@ def test_profile_matches_a_real_step_of_the_recipe():
     p = predict.profile(r, "cpu")
     m = predict.measure(r)
     assert abs(p.activations / m["activation_bytes"] - 1) <= 0.10
-    assert (p.weight_bytes, p.gradients, p.optimizer_state) == (m["weight_bytes"], m["gradient_bytes"], m["optimizer_bytes"])
+    assert (p.weight_bytes, p.gradients, p.optimizer_state) == (m["weight_bytes"], m["gradient_bytes"],
+                                                                m["optimizer_bytes"])
     assert p.peak == (p.weight_bytes + p.gradients + p.optimizer_state + p.activations + p.backward_transient)
 
 

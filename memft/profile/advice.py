@@ -49,7 +49,8 @@ def candidates(recipe: Recipe, moe: bool = False) -> list[Change]:
         out.append(Change("gradient checkpointing", ["train.gradient_checkpointing=true"],
                           "about 1.3x step time (each layer's forward runs twice)"))
     if t.optimizer == "adamw" and any(s in names for s in ("full", "lora")):
-        out.append(Change("8-bit AdamW", ["train.optimizer=adamw_8bit"], "about the same speed; optimizer state 4x smaller"))
+        out.append(Change("8-bit AdamW", ["train.optimizer=adamw_8bit"],
+                          "about the same speed; optimizer state 4x smaller"))
     if "full" in names:
         out.append(Change("LoRA instead of full fine-tuning", with_strategies({"name": "lora"}, drop=("full",)),
                           "trains adapters, not the weights"))

@@ -164,8 +164,8 @@ def state_bytes(model: nn.Module, quantized: set[int], recipe: Recipe, double_qu
 
 def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):
     """`measure(config, shapes) -> [(bytes, grad tokens)]`: saved-tensor bytes of real training forwards of
-    `config` with the recipe's strategies at each (batch, seq), on the CPU (`vary`: let strategies re-draw what sets their
-    grad tokens, for the fit)."""
+    `config` with the recipe's strategies at each (batch, seq), on the CPU (`vary`: let strategies adjust
+    their params for a twin, `Strategy.vary_for_profile`)."""
     from memft.train.loop import enable_gradient_checkpointing, step_loss
 
     rng = random.Random(seed)
@@ -263,7 +263,8 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         model=recipe.model.name, source=resolved.source, device=str(target), dtype=recipe.model.dtype,
         batch_size=batch, seq_len=seq, grad_accum=recipe.train.grad_accum,
         strategies=[s.name for s in strategies], gradient_checkpointing=recipe.train.gradient_checkpointing,
-        optimizer=recipe.train.optimizer, moe=is_moe(config), params=states["params"], trainable_params=states["trainable_params"],
+        optimizer=recipe.train.optimizer, moe=is_moe(config), params=states["params"],
+        trainable_params=states["trainable_params"],
         weights=states["weights"], gradients=states["gradients"], optimizer_state=states["optimizer_state"],
         activations=int(round(total)), logits=int(round(logits)), layers=config.num_hidden_layers,
         backward_transient=transient, strategy_device=extra.device, host=extra.host,
@@ -315,8 +316,9 @@ def measure(recipe: Recipe) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats(t.device)
         vocab = t.model.config.vocab_size
-        batch = {k: v.to(t.device) for k, v in synthetic_batch(recipe, vocab, recipe.train.batch_size,
-                                                               recipe.data.max_length, torch.Generator().manual_seed(0)).items()}
+        batch = synthetic_batch(recipe, vocab, recipe.train.batch_size, recipe.data.max_length,
+                                torch.Generator().manual_seed(0))
+        batch = {k: v.to(t.device) for k, v in batch.items()}
         for s in t.strategies:
             batch = s.on_step_start(0, batch)
         t.model.train()

@@ -163,11 +163,12 @@ class Meft(Strategy):
 
     def vary_for_profile(self, rng) -> None:
         # twins keep the routing but not the width: 16 keys per expert (at most), in CPU memory
-        block = min(self.params.width // self.params.experts, 16)
-        self.params = self.params.model_copy(update={
-            "width": self.params.experts * block, "topk": min(self.params.topk, self.params.n_probe * block),
-            "device_rows": None if self.params.device_rows is None else max(
-                self.params.n_probe * block, self.params.device_rows * block // (self.params.width // self.params.experts))})
+        p = self.params
+        real_block = p.width // p.experts
+        block = min(real_block, 16)
+        cap = None if p.device_rows is None else max(p.n_probe * block, p.device_rows * block // real_block)
+        self.params = p.model_copy(update={"width": p.experts * block, "topk": min(p.topk, p.n_probe * block),
+                                           "device_rows": cap})
 
     def ship(self, i: int, x: torch.Tensor, training: bool) -> Gathered:
         """Route the tokens and send their experts' rows to the device (on CUDA on a side stream, so the FFN
