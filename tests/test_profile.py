@@ -156,3 +156,16 @@ def test_token_selection_is_predicted_or_bounded_never_underestimated():
     assert p.activations >= 0.9 * measured
     if p.activations > 1.1 * measured:
         assert any("upper bound" in n for n in p.notes)
+
+
+def test_meft_host_memory_is_counted_exactly():
+    r = recipe("tiny-llama", "[{name: meft, params: {width: 256, experts: 16}}]")
+    p = predict.profile(r, "cpu")
+    from memft.train.loop import Trainer
+
+    t = Trainer(r, run_dir="unused").setup(for_training=False)
+    hosts = t.strategies[-1].hosts
+    real = sum(x.numel() * x.element_size() for h in hosts for group in (h.params, h.grads, h.exp_avg, h.exp_avg_sq,
+                                                                         h.row_steps, h.touched)
+               for x in group.values())
+    assert p.host == {"meft adapters and AdamW state": real}

@@ -151,12 +151,13 @@ class Meft(Strategy):
         layers = len(decoder_body(model).layers)
         d = model.config.hidden_size
         block = p.width // p.experts
-        # host: keys and values, their gradient buffers and two AdamW moments (float32), plus per-row step counts
-        host = layers * (2 * 4 * p.width * d * 4 + 2 * 8 * p.width)
-        # device: the rows a step ships (at most every probed expert's block, the cap, or the whole adapter), and
-        # their gradients
+        # host, for keys and values: weights, gradient buffers and two AdamW moments (float32), per-row step
+        # counts (int64) and touched flags (bool)
+        host = layers * 2 * (4 * p.width * d * 4 + 8 * p.width + p.width)
+        # device: the gradients of the rows a step ships (at most every probed expert's block, the cap, or the whole
+        # adapter); the rows themselves are saved for backward, so the activations hold them
         rows = min(p.width, p.device_rows or p.width, tokens * p.n_probe * block) if p.mode == "sparse" else p.width
-        return MemoryEstimate(device={"meft shipped rows and gradients": layers * rows * d * 4 * 2 * 2},
+        return MemoryEstimate(device={"meft shipped-row gradients": layers * rows * d * 4 * 2},
                               host={"meft adapters and AdamW state": host},
                               notes=["meft: shipped rows are an upper bound (the union of the probed experts); "
                                      "its activations are fitted on twins with 16 keys per expert"])
