@@ -52,7 +52,7 @@ _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
                dict: "a mapping"}
 
 # Config attributes that hold a model's number of routed experts, across MoE families.
-_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass
@@ -383,7 +383,7 @@ def build_model(config, cfg: ModelConfig, *, weights: Any = None, hub_kwargs: di
                 quantization_config: Any = None, device: torch.device | None = None) -> nn.Module:
     """The model of `config`: pretrained from `weights`, or random init seeded with `cfg.seed`."""
     kwargs = model_kwargs(config, cfg)
-    auto_class = _auto_class(cfg.task, config)
+    model_class = auto_class(cfg.task, config)
     load_kwargs = dict(kwargs)
     if quantization_config is not None:
         # bitsandbytes quantizes while loading, onto the device named here.
@@ -396,17 +396,17 @@ def build_model(config, cfg: ModelConfig, *, weights: Any = None, hub_kwargs: di
         # Initialise in float32 whatever the dtype (torch draws different numbers per dtype, so a
         # float64 reference and a float32 run would otherwise start from different weights), then
         # load those weights in the target dtype, or quantized, through the path a checkpoint takes.
-        model = auto_class.from_config(config, **{**kwargs, "dtype": torch.float32})
+        model = model_class.from_config(config, **{**kwargs, "dtype": torch.float32})
         if kwargs["dtype"] != torch.float32 or quantization_config is not None:
             model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), **load_kwargs)
         return model
     try:
-        return auto_class.from_pretrained(weights, config=config, **load_kwargs, **(hub_kwargs or {}))
+        return model_class.from_pretrained(weights, config=config, **load_kwargs, **(hub_kwargs or {}))
     except OSError as exc:
         raise UserError(f"could not load the weights of `{cfg.name}`: {_first_line(exc)}") from None
 
 
-def _auto_class(task: str, config):
+def auto_class(task: str, config):
     """The transformers auto class for `task`, or a UserError when the architecture lacks it."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -491,7 +491,7 @@ def is_moe(model_or_config) -> bool:
     config = getattr(model_or_config, "config", model_or_config)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    for key in _EXPERT_COUNT_KEYS:
+    for key in EXPERT_COUNT_KEYS:
         n = getattr(config, key, None)
         if isinstance(n, int) and n > 1:
             return True

@@ -7,9 +7,10 @@ small integer-like coefficients that only the code knows: which tensors HF's lay
 kernel, the MoE dispatch and each strategy keep.
 
 Rather than writing those coefficients down per architecture (and getting them wrong when
-transformers or a strategy changes), we measure them: build *twins* of the model (same class, same
-depth, same strategies and dtype, but widths of a few dozen), run one real training forward of each on
-the CPU at a few batch shapes, and solve for the coefficients by least squares. The fit is exact when
+transformers or a strategy changes), we measure them: build *twins* of the model (same class, layer
+pattern, strategies and dtype, but widths of a few dozen; the real depth, or 1 and 2 layers when every
+layer costs the same), run real training forwards of each on the CPU at a few batch shapes, and solve
+for the coefficients by least squares. The fit is exact when
 every saved tensor is one of the monomials below (then the twins' residual is ~0, reported as
 `fit_residual`), and the full-size prediction is the monomials evaluated at the real widths.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memft.models.load import _EXPERT_COUNT_KEYS, is_moe
+from memft.models.load import EXPERT_COUNT_KEYS, is_moe
 
 TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
                  "decoder_start_token_id")
@@ -48,7 +49,7 @@ class Widths:
     def of(cls, config) -> Widths:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        experts = next((getattr(config, k) for k in _EXPERT_COUNT_KEYS if isinstance(getattr(config, k, None), int)), 0)
+        experts = next((getattr(config, k) for k in EXPERT_COUNT_KEYS if isinstance(getattr(config, k, None), int)), 0)
         moe = is_moe(config)
         return cls(hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 0) or 0, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
@@ -132,7 +133,7 @@ def twin_config(config, w: Widths, layers: int | None = None):
               "moe_intermediate_size": w.expert_intermediate, "shared_expert_intermediate_size": w.shared_intermediate}
     if getattr(config, "head_dim", None):
         values["head_dim"] = w.head_dim
-    for key in _EXPERT_COUNT_KEYS:
+    for key in EXPERT_COUNT_KEYS:
         values[key] = w.experts
     for key, value in values.items():
         if getattr(config, key, None):  # only what the architecture has

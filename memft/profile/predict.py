@@ -21,7 +21,7 @@ from torch import nn
 
 from memft import registry
 from memft.models.load import (
-    _auto_class,
+    auto_class,
     build_model,
     is_moe,
     model_kwargs,
@@ -115,7 +115,7 @@ def skeleton(recipe: Recipe, config) -> tuple[nn.Module, list, set[int]]:
     4-bit load would quantize (every `nn.Linear` of the base model but the heads)."""
     strategies = registry.compose(recipe)
     with torch.device("meta"):
-        model = _auto_class(recipe.model.task, config).from_config(config, **model_kwargs(config, recipe.model))
+        model = auto_class(recipe.model.task, config).from_config(config, **model_kwargs(config, recipe.model))
     quantized = set()
     if any(s.load_kwargs(recipe).get("quantization_config") is not None for s in strategies):
         quantized = {id(m.weight) for name, m in model.named_modules()
