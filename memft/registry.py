@@ -191,6 +191,14 @@ class Strategy:
 _REGISTRY: dict[str, type[Strategy]] = {}
 
 
+def load_kwargs(strategies: list[Strategy], recipe: Recipe) -> dict[str, Any]:
+    """What the strategies ask of model loading, merged (e.g. QLoRA's 4-bit `quantization_config`)."""
+    merged: dict[str, Any] = {}
+    for s in strategies:
+        merged.update(s.load_kwargs(recipe))
+    return merged
+
+
 def register(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator that adds a strategy under `cls.name`; duplicate names are refused."""
     name = getattr(cls, "name", None)

@@ -36,8 +36,7 @@ def test_weights_gradients_and_optimizer_state_are_exact(model, strategies, extr
     r = recipe(model, strategies, *extra)
     config = resolve_config(r.model).config
     skeleton, built, quantized = predict.skeleton(r, config)
-    qlora = next((s for s in built if s.name == "qlora"), None)
-    predicted = predict.state_bytes(skeleton, quantized, r, double_quant=bool(qlora and qlora.params.double_quant))
+    predicted = predict.state_bytes(skeleton, quantized, r, double_quant=predict.double_quantized(built, r))
     measured = predict.measure(r)
     assert sum(predicted["weights"].values()) == measured["weight_bytes"]
     assert predicted["gradients"] == measured["gradient_bytes"]

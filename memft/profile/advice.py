@@ -77,8 +77,9 @@ def candidates(recipe: Recipe, moe: bool = False) -> list[Change]:
                           "faster backward; each layer is trained every 4th step"))
     if t.batch_size > 1:
         half = t.batch_size // 2
-        out.append(Change(f"micro-batch {half}, accumulation {t.grad_accum * t.batch_size // half}",
-                          [f"train.batch_size={half}", f"train.grad_accum={t.grad_accum * t.batch_size // half}"],
+        accum = t.grad_accum * t.batch_size // half
+        out.append(Change(f"micro-batch {half}, accumulation {accum}",
+                          [f"train.batch_size={half}", f"train.grad_accum={accum}"],
                           "same tokens per step, more micro-steps (lower throughput on a GPU)"))
     if recipe.data.max_length > 256:
         out.append(Change(f"sequences of {recipe.data.max_length // 2} tokens",

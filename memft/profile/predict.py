@@ -33,6 +33,7 @@ from memft.profile import activations
 from memft.recipe import Recipe
 from memft.registry import BuildContext, MemoryEstimate
 from memft.strategies.lora import HEADS
+from memft.train.loop import Trainer, apply_strategies, autocast_context, step_loss
 from memft.train.meters import SavedTensorMeter
 
 SHIPPED = CONFIGS_DIR / "hub"
@@ -117,14 +118,12 @@ def skeleton(recipe: Recipe, config) -> tuple[nn.Module, list, set[int]]:
     with torch.device("meta"):
         model = auto_class(recipe.model.task, config).from_config(config, **model_kwargs(config, recipe.model))
     quantized = set()
-    if any(s.load_kwargs(recipe).get("quantization_config") is not None for s in strategies):
+    if registry.load_kwargs(strategies, recipe).get("quantization_config") is not None:
         quantized = {id(m.weight) for name, m in model.named_modules()
                      if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in HEADS}
     ctx = BuildContext(recipe=recipe, device=torch.device("meta"), is_moe=is_moe(config),
                        total_steps=recipe.train.max_steps)
-    for s in strategies:
-        model = s.apply(model, ctx)
-    return model, strategies, quantized
+    return apply_strategies(model, strategies, ctx), strategies, quantized
 
 
 def nf4_bytes(numel: int, double_quant: bool) -> int:
@@ -136,20 +135,22 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
     return packed + blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 4 * 256 + 4  # + 8-bit absmax's own constants
 
 
+def double_quantized(strategies: list, recipe: Recipe) -> bool:
+    """Whether the 4-bit load the strategies ask for quantizes the quantization constants too."""
+    config = registry.load_kwargs(strategies, recipe).get("quantization_config")
+    return bool(config is not None and config.bnb_4bit_use_double_quant)
+
+
 def state_bytes(model: nn.Module, quantized: set[int], recipe: Recipe, double_quant: bool) -> dict:
-    """Weights by kind, gradients and optimizer state, exactly as the run stores them."""
+    """Weights by kind (`quantized`: ids of the 4-bit ones), gradients and optimizer state, as the run stores them."""
     weights: dict[str, int] = {}
-    seen = set()
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
+    for t in [*model.parameters(), *model.buffers()]:  # each tensor once, shared ones included
         if id(t) in quantized:
             weights["nf4"] = weights.get("nf4", 0) + nf4_bytes(t.numel(), double_quant)
         else:
             kind = str(t.dtype).removeprefix("torch.")
             weights[kind] = weights.get(kind, 0) + t.numel() * t.element_size()
-    trainable = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     gradients = sum(p.numel() * p.element_size() for p in trainable)
     if recipe.train.optimizer == "adamw_8bit":
         big = [p for p in trainable if p.numel() >= ADAM8_MIN_SIZE]
@@ -166,7 +167,6 @@ def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):
     """`measure(config, shapes) -> [(bytes, grad tokens)]`: saved-tensor bytes of real training forwards of
     `config` with the recipe's strategies at each (batch, seq), on the CPU (`vary`: let strategies adjust
     their params for a twin, `Strategy.vary_for_profile`)."""
-    from memft.train.loop import enable_gradient_checkpointing, step_loss
 
     rng = random.Random(seed)
 
@@ -174,17 +174,11 @@ def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):
         strategies = registry.compose(recipe)
         for s in strategies if vary else ():
             s.vary_for_profile(rng)
-        load_kwargs = {}
-        for s in strategies:
-            load_kwargs.update(s.load_kwargs(recipe))
-        model = build_model(config, recipe.model, quantization_config=load_kwargs.get("quantization_config"),
-                            device=torch.device("cpu"))
+        quantization = registry.load_kwargs(strategies, recipe).get("quantization_config")
+        model = build_model(config, recipe.model, quantization_config=quantization, device=torch.device("cpu"))
         ctx = BuildContext(recipe=recipe, device=torch.device("cpu"), is_moe=is_moe(config),
                            total_steps=recipe.train.max_steps)
-        for s in strategies:
-            model = s.apply(model, ctx)
-        if recipe.train.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+        model = apply_strategies(model, strategies, ctx)
         model.train()
         out = []
         for batch, seq in shapes:
@@ -223,15 +217,12 @@ def synthetic_batch(recipe: Recipe, vocab: int, batch: int, seq: int, generator:
 
 def profile(recipe: Recipe, device: str | None = None) -> Profile:
     """Predict `recipe`'s memory on `device` (default: what `model.device` resolves to here)."""
-    from memft.train.loop import autocast_context
-
     target = torch.device(device) if device else resolve_device(recipe.model.device)
     num_labels = recipe.model.num_labels or (2 if recipe.model.task == "sequence_classification" else None)
     resolved = resolve_config(recipe.model, num_labels=num_labels, fallback=shipped_config)
     config = resolved.config
     model, strategies, quantized = skeleton(recipe, config)
-    qlora = next((s for s in strategies if s.name == "qlora"), None)
-    states = state_bytes(model, quantized, recipe, double_quant=bool(qlora and qlora.params.double_quant))
+    states = state_bytes(model, quantized, recipe, double_quant=double_quantized(strategies, recipe))
 
     autocast = autocast_context(recipe, target) if target.type == "cpu" else _cpu_twin_autocast(recipe, target)
     seq = recipe.data.max_length
@@ -307,8 +298,6 @@ def measure(recipe: Recipe) -> dict:
     """One real training step of `recipe` here, on a full-length synthetic micro-batch: the bytes autograd
     saved, the weights, gradients and optimizer state as stored, and on CUDA the peak allocated."""
     import tempfile
-
-    from memft.train.loop import Trainer
 
     with tempfile.TemporaryDirectory(prefix="memft-profile-") as tmp:
         t = Trainer(recipe.model_copy(deep=True), run_dir=tmp).setup()

@@ -70,6 +70,16 @@ def step_loss(strategies: list, model: torch.nn.Module, batch: dict, task: str) 
     return default_loss(model, batch, task)
 
 
+def apply_strategies(model: torch.nn.Module, strategies: list, ctx: BuildContext) -> torch.nn.Module:
+    """The strategies in their composition order (see memft.registry), then gradient checkpointing if asked."""
+    for s in strategies:
+        model = s.apply(model, ctx)
+    if ctx.recipe.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+        ctx.notes.append("gradient checkpointing: every decoder layer is recomputed in backward")
+    return model
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer in backward. Reentrant checkpointing saves each layer's input through
     autograd (so the saved-tensor meter sees it) and works with frozen embeddings once inputs require grad."""
@@ -113,19 +123,13 @@ class Trainer:
         micro_total = math.ceil(r.train.epochs * self.batcher.batches_per_epoch)
         self.total_steps = r.train.max_steps or max(1, micro_total // r.train.grad_accum)
 
-        load_kwargs = {}
-        for s in self.strategies:
-            load_kwargs.update(s.load_kwargs(r))
+        load_kwargs = registry.load_kwargs(self.strategies, r)
         loaded = load_model(r.model, num_labels=r.model.num_labels, pad_token_id=self.pad_id, **load_kwargs)
         self.model_source, self.is_moe = loaded.source, loaded.is_moe
         model = loaded.model
         ctx = BuildContext(recipe=r, device=self.device, is_moe=loaded.is_moe, total_steps=self.total_steps,
                            notes=self.notes)
-        for s in self.strategies:  # fixed composition order (see memft.registry)
-            model = s.apply(model, ctx)
-        if r.train.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-            self.notes.append("gradient checkpointing: every decoder layer is recomputed in backward")
+        model = apply_strategies(model, self.strategies, ctx)
         self.model = model.to(self.device) if not load_kwargs.get("quantization_config") else model
         self.params = count_params(self.model)
         seed_everything(r.train.seed)  # after model building, which seeds with `model.seed`
