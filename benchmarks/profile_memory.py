@@ -4,6 +4,7 @@ Usage:
     python benchmarks/profile_memory.py accuracy   # predicted vs measured, every strategy, tiny dense and MoE models
     python benchmarks/profile_memory.py popular    # predicted peak of the shipped popular models under each strategy
     python benchmarks/profile_memory.py plot       # docs/img/profile_popular.png from the `popular` results
+    python benchmarks/profile_memory.py gpu        # predicted peak vs torch.cuda.max_memory_allocated (needs a GPU)
 
 Results go to benchmarks/results/profile_<part>.json.
 """
@@ -11,6 +12,7 @@ Results go to benchmarks/results/profile_<part>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -49,6 +51,62 @@ POPULAR_STRATEGIES = {
     "lora + checkpointing": ("[{name: lora}]", ["train.gradient_checkpointing=true"]),
     "qlora + checkpointing": ("[{name: qlora}]", ["train.gradient_checkpointing=true"]),
 }
+
+
+GPU = [  # (shipped config, layers kept, strategies, extra overrides): real widths, a few layers
+    ("mistralai/Mistral-7B-v0.1", 4, "[{name: full}]", []),
+    ("mistralai/Mistral-7B-v0.1", 4, "[{name: full}]", ["train.gradient_checkpointing=true"]),
+    ("mistralai/Mistral-7B-v0.1", 4, "[{name: full}, {name: tokentune, params: {fraction: 0.25}}]", []),
+    ("mistralai/Mistral-7B-v0.1", 4, "[{name: full}]", ["train.optimizer=adamw_8bit"]),
+    ("mistralai/Mistral-7B-v0.1", 4, "[{name: lora}]", ["model.dtype=bfloat16", "data.max_length=2048"]),
+    ("mistralai/Mistral-7B-v0.1", 4, "[{name: qlora}]", ["data.max_length=2048"]),
+    ("mistralai/Mistral-7B-v0.1", 4, "[{name: lora}, {name: lcsb, params: {groups: 4}}]",
+     ["model.dtype=bfloat16", "data.max_length=2048"]),
+    ("mistralai/Mistral-7B-v0.1", 4, "[{name: meft, params: {width: 16384, experts: 256, device_rows: 4096}}]",
+     ["model.dtype=bfloat16"]),
+    ("allenai/OLMoE-1B-7B-0924", 2, "[{name: full}]", []),
+    ("allenai/OLMoE-1B-7B-0924", 2, "[{name: full}, {name: revffn}]", []),
+    ("allenai/OLMoE-1B-7B-0924", 2, "[{name: lora}]", ["model.dtype=bfloat16"]),
+    ("allenai/OLMoE-1B-7B-0924", 2, "[{name: lora, params: {target_experts: false}}]", ["model.dtype=bfloat16"]),
+]
+
+
+def gpu(batch: int, seq: int, out: Path) -> None:
+    """Predicted peak (for `cuda`) against one real step's `torch.cuda.max_memory_allocated`, on shipped configs
+    cut to a few layers (random init). Saved after each case."""
+    import torch
+
+    from memft.profile import predict
+    from memft.recipe import load
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    saved = {"machine": {**machine(), "gpu": torch.cuda.get_device_name()}, "rows": []}
+    for name, layers, strategies, extra in GPU:
+        r = load(ROOT / "recipes" / "lora.yaml", [
+            f"model.name={ROOT / 'configs' / 'hub' / name}.json", "model.tokenizer=stories260K",
+            f"model.config_overrides={{num_hidden_layers: {layers}}}",
+            f"strategies={strategies}", f"train.batch_size={batch}", f"data.max_length={seq}", *extra])
+        started = time.perf_counter()
+        try:
+            p = predict.profile(r, "cuda")
+            seconds = time.perf_counter() - started
+            torch.cuda.empty_cache()
+            m = predict.measure(r)
+        except Exception as exc:  # noqa: BLE001 - one failing case must not cost the others' GPU time
+            saved["rows"].append({"model": name, "strategies": strategies, "extra": extra, "error": repr(exc)})
+            print(f"{name} {strategies} {extra}: {exc!r}", flush=True)
+            continue
+        finally:  # the last case's tensors must not count in this one's peak
+            gc.collect()
+            torch.cuda.empty_cache()
+        row = {"model": name, "layers": layers, "strategies": strategies, "extra": extra, "profile_s": seconds,
+               "predicted": p.to_json(), "measured": m, "peak_ratio": p.peak / m["cuda_peak_bytes"],
+               "activation_ratio": p.activations / m["activation_bytes"]}
+        saved["rows"].append(row)
+        out.write_text(json.dumps(saved, indent=2))
+        print(f"{name.split('/')[1]:22} {strategies[:50]:50} {' '.join(extra):40} peak {p.peak / 2**30:6.2f} / "
+              f"{m['cuda_peak_bytes'] / 2**30:6.2f} GiB = {row['peak_ratio']:.3f}, act {row['activation_ratio']:.3f} "
+              f"({seconds:.1f} s)", flush=True)
 
 
 def accuracy(batch: int, seq: int) -> list[dict]:
@@ -131,13 +189,17 @@ def plot() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["accuracy", "popular", "plot"])
+    ap.add_argument("part", choices=["accuracy", "popular", "plot", "gpu"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS / "profile_gpu.json")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "plot":
         plot()
+        return
+    if args.part == "gpu":
+        gpu(args.batch, args.seq or 1024, args.out)
         return
     if args.part == "popular":
         popular(args.seq or 2048)

@@ -263,7 +263,8 @@ def _profile_table(p) -> Table:
     table.add_row(f"optimizer state ({p.optimizer})", _fmt_bytes(p.optimizer_state), "")
     table.add_row("activations", _fmt_bytes(p.activations),
                   f"{_fmt_bytes(p.per_layer)} per layer x {p.layers}, {_fmt_bytes(p.logits)} logits and loss")
-    table.add_row("backward transient", _fmt_bytes(p.backward_transient), "the logits' gradient")
+    table.add_row("backward transient", _fmt_bytes(p.backward_transient + p.head_gradient + p.per_layer),
+                  "the loss's gradient buffers, the head's gradient, one layer's backward")
     for name, n in p.strategy_device.items():
         table.add_row(name, _fmt_bytes(n), "")
     table.add_row("[bold]predicted peak[/bold]", f"[bold]{_fmt_bytes(p.peak)}[/bold]", "on the device")

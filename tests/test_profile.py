@@ -83,7 +83,17 @@ def test_profile_matches_a_real_step_of_the_recipe():
     assert abs(p.activations / m["activation_bytes"] - 1) <= 0.10
     assert (p.weight_bytes, p.gradients, p.optimizer_state) == (m["weight_bytes"], m["gradient_bytes"],
                                                                 m["optimizer_bytes"])
-    assert p.peak == (p.weight_bytes + p.gradients + p.optimizer_state + p.activations + p.backward_transient)
+    assert p.head_gradient == 0  # LoRA freezes the head
+
+
+def test_the_peak_is_the_fullest_moment_of_backward_and_gradients_stay_under_accumulation():
+    one, two = (predict.profile(recipe("tiny-llama", "[{name: full}]", f"train.grad_accum={k}"), "cpu") for k in (1, 2))
+    head = 512 * 64 * 4  # tiny-llama's lm_head (vocab x hidden), float32
+    assert one.head_gradient == two.head_gradient == head and one.activations == two.activations
+    start = one.activations + one.backward_transient + head
+    fixed = one.weight_bytes + one.optimizer_state + one.per_layer
+    assert one.peak == fixed + max(start, one.gradients)
+    assert two.peak == fixed + start + two.gradients > one.peak
 
 
 def test_shipped_configs_of_popular_models_profile_offline():

@@ -190,7 +190,7 @@ SHAPES_PER_TWIN = 3
 
 def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weight_casts: bool = False,
         by_depth: bool = False, seed: int = 0) -> Fit:
-    """Measure twins with `measure(twin_config, [(batch, seq), ...]) -> [(bytes, grad_tokens or None), ...]` and
+    """Measure twins with `measure(twin_config, [(batch, seq), ...], twin) -> [(bytes, grad_tokens or None), ...]` and
     fit the feature coefficients. `partial_gradients`: a strategy reports grad tokens; `weight_casts`: the
     forward runs under autocast (more features each).
 
@@ -202,16 +202,18 @@ def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weigh
     names = [k for k, v in features(real, 2, 16, 8 if partial_gradients else None, weight_casts).items() if v]
     rng = random.Random(seed)
     rows, outside, layer = [], [], []
-    twins = math.ceil((len(names) + 6) / SHAPES_PER_TWIN)
-    for _ in range(twins):
+    # twice as many measurements as features: with fewer, features that move together at twin widths (but
+    # not at real ones) share their coefficient arbitrarily; Mistral's lm_head cast was missed that way
+    twins = math.ceil(2 * (len(names) + 6) / SHAPES_PER_TWIN)
+    for twin in range(twins):
         w = sample_widths(real, config, rng)
         shapes = [(rng.randint(1, 3), rng.randrange(8, min(max_seq, 64) + 1)) for _ in range(SHAPES_PER_TWIN)]
         if by_depth:
-            one = measure(twin_config(config, w, layers=1), shapes)
-            two = measure(twin_config(config, w, layers=2), shapes)
+            one = measure(twin_config(config, w, layers=1), shapes, twin)
+            two = measure(twin_config(config, w, layers=2), shapes, twin)
             costs = [(2 * a - b, b - a, g) for (a, g), (b, _) in zip(one, two)]
         else:
-            costs = [(total, 0, g) for total, g in measure(twin_config(config, w), shapes)]
+            costs = [(total, 0, g) for total, g in measure(twin_config(config, w), shapes, twin)]
         for (batch, seq), (rest, per_layer, grad_tokens) in zip(shapes, costs):
             f = features(w, batch, seq, grad_tokens, weight_casts)
             rows.append([f.get(k, 0.0) for k in names])

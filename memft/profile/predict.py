@@ -43,7 +43,7 @@ NF4_BLOCK = 64
 """bitsandbytes' 4-bit block size: one absmax per 64 weights."""
 DOUBLE_QUANT_BLOCK = 256
 """With double quantization the absmax values are themselves 8-bit in blocks of 256."""
-RELIABLE_FIT = 0.01
+RELIABLE_FIT = 0.05
 """A fit whose error on its own twins is above this does not explain every saved tensor."""
 ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256
 """bitsandbytes' 8-bit AdamW keeps fp32 state below 4,096 elements, else uint8 state with an fp32 absmax per 256."""
@@ -83,7 +83,9 @@ class Profile:
     """The part of `activations` that belongs to the logits and the loss."""
     layers: int
     backward_transient: int
-    """The largest buffer backward allocates on top: the logits' gradient."""
+    """What the loss's backward allocates on top: two float32 logit-sized gradients (log-softmax's and its input's)."""
+    head_gradient: int
+    """The output head's weight gradient, the first one backward creates (0 when the head is frozen)."""
     strategy_device: dict[str, int] = field(default_factory=dict)
     """Device bytes strategies add outside the model (MEFT's shipped rows)."""
     host: dict[str, int] = field(default_factory=dict)
@@ -102,9 +104,18 @@ class Profile:
 
     @property
     def peak(self) -> int:
-        """Weights + gradients + optimizer state + one micro-batch's activations + backward's largest buffer."""
-        return (self.weight_bytes + self.gradients + self.optimizer_state + self.activations + self.backward_transient
-                + sum(self.strategy_device.values()))
+        """Weights, optimizer state and strategies' device bytes, plus the fullest moment of backward, plus one
+        layer's working memory (the gradients of its activations; a recomputed layer's activations).
+
+        Backward starts with every activation saved, the loss's gradient buffers and the head's gradient;
+        it frees each layer's activations as it creates that layer's weight gradients, so it ends with all
+        gradients. With one micro-batch per step the gradients of the last step are gone before forward
+        (`zero_grad(set_to_none=True)`), so the fullest moment is the larger of the two ends; with gradient
+        accumulation the gradients stay beside every later micro-batch's activations."""
+        start = self.activations + self.backward_transient + self.head_gradient
+        backward = start + self.gradients if self.grad_accum > 1 else max(start, self.gradients)
+        return (self.weight_bytes + self.optimizer_state + sum(self.strategy_device.values()) + backward
+                + self.per_layer)
 
     def to_json(self) -> dict:
         return {**asdict(self), "weight_bytes": self.weight_bytes, "activations_per_layer": self.per_layer,
@@ -164,14 +175,14 @@ def state_bytes(model: nn.Module, quantized: set[int], recipe: Recipe, double_qu
 
 
 def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):
-    """`measure(config, shapes) -> [(bytes, grad tokens)]`: saved-tensor bytes of real training forwards of
-    `config` with the recipe's strategies at each (batch, seq), on the CPU (`vary`: let strategies adjust
-    their params for a twin, `Strategy.vary_for_profile`)."""
+    """`measure(config, shapes, twin) -> [(bytes, grad tokens)]`: saved-tensor bytes of real training forwards
+    of `config` with the recipe's strategies at each (batch, seq), on the CPU (`vary`: let strategies adjust
+    their params for twin number `twin`, `Strategy.vary_for_profile`; the same twin at another depth gets the
+    same params, so the difference of two depths is one layer's cost)."""
 
-    rng = random.Random(seed)
-
-    def measure(config, shapes: list[tuple[int, int]]) -> list[tuple[int, int | None]]:
+    def measure(config, shapes: list[tuple[int, int]], twin: int = 0) -> list[tuple[int, int | None]]:
         strategies = registry.compose(recipe)
+        rng = random.Random(seed * 1_000_003 + twin)
         for s in strategies if vary else ():
             s.vary_for_profile(rng)
         quantization = registry.load_kwargs(strategies, recipe).get("quantization_config")
@@ -245,7 +256,9 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         fit.residual = bound.residual
         notes.append(f"{', '.join(sorted(names))}: activations shown without token selection, an upper bound "
                      "(the fit with selection is not reliable yet)")
-    transient = batch * seq * widths.vocab * 4 if recipe.model.task == "causal_lm" else 0
+    transient = 2 * batch * seq * widths.vocab * 4 if recipe.model.task == "causal_lm" else 0
+    head = model.get_output_embeddings() if recipe.model.task == "causal_lm" else None
+    head_gradient = head.weight.numel() * head.weight.element_size() if head is not None and head.weight.requires_grad else 0
 
     extra = MemoryEstimate()
     for s in strategies:
@@ -258,7 +271,7 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         trainable_params=states["trainable_params"],
         weights=states["weights"], gradients=states["gradients"], optimizer_state=states["optimizer_state"],
         activations=int(round(total)), logits=int(round(logits)), layers=config.num_hidden_layers,
-        backward_transient=transient, strategy_device=extra.device, host=extra.host,
+        backward_transient=transient, head_gradient=head_gradient, strategy_device=extra.device, host=extra.host,
         fit_residual=fit.residual, twins=fit.twins, notes=notes + extra.notes)
 
 
@@ -295,33 +308,42 @@ def stored_bytes(model: nn.Module) -> int:
 
 
 def measure(recipe: Recipe) -> dict:
-    """One real training step of `recipe` here, on a full-length synthetic micro-batch: the bytes autograd
-    saved, the weights, gradients and optimizer state as stored, and on CUDA the peak allocated."""
+    """Two real training steps of `recipe` here, on full-length synthetic micro-batches: the bytes autograd
+    saved, the weights, gradients and optimizer state as stored, and on CUDA the peak allocated. The second
+    step is the steady state a run repeats: its forward and backward run beside the optimizer state the
+    first step created."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="memft-profile-") as tmp:
         t = Trainer(recipe.model_copy(deep=True), run_dir=tmp).setup()
         cuda = t.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(t.device)
-        vocab = t.model.config.vocab_size
-        batch = synthetic_batch(recipe, vocab, recipe.train.batch_size, recipe.data.max_length,
-                                torch.Generator().manual_seed(0))
-        batch = {k: v.to(t.device) for k, v in batch.items()}
-        for s in t.strategies:
-            batch = s.on_step_start(0, batch)
-        t.model.train()
-        with SavedTensorMeter(t.model) as meter, t.autocast:
-            out = t._loss(batch)
-        (out.loss_sum / max(out.count, 1)).backward()
-        for s in t.strategies:
-            s.after_backward(0)
-        grads = sum(p.grad.numel() * p.grad.element_size() for p in t.model.parameters() if p.grad is not None)
-        t.optimizer.step()
-        for s in t.strategies:
-            s.after_optimizer_step(0)
+        peaks = []
+        for step in range(2):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(t.device)
+            batch = synthetic_batch(recipe, t.model.config.vocab_size, recipe.train.batch_size,
+                                    recipe.data.max_length, torch.Generator().manual_seed(step))
+            batch = {k: v.to(t.device) for k, v in batch.items()}
+            for s in t.strategies:
+                batch = s.on_step_start(step, batch)
+            t.model.train()
+            with SavedTensorMeter(t.model) as meter, t.autocast:
+                out = t._loss(batch)
+            (out.loss_sum / max(out.count, 1)).backward()
+            for s in t.strategies:
+                s.after_backward(step)
+            if step == 0:
+                saved = meter.bytes
+                grads = sum(p.grad.numel() * p.grad.element_size() for p in t.model.parameters() if p.grad is not None)
+            backward_peak = torch.cuda.max_memory_allocated(t.device) if cuda else None
+            t.optimizer.step()
+            for s in t.strategies:
+                s.after_optimizer_step(step)
+            t.optimizer.zero_grad(set_to_none=True)
+            peaks.append((backward_peak, torch.cuda.max_memory_allocated(t.device) if cuda else None))
         states = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
                   for state in t.optimizer.state.values() for v in state.values() if torch.is_tensor(v)}
-        return {"activation_bytes": meter.bytes, "weight_bytes": stored_bytes(t.model), "gradient_bytes": grads,
+        return {"activation_bytes": saved, "weight_bytes": stored_bytes(t.model), "gradient_bytes": grads,
                 "optimizer_bytes": sum(states.values()),
-                "cuda_peak_bytes": torch.cuda.max_memory_allocated(t.device) if cuda else None}
+                "cuda_peak_bytes": max(p for _, p in peaks) if cuda else None,
+                "cuda_peaks": [{"forward_backward": b, "step": p} for b, p in peaks] if cuda else None}
