@@ -114,13 +114,22 @@ class RevFFN(Strategy):
                             "their outputs; turn it off")
         return problems
 
+    def vary_for_profile(self, rng) -> None:
+        if self.params.buffer_every == "auto":  # the spacing a random twin measures says nothing of the real model's
+            self.params = self.params.model_copy(update={"buffer_every": 0})
+
     def estimate(self, model: nn.Module, recipe, tokens: int) -> MemoryEstimate | None:
-        if self.teacher is None:
-            return None
-        teacher = sum(t.numel() * t.element_size() for t in [*self.teacher.parameters(), *self.teacher.buffers()])
-        return MemoryEstimate(device={"revffn recovery teacher": teacher},
-                              notes=[f"revffn: the recovery teacher (a frozen copy of the weights) is freed after "
-                                     f"step {self.params.recovery.steps}"])
+        out = MemoryEstimate()
+        if self.params.buffer_every == "auto":
+            kept = 2 * tokens * model.config.hidden_size * next(model.parameters()).element_size()
+            out.notes.append(f"revffn: activations without buffers; `buffer_every: auto` is measured on the first "
+                             f"step and each kept layer adds its two input streams ({kept:,} bytes)")
+        if self.teacher is not None:
+            teacher = sum(t.numel() * t.element_size() for t in [*self.teacher.parameters(), *self.teacher.buffers()])
+            out.device["revffn recovery teacher"] = teacher
+            out.notes.append(f"revffn: the recovery teacher (a frozen copy of the weights) is freed after step "
+                             f"{self.params.recovery.steps}")
+        return out
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
         p = self.params
