@@ -5,6 +5,7 @@ Usage:
     python benchmarks/profile_memory.py popular    # predicted peak of the shipped popular models under each strategy
     python benchmarks/profile_memory.py plot       # docs/img/profile_popular.png from the `popular` results
     python benchmarks/profile_memory.py gpu        # predicted peak vs torch.cuda.max_memory_allocated (needs a GPU)
+    python benchmarks/profile_memory.py tables     # the markdown tables of docs/profile.md, from the stored results
 
 Results go to benchmarks/results/profile_<part>.json.
 """
@@ -164,7 +165,7 @@ def plot() -> None:
     from matplotlib.figure import Figure
 
     rows = json.loads((RESULTS / "profile_popular.json").read_text())["rows"]
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    models = sorted({r["model"] for r in rows})
     variants = list(POPULAR_STRATEGIES)
     fig = Figure(figsize=(11, 5))
     ax = fig.add_subplot()
@@ -187,9 +188,51 @@ def plot() -> None:
     print(out)
 
 
+def _label(strategies: str, extra: list[str]) -> str:
+    names = ", ".join(part.split("}")[0].replace("{name: ", "").replace("params: {", "")
+                      for part in strategies.strip("[]").split("{name: ")[1:])
+    shown = [e.replace("train.", "").replace("model.", "").replace("data.", "") for e in extra]
+    return " ".join([names, *shown]).replace(",  ", ", ").strip()
+
+
+def tables() -> None:
+    """docs/profile.md's tables, from benchmarks/results/profile_{accuracy,gpu,popular}.json."""
+    mib, gib = 2**20, 2**30
+    acc = json.loads((RESULTS / "profile_accuracy.json").read_text())
+    print(f"accuracy: {acc['machine']}\n")
+    print("| model | strategies | predicted activations (MiB) | measured (MiB) | ratio | weights, grads, optimizer "
+          "| fit error on twins | profile time |\n|---|---|---|---|---|---|---|---|")
+    for r in acc["rows"]:
+        p, m = r["predicted"], r["measured"]
+        same = " ".join("=" if p[a] == m[b] else "≠" for a, b in (("weight_bytes", "weight_bytes"),
+                        ("gradients", "gradient_bytes"), ("optimizer_state", "optimizer_bytes")))
+        print(f"| {r['model']} | {_label(r['strategies'], r['extra'])} | {p['activations'] / mib:.2f} | "
+              f"{m['activation_bytes'] / mib:.2f} | {r['activation_ratio']:.3f} | {same} | {r['fit_residual']:.0e} | "
+              f"{r['profile_s']:.1f} s |")
+    gpu = json.loads((RESULTS / "profile_gpu.json").read_text())
+    print(f"\ngpu: {gpu['machine']}\n")
+    print("| model (layers) | strategies | predicted peak (GiB) | measured peak (GiB) | ratio | activations: predicted "
+          "/ measured (GiB) |\n|---|---|---|---|---|---|")
+    for r in gpu["rows"]:
+        p, m = r["predicted"], r["measured"]
+        print(f"| {r['model'].split('/')[1]} ({r['layers']}) | {_label(r['strategies'], r['extra'])} | "
+              f"{p['peak'] / gib:.2f} | {m['cuda_peak_bytes'] / gib:.2f} | {r['peak_ratio']:.3f} | "
+              f"{p['activations'] / gib:.2f} / {m['activation_bytes'] / gib:.2f} |")
+    pop = json.loads((RESULTS / "profile_popular.json").read_text())
+    print(f"\npopular: {pop['machine']}\n")
+    variants = list(POPULAR_STRATEGIES)
+    print("| model | parameters | " + " | ".join(variants) + " | profile time (max) |\n|" + "---|" * (len(variants) + 3))
+    for model in sorted({r["model"] for r in pop["rows"]}):
+        rows = {r["variant"]: r for r in pop["rows"] if r["model"] == model}
+        first = next(iter(rows.values()))
+        print(f"| {model} | {first['params'] / 1e9:.2f}B | "
+              + " | ".join(f"{rows[v]['peak'] / gib:.1f}" if v in rows else "-" for v in variants)
+              + f" | {max(r['seconds'] for r in rows.values()):.1f} s |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["accuracy", "popular", "plot", "gpu"])
+    ap.add_argument("part", choices=["accuracy", "popular", "plot", "gpu", "tables"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "profile_gpu.json")
@@ -197,6 +240,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "plot":
         plot()
+        return
+    if args.part == "tables":
+        tables()
         return
     if args.part == "gpu":
         gpu(args.batch, args.seq or 1024, args.out)

@@ -235,9 +235,14 @@ def profile(
         return
     console.print(f"[red]does not fit[/red]: predicted peak {_fmt_bytes(p.peak)} > {_fmt_bytes(budget)}; "
                   "trying changes ...", highlight=False)
+    load = lambda extra: recipe_mod.load(recipe, extra)  # noqa: E731
+    forecast = lambda extra: predict.profile(load(extra), device)  # noqa: E731
     with console.status("profiling the alternatives ..."):
-        ranked = advice.rank(r, overrides or [], budget,
-                             lambda extra: predict.profile(recipe_mod.load(recipe, extra), device), moe=p.moe)
+        ranked = advice.rank(r, overrides or [], budget, forecast, moe=p.moe)
+    if ranked and not any(q.peak <= budget for _, q in ranked):
+        with console.status("no single change fits; combining changes ..."):
+            combined = advice.combine(load, overrides or [], budget, forecast, ranked, moe=p.moe)
+        ranked = ([combined] if combined else []) + ranked
     table = Table(title=f"Changes, ranked (budget {_fmt_bytes(budget)})", title_justify="left")
     for col in ("change", "predicted peak", "fits", "cost", "overrides"):
         table.add_column(col, justify="right" if col == "predicted peak" else "left")

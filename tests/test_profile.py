@@ -47,7 +47,7 @@ ACTIVATION_CASES = [
     ("tiny-llama", "[{name: full}]", ()),
     ("tiny-llama", "[{name: qlora}]", ()),
     ("tiny-llama", "[{name: full}]", ("train.gradient_checkpointing=true",)),
-    ("tiny-llama", "[{name: lora}, {name: revffn, params: {coupling: momentum}}]", ()),
+    ("tiny-llama", "[{name: lora}, {name: revffn, params: {coupling: momentum, buffer_every: 2}}]", ()),
     ("tiny-mixtral", "[{name: lora}]", ()),
     ("tiny-mixtral", "[{name: lora}, {name: lcsb, params: {groups: 2}}]", ()),
     ("tiny-mixtral", "[{name: full}, {name: revffn}]", ()),
@@ -55,6 +55,8 @@ ACTIVATION_CASES = [
     ("tiny-olmoe", "[{name: lora}]", ("model.dtype=bfloat16",)),
     ("tiny-llama", "[{name: full}]", ("train.autocast=bf16",)),  # saves bf16 copies of the fp32 weights too
     ("tiny-mixtral", "[{name: lora}]", ("train.autocast=bf16",)),
+    # a dense first layer (DeepSeek-MoE's pattern): twins at depths 2 and 3, the dense layer in the rest
+    ("tiny-qwen2-moe", "[{name: lora}]", ("model.config_overrides={mlp_only_layers: [0]}",)),
 ]
 
 
@@ -178,3 +180,35 @@ def test_meft_host_memory_is_counted_exactly():
                                                                          h.row_steps, h.touched)
                for x in group.values())
     assert p.host == {"meft adapters and AdamW state": real}
+
+
+def test_advice_combines_changes_when_no_single_change_fits():
+    base = ["model.name=tiny-llama", "strategies=[{name: full}]", "train.batch_size=2", "data.max_length=96"]
+    load_with = lambda extra: load(REPO / "recipes" / "lora.yaml", extra)  # noqa: E731
+    forecast = lambda extra: predict.profile(load_with(extra), "cpu")  # noqa: E731
+    singles = advice.rank(load_with(base), base, 1, forecast)  # none fits 1 byte: ordered by peak
+    budget = singles[0][1].peak - 1  # just below the best single change
+    combined = advice.combine(load_with, base, budget, forecast, singles)
+    assert combined is not None
+    change, p = combined
+    assert " + " in change.label and p.peak <= budget
+    assert forecast([*base, *change.overrides]).peak == p.peak  # the printed overrides reproduce it
+
+
+def test_leading_dense_layers_still_allow_fitting_by_depth():
+    from transformers import AutoConfig
+
+    qwen = AutoConfig.for_model("qwen2_moe")
+    assert activations.leading_layers(qwen) == 0
+    qwen.mlp_only_layers = [0, 1]
+    assert activations.leading_layers(qwen) == 2
+    qwen.mlp_only_layers = [3]  # a dense layer mid-stack: no repeating pattern to scale
+    assert activations.leading_layers(qwen) is None
+    qwen.mlp_only_layers, qwen.decoder_sparse_step = [], 2
+    assert activations.leading_layers(qwen) is None
+
+
+def test_revffn_auto_buffers_are_profiled_without_and_said():
+    p = predict.profile(recipe("tiny-llama", "[{name: full}, {name: revffn}]"), "cpu")
+    kept = 2 * 2 * 96 * 64 * 4  # two float32 streams of the micro-batch's tokens (2 x 96) at hidden 64
+    assert any("buffer_every: auto" in n and f"{kept:,} bytes" in n for n in p.notes)

@@ -114,13 +114,18 @@ LOGIT_FEATURES = ("tokens x vocab", "grad tokens x vocab")
 """Features that belong to the logits and loss rather than to the decoder layers."""
 
 
-def uniform_layers(config) -> bool:
-    """Whether every decoder layer has the same structure (then a layer's cost does not depend on where it is)."""
-    if getattr(config, "mlp_only_layers", None) or getattr(config, "first_k_dense_replace", None):
-        return False
+def leading_layers(config) -> int | None:
+    """How many first decoder layers differ from the rest (the dense layers an MoE model starts with), when
+    every later layer has the same structure; None when the pattern never settles (sparse steps, alternating
+    layer types). A layer's cost past the leading ones does not depend on where it is."""
     if (getattr(config, "decoder_sparse_step", None) or 1) != 1:
-        return False
-    return len(set(getattr(config, "layer_types", None) or [None])) == 1
+        return None
+    if len(set(getattr(config, "layer_types", None) or [None])) != 1:
+        return None
+    dense = sorted(getattr(config, "mlp_only_layers", None) or [])
+    if dense != list(range(len(dense))):  # dense layers scattered through the stack
+        return None
+    return max(len(dense), getattr(config, "first_k_dense_replace", None) or 0)
 
 
 def twin_config(config, w: Widths, layers: int | None = None):
@@ -189,14 +194,15 @@ SHAPES_PER_TWIN = 3
 
 
 def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weight_casts: bool = False,
-        by_depth: bool = False, seed: int = 0) -> Fit:
+        by_depth: bool = False, leading: int = 0, seed: int = 0) -> Fit:
     """Measure twins with `measure(twin_config, [(batch, seq), ...], twin) -> [(bytes, grad_tokens or None), ...]` and
     fit the feature coefficients. `partial_gradients`: a strategy reports grad tokens; `weight_casts`: the
     forward runs under autocast (more features each).
 
-    `by_depth` (uniform layers, strategies indifferent to depth): each twin is built with 1 and with 2
-    layers instead of the real depth; their difference is one layer's cost, fitted on its own, and the
-    prediction is the rest plus depth x one layer. Much faster for deep models, and as exact.
+    `by_depth` (layers alike past the `leading` ones, strategies indifferent to depth): each twin is built
+    with `leading` + 1 and `leading` + 2 layers instead of the real depth; their difference is one layer's
+    cost, fitted on its own, and the prediction is the rest (the leading layers included) plus the other
+    layers times one layer. Much faster for deep models, and as exact.
     """
     real = Widths.of(config)
     names = [k for k, v in features(real, 2, 16, 8 if partial_gradients else None, weight_casts).items() if v]
@@ -209,8 +215,8 @@ def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weigh
         w = sample_widths(real, config, rng)
         shapes = [(rng.randint(1, 3), rng.randrange(8, min(max_seq, 64) + 1)) for _ in range(SHAPES_PER_TWIN)]
         if by_depth:
-            one = measure(twin_config(config, w, layers=1), shapes, twin)
-            two = measure(twin_config(config, w, layers=2), shapes, twin)
+            one = measure(twin_config(config, w, layers=leading + 1), shapes, twin)
+            two = measure(twin_config(config, w, layers=leading + 2), shapes, twin)
             costs = [(2 * a - b, b - a, g) for (a, g), (b, _) in zip(one, two)]
         else:
             costs = [(total, 0, g) for total, g in measure(twin_config(config, w), shapes, twin)]
@@ -229,9 +235,9 @@ def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weigh
     base, b_out = solve(outside)
     per, b_layer = solve(layer) if by_depth else (None, None)
     fitted, measured = a @ base, b_out
-    if by_depth:  # judge the fit on what the twins really measured, at depths 1 and 2
+    if by_depth:  # judge the fit on what the twins really measured, at both depths
         fitted = torch.cat([fitted + a @ per, fitted + 2 * (a @ per)])
         measured = torch.cat([b_out + b_layer, b_out + 2 * b_layer])
     residual = float(((fitted - measured).abs() / measured.clamp_min(1)).max())
     return Fit(dict(zip(names, base.tolist())), residual if math.isfinite(residual) else float("inf"), twins,
-               dict(zip(names, per.tolist())) if by_depth else None, config.num_hidden_layers)
+               dict(zip(names, per.tolist())) if by_depth else None, config.num_hidden_layers - leading)

@@ -99,3 +99,21 @@ def rank(recipe: Recipe, overrides: list[str], budget: int, predict, moe: bool =
             continue  # the change conflicts with this recipe (e.g. a strategy combination)
         results.append((change, profile))
     return sorted(results, key=lambda cp: (cp[1].peak > budget, cp[1].peak))
+
+
+def combine(load, overrides: list[str], budget: int, predict, ranked: list[tuple[Change, object]],
+            moe: bool = False, max_changes: int = 3) -> tuple[Change, object] | None:
+    """When no single change fits: the change with the lowest peak (`ranked`, from `rank`), then the best
+    change on top of it, and so on (at most `max_changes`) until the budget is met. `load(overrides) ->
+    Recipe`, `predict(overrides) -> Profile`. None when even that does not fit."""
+    chosen: list[Change] = []
+    while ranked and len(chosen) < max_changes:
+        change, best = ranked[0]
+        chosen.append(change)
+        if best.peak <= budget:
+            merged = {o.split("=", 1)[0]: o for c in chosen for o in c.overrides}  # a later `key=` wins
+            return Change(" + ".join(c.label for c in chosen), list(merged.values()),
+                          "; ".join(c.cost for c in chosen)), best
+        extra = [*overrides, *(o for c in chosen for o in c.overrides)]
+        ranked = [(c, q) for c, q in rank(load(extra), extra, budget, predict, moe) if q.peak < best.peak]
+    return None

@@ -206,11 +206,12 @@ def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):
 
 
 def fit_activations(recipe: Recipe, config, strategies: list, autocast, partial_gradients: bool) -> activations.Fit:
-    """Fit `recipe`'s activation bytes on twins (by depth when every layer and strategy allows it)."""
-    by_depth = activations.uniform_layers(config) and all(s.depth_uniform for s in strategies)
+    """Fit `recipe`'s activation bytes on twins (by depth when the layers and every strategy allow it)."""
+    leading = activations.leading_layers(config)
+    by_depth = leading is not None and all(s.depth_uniform for s in strategies)
     return activations.fit(twin_measure(recipe, autocast), config, max_seq=recipe.data.max_length,
                            partial_gradients=partial_gradients, weight_casts=isinstance(autocast, torch.autocast),
-                           by_depth=by_depth)
+                           by_depth=by_depth, leading=leading or 0)
 
 
 def grad_tokens(strategies: list, batch: dict) -> int | None:
