@@ -86,7 +86,8 @@ def render() -> None:
     cpu = json.loads((RESULTS / RUNS["cpu"][3]).read_text())
     gpu_file = RESULTS / RUNS["gpu"][3]
     gpu = json.loads(gpu_file.read_text()) if gpu_file.exists() else None
-    gpu_text = section(gpu, None) + GPU_NOTES if gpu else "No GPU run is recorded yet (`python benchmarks/run.py --gpu`).\n"
+    gpu_text = (section(gpu, None) + GPU_NOTES if gpu
+                else "No GPU run is recorded yet (`python benchmarks/run.py --gpu`).\n")
     text = f"""# Benchmarks
 
 Two tables: a tiny MoE on this project's 2-core CPU machine (every commit can rerun it), and a 1.8B-parameter

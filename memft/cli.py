@@ -244,8 +244,9 @@ def profile(
             combined = advice.combine(load, overrides or [], budget, forecast, ranked, moe=p.moe)
         ranked = ([combined] if combined else []) + ranked
     table = Table(title=f"Changes, ranked (budget {_fmt_bytes(budget)})", title_justify="left")
-    for col in ("change", "predicted peak", "fits", "cost", "overrides"):
+    for col in ("change", "predicted peak", "fits", "cost"):
         table.add_column(col, justify="right" if col == "predicted peak" else "left")
+    table.add_column("overrides", overflow="fold")  # to paste as is: never cut short
     for change, q in ranked:
         table.add_row(change.label, _fmt_bytes(q.peak), "yes" if q.peak <= budget else "no", change.cost,
                       " ".join(change.overrides))

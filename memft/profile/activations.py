@@ -191,6 +191,8 @@ class Fit:
 
 SHAPES_PER_TWIN = 3
 """Batch shapes measured on each twin (building a twin costs more than running it)."""
+MAX_TWIN_SEQ = 64
+"""Twins run sequences of 8 to this many tokens (or the recipe's `max_length`, when shorter)."""
 
 
 def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weight_casts: bool = False,
@@ -213,7 +215,7 @@ def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weigh
     twins = math.ceil(2 * (len(names) + 6) / SHAPES_PER_TWIN)
     for twin in range(twins):
         w = sample_widths(real, config, rng)
-        shapes = [(rng.randint(1, 3), rng.randrange(8, min(max_seq, 64) + 1)) for _ in range(SHAPES_PER_TWIN)]
+        shapes = [(rng.randint(1, 3), rng.randrange(8, min(max_seq, MAX_TWIN_SEQ) + 1)) for _ in range(SHAPES_PER_TWIN)]
         if by_depth:
             one = measure(twin_config(config, w, layers=leading + 1), shapes, twin)
             two = measure(twin_config(config, w, layers=leading + 2), shapes, twin)

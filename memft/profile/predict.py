@@ -205,8 +205,24 @@ def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):
     return measure
 
 
+_FITS: dict[str, activations.Fit] = {}
+"""Fits already made in this process: `--gpu-memory` profiles many variants, and a variant that changes only
+the batch, the sequence length or the optimizer saves the same tensors per feature (its fit is reused)."""
+
+
 def fit_activations(recipe: Recipe, config, strategies: list, autocast, partial_gradients: bool) -> activations.Fit:
     """Fit `recipe`'s activation bytes on twins (by depth when the layers and every strategy allow it)."""
+    key = json.dumps([config.to_dict(), [s.model_dump(mode="json") for s in recipe.strategies],
+                      recipe.model.model_dump(mode="json", include={"dtype", "attn_implementation", "task", "seed"}),
+                      recipe.train.gradient_checkpointing, str(getattr(autocast, "fast_dtype", None)),
+                      min(recipe.data.max_length, activations.MAX_TWIN_SEQ), partial_gradients],
+                     sort_keys=True, default=str)
+    if key not in _FITS:
+        _FITS[key] = _fit_activations(recipe, config, strategies, autocast, partial_gradients)
+    return _FITS[key]
+
+
+def _fit_activations(recipe: Recipe, config, strategies: list, autocast, partial_gradients: bool) -> activations.Fit:
     leading = activations.leading_layers(config)
     by_depth = leading is not None and all(s.depth_uniform for s in strategies)
     return activations.fit(twin_measure(recipe, autocast), config, max_seq=recipe.data.max_length,
@@ -254,12 +270,13 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         plain.strategies = [s for s in plain.strategies if s.name not in names]
         bound = fit_activations(plain, config, registry.compose(plain), autocast, partial_gradients=False)
         total, logits = bound.predict(widths, batch, seq)
-        fit.residual = bound.residual
+        fit = bound
         notes.append(f"{', '.join(sorted(names))}: activations shown without token selection, an upper bound "
                      "(the fit with selection is not reliable yet)")
     transient = 2 * batch * seq * widths.vocab * 4 if recipe.model.task == "causal_lm" else 0
     head = model.get_output_embeddings() if recipe.model.task == "causal_lm" else None
-    head_gradient = head.weight.numel() * head.weight.element_size() if head is not None and head.weight.requires_grad else 0
+    trained_head = head is not None and head.weight.requires_grad
+    head_gradient = head.weight.numel() * head.weight.element_size() if trained_head else 0
 
     extra = MemoryEstimate()
     for s in strategies:
