@@ -314,6 +314,70 @@ def export(
     console.print(f"exported to {path}")
 
 
+eval_app = typer.Typer(help="Score a model as lm-evaluation-harness does: MMLU few-shot.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("mmlu")
+@handle_errors
+def eval_mmlu(
+    model: Annotated[str, typer.Option(help="A run directory (its newest checkpoint, adapters included), a local "
+                                            "Hugging Face model directory, a built-in or a hub id.")],
+    data: Annotated[str, typer.Option(help="A folder with the original per-subject CSVs (<dir>/<split>/"
+                                           "<subject>_<split>.csv), or `hub` for cais/mmlu.")] = "hub",
+    split: Annotated[str, typer.Option(help="The split scored: `test`, or `val` (the few-shot examples come "
+                                            "from `dev`).")] = "test",
+    shots: Annotated[int, typer.Option(min=0, max=5, help="Few-shot examples before each question (the harness "
+                                                          "defaults to 0; 5 is the usual MMLU number).")] = 5,
+    subjects: Annotated[Optional[str], typer.Option(help="Comma-separated subjects (default: all 57).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of each subject.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 16,
+    dtype: Annotated[Optional[str], typer.Option(help="Weights dtype (default: the run's, or float32).")] = None,
+    device: Annotated[str, typer.Option(help="`auto`, `cuda` or `cpu`.")] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every question's scores and the "
+                                                                    "accuracies here.")] = None,
+) -> None:
+    """MMLU accuracy per category and overall (size-weighted), scored as lm-evaluation-harness's `mmlu` task.
+
+    Examples:
+
+      memft eval mmlu --model runs/lora --data ../shared/data/mmlu --split val --limit 20
+
+      memft eval mmlu --model Qwen/Qwen2.5-0.5B --shots 5 --json mmlu.json
+    """
+    from rich.progress import Progress
+
+    from memft.eval import mmlu
+    from memft.eval import models as eval_models
+    from memft.eval.report import mmlu_report
+
+    wanted = [s.strip() for s in subjects.split(",")] if subjects else None
+    questions = mmlu.load(data, split, wanted)
+    exemplars = mmlu.load(data, "dev", list(questions)) if shots else {}
+    with console.status(f"loading {model} ..."):
+        loaded = eval_models.load(model, dtype=dtype, device=device)
+    total = 4 * sum(len(q[:limit]) for q in questions.values())
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("scoring", total=total)
+        result = mmlu.evaluate(loaded.model, loaded.tokenizer, questions, exemplars, shots=shots, limit=limit,
+                               batch_size=batch_size, progress=lambda n: bar.advance(task, n))
+    report = mmlu_report(result, loaded, data=data, split=split, shots=shots, limit=limit, batch_size=batch_size)
+    console.print(_mmlu_table(report))
+    if json_out:
+        json_out.write_text(__import__("json").dumps(report, indent=2))
+
+
+def _mmlu_table(report: dict) -> Table:
+    res = report["results"]
+    table = Table(title=f"MMLU ({report['split']}, {report['shots']}-shot): {report['model']}", title_justify="left")
+    for col in ("group", "questions", "accuracy"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for name, r in res["categories"].items():
+        table.add_row(name.replace("_", " "), f"{r['questions']:,}", f"{r['acc']:.4f}")
+    table.add_row("[bold]mmlu[/bold] (size-weighted)", f"{res['questions']:,}", f"[bold]{res['mmlu']:.4f}[/bold]")
+    return table
+
+
 # ---------------------------------------------------------------------- output
 
 

@@ -70,6 +70,15 @@ def step_loss(strategies: list, model: torch.nn.Module, batch: dict, task: str) 
     return default_loss(model, batch, task)
 
 
+def restore_strategies(strategies: list, state: dict, ckpt: Path) -> None:
+    """Each strategy's own state (step counters, MEFT's host adapter, ...) from checkpoint `ckpt`."""
+    tensors = checkpoint.load_tensors(ckpt)
+    for s in strategies:
+        s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
+        prefix = f"{s.name}."
+        s.load_tensor_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
 def apply_strategies(model: torch.nn.Module, strategies: list, ctx: BuildContext) -> torch.nn.Module:
     """The strategies in their composition order (see memft.registry), then gradient checkpointing if asked."""
     for s in strategies:
@@ -165,11 +174,7 @@ class Trainer:
             state = checkpoint.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             self._apply_train_settings(old["train"]["lr"] if old else r.train.lr)
             self.step, self.micro = state["step"], state["micro_batches"]
-            tensors = checkpoint.load_tensors(latest)
-            for s in self.strategies:
-                s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
-                prefix = f"{s.name}."
-                s.load_tensor_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            restore_strategies(self.strategies, state, latest)
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
             self.notes.append(f"resumed from {latest} at step {self.step}" + (
                 "; the run already finished, nothing to do" if self.step >= self.total_steps else ""))

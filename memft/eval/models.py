@@ -1,0 +1,55 @@
+"""The model `memft eval` scores: a run directory, a local Hugging Face model directory, or a hub id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from memft.errors import UserError
+from memft.models import load_model, load_tokenizer, resolve_device
+from memft.recipe import ModelConfig, Recipe
+from memft.train import checkpoint
+from memft.train.loop import RECIPE_FILE, Trainer, restore_strategies
+
+
+@dataclass
+class EvalModel:
+    model: object
+    tokenizer: object
+    source: str
+    """What was loaded, for the report: "run runs/lora (step-000200), lora" or "hub org/name"."""
+    dtype: str
+    adapters: list[str]
+    """The run's strategies (LoRA adapters, MEFT's adapter, ...), empty for a plain model."""
+
+
+def load(ref: str, *, task: str = "causal_lm", dtype: str | None = None, device: str = "auto",
+         trust_remote_code: bool = False) -> EvalModel:
+    """`ref` is a run directory (its newest checkpoint with its strategies applied, so a LoRA run is
+    scored with its adapters), a directory with config.json and weights, a built-in or a hub id."""
+    run = Path(ref)
+    if (run / RECIPE_FILE).is_file():
+        return _from_run(run, dtype, device)
+    cfg = ModelConfig(name=ref, task=task, dtype=dtype or "float32", device=device, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(cfg)
+    loaded = load_model(cfg, pad_token_id=tokenizer.pad_token_id)
+    model = loaded.model.to(resolve_device(device))
+    return EvalModel(model, tokenizer, loaded.source, cfg.dtype, [])
+
+
+def _from_run(run: Path, dtype: str | None, device: str) -> EvalModel:
+    recipe = Recipe.model_validate(yaml.safe_load((run / RECIPE_FILE).read_text()))
+    ckpt = checkpoint.latest(run)
+    if ckpt is None:
+        raise UserError(f"{run} has no complete checkpoint to evaluate (was it run with `output.checkpoints=false`?)")
+    recipe.model.device = device
+    if dtype:
+        recipe.model.dtype = dtype
+    trainer = Trainer(recipe, run_dir=run).setup(for_training=False)
+    state = checkpoint.load(ckpt, model=trainer.model)
+    restore_strategies(trainer.strategies, state, ckpt)
+    names = [s.name for s in trainer.strategies]
+    return EvalModel(trainer.model, trainer.tokenizer, f"run {run} ({ckpt.name}), {trainer.model_source}",
+                     recipe.model.dtype, names)

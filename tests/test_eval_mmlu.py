@@ -1,0 +1,141 @@
+"""`memft eval mmlu` against lm-evaluation-harness: the same prompts, the same log-likelihoods, the same accuracy."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from memft.cli import app
+from memft.eval import loglik, mmlu
+from memft.models import load_tokenizer
+from memft.recipe import ModelConfig
+
+SUBJECTS = ["abstract_algebra", "anatomy"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny Llama (seeded) and the stories260K tokenizer, which adds BOS as Llama tokenizers do."""
+    from memft.models import load_model
+
+    cfg = ModelConfig(name="tiny-llama", seed=3)
+    return load_model(cfg).model.eval(), load_tokenizer(cfg)
+
+
+def q(text, answer, *choices):
+    return mmlu.Question(text, tuple(choices), answer)
+
+
+def test_the_prompt_is_the_harness_prompt():
+    shots = [q("  What is 1+1? ", 1, "1", "2", "3", "4"), q("Pick C.", 2, "a", "b", "c", " d ")]
+    got = mmlu.context("college_physics", shots, q("Last one?\n", 0, "x", "y", "z", "w"))
+    assert got == ("The following are multiple choice questions (with answers) about college physics.\n\n"
+                   "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
+                   "Pick C.\nA. a\nB. b\nC. c\nD.  d \nAnswer: C\n\n"  # only the question is stripped
+                   "Last one?\nA. x\nB. y\nC. z\nD. w\nAnswer:")
+
+
+def test_pairs_split_one_joint_encoding_and_move_trailing_spaces(tiny):
+    _, tok = tiny
+    head, cont = loglik.encode_pair(tok, "Answer: ", "A")  # the space belongs to the continuation
+    assert (head, cont) == loglik.encode_pair(tok, "Answer:", " A")
+    whole = tok.encode("Answer: A")
+    assert head + cont == whole and head == tok.encode("Answer:") and head[0] == tok.bos_token_id
+
+
+def test_scores_are_summed_log_softmax_with_left_truncation(tiny):
+    model, tok = tiny
+    ctx, cont = "Once upon a time there was a little girl named", " Lily"
+    for max_length in (1024, 9):  # the second cuts the context from the left
+        (got,) = loglik.score(model, tok, [(ctx, cont)], max_length=max_length)
+        head, tail = loglik.encode_pair(tok, ctx, cont)
+        ids = (head + tail)[-(max_length + 1):][:-1]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)[-len(tail):]
+        want = logp.gather(1, torch.tensor(tail)[:, None]).sum().item()
+        assert got.loglikelihood == pytest.approx(want, abs=1e-5)
+        assert got.greedy == bool((logp.argmax(-1) == torch.tensor(tail)).all())
+
+
+def test_batching_and_shared_forwards_do_not_change_the_scores(tiny):
+    model, tok = tiny
+    requests = [(f"Question {i}: {'why ' * i}\nAnswer:", f" {c}") for i in range(5) for c in "ABCD"]
+    alone = [s.loglikelihood for s in loglik.score(model, tok, requests, batch_size=1)]
+    batched = [s.loglikelihood for s in loglik.score(model, tok, requests, batch_size=8)]
+    assert batched == pytest.approx(alone, abs=1e-4)
+
+
+def harness_scores(model, tok, data_dir, shots, limit, max_length=None):
+    """lm-evaluation-harness's own `mmlu_<subject>` tasks, fed the local CSVs through `custom_dataset`."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import datasets
+    from lm_eval.models.huggingface import HFLM
+
+    def local(subject, **_):
+        def split(name):
+            rows = mmlu.read_csv(data_dir / name / f"{subject}_{name}.csv")
+            return datasets.Dataset.from_dict({"question": [r.question for r in rows], "subject": [subject] * len(rows),
+                                               "choices": [list(r.choices) for r in rows],
+                                               "answer": [r.answer for r in rows]})
+        return datasets.DatasetDict({"test": split("val"), "dev": split("dev")})
+
+    tasks = [{"task": f"mmlu_{s}", "custom_dataset": local, "dataset_kwargs": {"subject": s}, "test_split": "test",
+              "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"}, "output_type": "multiple_choice",
+              "description": f"The following are multiple choice questions (with answers) about "
+                             f"{s.replace('_', ' ')}.\n\n",
+              "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
+                             "D. {{choices[3]}}\nAnswer:",
+              "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "answer",
+              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+              "metadata": {"version": 1.0}} for s in SUBJECTS]
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu", max_length=max_length)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=limit, log_samples=True,
+                                  bootstrap_iters=0)
+    samples = {s: sorted(out["samples"][f"mmlu_{s}"], key=lambda x: x["doc_id"]) for s in SUBJECTS}
+    return ({s: [[r[0][0] for r in x["resps"]] for x in samples[s]] for s in SUBJECTS},
+            {s: out["results"][f"mmlu_{s}"]["acc,none"] for s in SUBJECTS})
+
+
+@pytest.mark.parametrize("shots,max_length", [(5, None), (2, 300)])  # 300 tokens: contexts are left-truncated
+def test_predictions_and_accuracy_equal_lm_evaluation_harness(tiny, shared_data, shots, max_length):
+    model, tok = tiny
+    data = shared_data / "mmlu"
+    questions, exemplars = mmlu.load(data, "val", SUBJECTS), mmlu.load(data, "dev", SUBJECTS)
+    ours = mmlu.evaluate(model, tok, questions, exemplars, shots=shots, limit=6, max_length=max_length)
+    lls, accs = harness_scores(model, tok, data, shots, limit=6, max_length=max_length)
+    summary = ours.summary()
+    for s in SUBJECTS:
+        mine = [r for r in ours.records if r["subject"] == s]
+        assert len(mine) == len(lls[s]) == 6
+        for record, theirs in zip(mine, lls[s]):
+            assert record["loglikelihoods"] == pytest.approx(theirs, abs=1e-4)
+            assert record["pred"] == theirs.index(max(theirs))  # the harness's np.argmax: first maximum
+        assert summary["subjects"][s]["acc"] == accs[s]
+    assert summary["mmlu"] == sum(accs[s] * 6 for s in SUBJECTS) / 12  # size-weighted, like the harness's group
+
+
+def test_eval_mmlu_on_a_lora_run_uses_its_adapters(tmp_path, shared_data):
+    run = tmp_path / "run"
+    train = CliRunner().invoke(app, ["train", "recipes/lora.yaml", "model.name=tiny-llama", "train.max_steps=3",
+                                     "train.lr=5e-2", "data.max_samples=16", "data.max_length=64",
+                                     "train.batch_size=4", "train.eval_every=null", "log.progress=false",
+                                     "output.plot=false", f"output.dir={run}"])
+    assert train.exit_code == 0, train.output
+    common = ["eval", "mmlu", "--data", str(shared_data / "mmlu"), "--split", "val", "--subjects", "anatomy",
+              "--limit", "3", "--shots", "1"]
+    tuned = CliRunner().invoke(app, [*common, "--model", str(run), "--json", str(tmp_path / "tuned.json")])
+    base = CliRunner().invoke(app, [*common, "--model", "tiny-llama", "--json", str(tmp_path / "base.json")])
+    assert tuned.exit_code == base.exit_code == 0, tuned.output + base.output
+    tuned, base = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("tuned", "base"))
+    assert tuned["adapters"] == ["lora"] and base["adapters"] == []
+    assert tuned["results"]["questions"] == 3 and tuned["shots"] == 1 and tuned["bos"] is True
+    assert tuned["questions"][0]["loglikelihoods"] != base["questions"][0]["loglikelihoods"]  # the adapters count
+
+
+def test_user_mistakes_exit_2_with_a_sentence(tmp_path, shared_data):
+    unknown = CliRunner().invoke(app, ["eval", "mmlu", "--model", "tiny-llama", "--data", str(shared_data / "mmlu"),
+                                       "--split", "val", "--subjects", "astrology"])
+    assert unknown.exit_code == 2 and "unknown MMLU subject" in unknown.output
+    empty = CliRunner().invoke(app, ["eval", "mmlu", "--model", "tiny-llama", "--data", str(tmp_path)])
+    assert empty.exit_code == 2 and "no MMLU test files" in empty.output
