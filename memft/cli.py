@@ -314,7 +314,7 @@ def export(
     console.print(f"exported to {path}")
 
 
-eval_app = typer.Typer(help="Score a model as lm-evaluation-harness does: MMLU few-shot.", no_args_is_help=True)
+eval_app = typer.Typer(help="Score a model as lm-evaluation-harness does: MMLU few-shot, GLUE.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 
@@ -363,6 +363,62 @@ def eval_mmlu(
                                batch_size=batch_size, progress=lambda n: bar.advance(task, n))
     report = mmlu_report(result, loaded, data=data, split=split, shots=shots, limit=limit, batch_size=batch_size)
     console.print(_mmlu_table(report))
+    if json_out:
+        json_out.write_text(__import__("json").dumps(report, indent=2))
+
+
+@eval_app.command("glue")
+@handle_errors
+def eval_glue(
+    task: Annotated[str, typer.Option(help="sst2, cola, mrpc, rte, qnli, qqp, mnli, wnli or stsb.")],
+    model: Annotated[str, typer.Option(help="A run directory, a local Hugging Face model directory, a built-in or a "
+                                            "hub id: a sequence classifier, or a causal LM (prompted form).")],
+    data: Annotated[str, typer.Option(help="A folder in the original GLUE layout (<dir>/SST-2/dev.tsv, ...), or "
+                                           "`hub` for nyu-mll/glue.")] = "hub",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N validation examples.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 32,
+    dtype: Annotated[Optional[str], typer.Option(help="Weights dtype (default: the run's, or float32).")] = None,
+    device: Annotated[str, typer.Option(help="`auto`, `cuda` or `cpu`.")] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics and every prediction here.")]
+    = None,
+) -> None:
+    """A GLUE task's validation metric: a classifier's arg-max class, or for a causal LM lm-evaluation-harness's
+    prompted multiple choice (0-shot, its prompts and choice order).
+
+    Examples:
+
+      memft eval glue --task sst2 --model runs/classify_sst2 --data ../shared/data/glue
+
+      memft eval glue --task cola --model stories260K --data ../shared/data/glue --limit 200
+    """
+    from rich.progress import Progress
+
+    from memft.eval import glue
+    from memft.eval import models as eval_models
+    from memft.eval.report import glue_report
+
+    rows = glue.load(task, data, limit)
+    with console.status(f"loading {model} ..."):
+        loaded = eval_models.load(model, dtype=dtype, device=device)
+    classifier = loaded.task == "sequence_classification"
+    with Progress(console=err_console, transient=True) as bar:
+        job = bar.add_task("scoring", total=len(rows) * (1 if classifier else len(glue.TASKS[task].choices)))
+        advance = lambda n: bar.advance(job, n)  # noqa: E731
+        if classifier:
+            preds = glue.classify(loaded.model, loaded.tokenizer, task, rows, batch_size=batch_size,
+                                  max_length=loaded.max_length, progress=advance)
+            preds, scores = glue.as_glue_labels(task, preds, loaded.label_names), None
+        else:
+            preds, scores = glue.choose(loaded.model, loaded.tokenizer, task, rows, batch_size=batch_size,
+                                        progress=advance)
+    report = glue_report(task, rows, preds, scores, loaded, data=data, limit=limit, batch_size=batch_size)
+    table = Table(title=f"GLUE {task} (validation, {len(rows):,} examples, "
+                        f"{'classifier' if classifier else 'prompted, 0-shot'}): {report['model']}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in report["results"].items():
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
     if json_out:
         json_out.write_text(__import__("json").dumps(report, indent=2))
 

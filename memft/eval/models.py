@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,20 +24,29 @@ class EvalModel:
     dtype: str
     adapters: list[str]
     """The run's strategies (LoRA adapters, MEFT's adapter, ...), empty for a plain model."""
+    task: str = "causal_lm"
+    """`causal_lm`, or `sequence_classification` for a model with a classification head."""
+    label_names: list[str] | None = None
+    """A classification run's string labels in its class order (None: the labels were the class ids)."""
+    max_length: int = 512
+    """Tokens per classified example (a run's `data.max_length`)."""
 
 
-def load(ref: str, *, task: str = "causal_lm", dtype: str | None = None, device: str = "auto",
-         trust_remote_code: bool = False) -> EvalModel:
+def load(ref: str, *, dtype: str | None = None, device: str = "auto", trust_remote_code: bool = False) -> EvalModel:
     """`ref` is a run directory (its newest checkpoint with its strategies applied, so a LoRA run is
-    scored with its adapters), a directory with config.json and weights, a built-in or a hub id."""
+    scored with its adapters), a directory with config.json and weights, a built-in or a hub id. A local
+    directory whose config names a `...ForSequenceClassification` architecture is loaded as a classifier."""
     run = Path(ref)
     if (run / RECIPE_FILE).is_file():
         return _from_run(run, dtype, device)
+    config = run / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    task = "sequence_classification" if any("ForSequenceClassification" in a for a in architectures) else "causal_lm"
     cfg = ModelConfig(name=ref, task=task, dtype=dtype or "float32", device=device, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
     loaded = load_model(cfg, pad_token_id=tokenizer.pad_token_id)
     model = loaded.model.to(resolve_device(device))
-    return EvalModel(model, tokenizer, loaded.source, cfg.dtype, [])
+    return EvalModel(model, tokenizer, loaded.source, cfg.dtype, [], task)
 
 
 def _from_run(run: Path, dtype: str | None, device: str) -> EvalModel:
@@ -52,4 +62,4 @@ def _from_run(run: Path, dtype: str | None, device: str) -> EvalModel:
     restore_strategies(trainer.strategies, state, ckpt)
     names = [s.name for s in trainer.strategies]
     return EvalModel(trainer.model, trainer.tokenizer, f"run {run} ({ckpt.name}), {trainer.model_source}",
-                     recipe.model.dtype, names)
+                     recipe.model.dtype, names, recipe.model.task, trainer.data.label_names, recipe.data.max_length)

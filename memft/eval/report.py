@@ -19,3 +19,17 @@ def mmlu_report(result, loaded, **settings) -> dict:
         "max_length": max_length_of(loaded.model, tok), "seed": None,
         "results": result.summary(), "questions": result.records,
     }
+
+
+def glue_report(task: str, rows: list[dict], preds: list, scores, loaded, **settings) -> dict:
+    from memft.eval import glue
+
+    golds = [r["label"] for r in rows]
+    form = "classifier" if scores is None else "lm-evaluation-harness glue prompt, 0-shot, summed log-likelihood"
+    return {
+        "task": task, "memft_version": memft.__version__, "model": loaded.source, "adapters": loaded.adapters,
+        "dtype": loaded.dtype, "form": form, **settings, "examples": len(rows), "seed": None,
+        "results": glue.metrics(task, golds, preds),
+        "predictions": [{"gold": g, "pred": p, **({"loglikelihoods": s} if scores else {})}
+                        for g, p, s in zip(golds, preds, scores or [None] * len(rows))],
+    }
