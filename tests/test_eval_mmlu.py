@@ -139,3 +139,17 @@ def test_user_mistakes_exit_2_with_a_sentence(tmp_path, shared_data):
     assert unknown.exit_code == 2 and "unknown MMLU subject" in unknown.output
     empty = CliRunner().invoke(app, ["eval", "mmlu", "--model", "tiny-llama", "--data", str(tmp_path)])
     assert empty.exit_code == 2 and "no MMLU test files" in empty.output
+
+
+def test_reusing_the_shared_prefix_gives_the_full_forward_scores(tiny, shared_data):
+    model, tok = tiny
+    data = shared_data / "mmlu"
+    questions, exemplars = mmlu.load(data, "val", SUBJECTS), mmlu.load(data, "dev", SUBJECTS)
+    requests = [(mmlu.context(s, exemplars[s][:5], q), f" {c}") for s in SUBJECTS for q in questions[s][:4]
+                for c in "ABCD"]
+    full = loglik.score(model, tok, requests, reuse_prefix=False)
+    reused = loglik.score(model, tok, requests, reuse_prefix=True, batch_size=8)
+    assert [s.loglikelihood for s in reused] == pytest.approx([s.loglikelihood for s in full], abs=1e-4)
+    assert [s.greedy for s in reused] == [s.greedy for s in full]
+    shared = loglik._common_prefix(sorted({tuple(tok.encode(r[0])) for r in requests[:16]}))
+    assert shared > 500  # the description and five examples: most of each input
