@@ -5,7 +5,9 @@ Exit codes: 0 success, 1 a run that failed (or an internal error), 2 bad input (
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -345,26 +347,18 @@ def eval_mmlu(
 
       memft eval mmlu --model Qwen/Qwen2.5-0.5B --shots 5 --json mmlu.json
     """
-    from rich.progress import Progress
-
-    from memft.eval import mmlu
     from memft.eval import models as eval_models
-    from memft.eval.report import mmlu_report
+    from memft.eval.run import run_mmlu
 
-    wanted = [s.strip() for s in subjects.split(",")] if subjects else None
-    questions = mmlu.load(data, split, wanted)
-    exemplars = mmlu.load(data, "dev", list(questions)) if shots else {}
     with console.status(f"loading {model} ..."):
         loaded = eval_models.load(model, dtype=dtype, device=device)
-    total = 4 * sum(len(q[:limit]) for q in questions.values())
-    with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("scoring", total=total)
-        result = mmlu.evaluate(loaded.model, loaded.tokenizer, questions, exemplars, shots=shots, limit=limit,
-                               batch_size=batch_size, progress=lambda n: bar.advance(task, n))
-    report = mmlu_report(result, loaded, data=data, split=split, shots=shots, limit=limit, batch_size=batch_size)
+    wanted = [s.strip() for s in subjects.split(",")] if subjects else None
+    with _progress() as advance:
+        report = run_mmlu(loaded, data=data, split=split, shots=shots, subjects=wanted, limit=limit,
+                          batch_size=batch_size, progress=advance)
     console.print(_mmlu_table(report))
     if json_out:
-        json_out.write_text(__import__("json").dumps(report, indent=2))
+        json_out.write_text(json.dumps(report, indent=2))
 
 
 @eval_app.command("glue")
@@ -391,36 +385,32 @@ def eval_glue(
 
       memft eval glue --task cola --model stories260K --data ../shared/data/glue --limit 200
     """
-    from rich.progress import Progress
-
-    from memft.eval import glue
     from memft.eval import models as eval_models
-    from memft.eval.report import glue_report
+    from memft.eval.run import run_glue
 
-    rows = glue.load(task, data, limit)
     with console.status(f"loading {model} ..."):
         loaded = eval_models.load(model, dtype=dtype, device=device)
-    classifier = loaded.task == "sequence_classification"
-    with Progress(console=err_console, transient=True) as bar:
-        job = bar.add_task("scoring", total=len(rows) * (1 if classifier else len(glue.TASKS[task].choices)))
-        advance = lambda n: bar.advance(job, n)  # noqa: E731
-        if classifier:
-            preds = glue.classify(loaded.model, loaded.tokenizer, task, rows, batch_size=batch_size,
-                                  max_length=loaded.max_length, progress=advance)
-            preds, scores = glue.as_glue_labels(task, preds, loaded.label_names), None
-        else:
-            preds, scores = glue.choose(loaded.model, loaded.tokenizer, task, rows, batch_size=batch_size,
-                                        progress=advance)
-    report = glue_report(task, rows, preds, scores, loaded, data=data, limit=limit, batch_size=batch_size)
-    table = Table(title=f"GLUE {task} (validation, {len(rows):,} examples, "
-                        f"{'classifier' if classifier else 'prompted, 0-shot'}): {report['model']}", title_justify="left")
+    with _progress() as advance:
+        report = run_glue(loaded, task=task, data=data, limit=limit, batch_size=batch_size, progress=advance)
+    table = Table(title=f"GLUE {task} (validation, {report['examples']:,} examples, {report['form']}): "
+                        f"{report['model']}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in report["results"].items():
         table.add_row(name, f"{value:.4f}")
     console.print(table)
     if json_out:
-        json_out.write_text(__import__("json").dumps(report, indent=2))
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+@contextlib.contextmanager
+def _progress():
+    """A progress bar on stderr; yields `advance(done, total)`."""
+    from rich.progress import Progress
+
+    with Progress(console=err_console, transient=True) as bar:
+        job = bar.add_task("scoring", total=None)
+        yield lambda done, total: bar.update(job, completed=done, total=total)
 
 
 def _mmlu_table(report: dict) -> Table:

@@ -180,6 +180,39 @@ class LogConfig(Section):
     """Show a progress bar (turned off automatically when the output is not a terminal)."""
 
 
+class MMLUEvalConfig(Section):
+    data: str = "hub"
+    """A folder with the original per-subject CSVs (`<dir>/<split>/<subject>_<split>.csv`), or `hub` (cais/mmlu)."""
+    split: str = "test"
+    """The split scored (`test` or `val`); the few-shot examples come from `dev`."""
+    shots: int = Field(default=5, ge=0, le=5)
+    """Few-shot examples before each question."""
+    subjects: list[str] | None = None
+    """Subjects to score (default: all 57)."""
+    limit: int | None = Field(default=None, ge=1)
+    """Only the first N questions of each subject."""
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences per forward pass."""
+
+
+class GLUEEvalConfig(Section):
+    task: Literal["sst2", "cola", "mrpc", "rte", "qnli", "qqp", "mnli", "wnli", "stsb"]
+    """The GLUE task whose validation metric is reported."""
+    data: str = "hub"
+    """A folder in the original GLUE layout (`<dir>/SST-2/dev.tsv`, ...), or `hub` (nyu-mll/glue)."""
+    limit: int | None = Field(default=None, ge=1)
+    """Only the first N validation examples."""
+    batch_size: int = Field(default=32, ge=1)
+    """Examples per forward pass."""
+
+
+class EvalConfig(Section):
+    mmlu: MMLUEvalConfig | None = None
+    """MMLU few-shot, scored as lm-evaluation-harness scores it (see `memft eval mmlu`)."""
+    glue: list[GLUEEvalConfig] = Field(default_factory=list)
+    """GLUE tasks (see `memft eval glue`): a classifier's metric, or the prompted form for a causal LM."""
+
+
 class StrategySpec(Section):
     name: str
     """Registered strategy name: `full`, `lora`, `qlora` (and the later methods: see `memft recipes`)."""
@@ -197,6 +230,9 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    eval: EvalConfig | None = None
+    """Benchmarks scored on the trained model at the end of the run, e.g. `{mmlu: {shots: 5}}`; the scores go to
+    summary.json under `eval`, each full report to `eval_<name>.json` in the run directory."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:

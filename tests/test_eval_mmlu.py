@@ -153,3 +153,24 @@ def test_reusing_the_shared_prefix_gives_the_full_forward_scores(tiny, shared_da
     assert [s.greedy for s in reused] == [s.greedy for s in full]
     shared = loglik._common_prefix(sorted({tuple(tok.encode(r[0])) for r in requests[:16]}))
     assert shared > 500  # the description and five examples: most of each input
+
+
+def test_a_recipes_eval_section_scores_the_trained_model_as_memft_eval_does(tmp_path, shared_data):
+    run = tmp_path / "run"
+    mmlu_dir = shared_data / "mmlu"
+    section = f"eval={{mmlu: {{data: '{mmlu_dir}', split: val, shots: 1, subjects: [anatomy], limit: 3}}}}"
+    train = CliRunner().invoke(app, ["train", "recipes/lora.yaml", "model.name=tiny-llama", "train.max_steps=2",
+                                     "train.lr=5e-2", "data.max_samples=16", "data.max_length=64", "train.batch_size=4",
+                                     "train.eval_every=null", "log.progress=false", "output.plot=false",
+                                     f"output.dir={run}", section])
+    assert train.exit_code == 0, train.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval"]["mmlu"]["questions"] == 3 and "subjects" not in summary["eval"]["mmlu"]
+    in_run = json.loads((run / "eval_mmlu.json").read_text())
+    after = CliRunner().invoke(app, ["eval", "mmlu", "--model", str(run), "--data", str(mmlu_dir), "--split", "val",
+                                     "--shots", "1", "--subjects", "anatomy", "--limit", "3",
+                                     "--json", str(tmp_path / "after.json")])
+    assert after.exit_code == 0, after.output
+    later = json.loads((tmp_path / "after.json").read_text())  # the same model, rebuilt from its checkpoint
+    for a, b in zip(in_run["questions"], later["questions"], strict=True):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)

@@ -260,6 +260,10 @@ class Trainer:
             evaluation = self.evaluate()
         summary = self._summary(losses, step_times, step_tokens, step_samples, activation_bytes, evaluation,
                                 time.perf_counter() - started)
+        if r.eval:
+            from memft.eval.run import evaluate_run
+
+            summary["eval"] = evaluate_run(self)
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         if r.output.plot:
             from memft.train.plot import plot_metrics
