@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from memft.cli import app
@@ -42,25 +41,25 @@ def test_a_run_trained_on_string_labels_maps_back_to_glue_ids():
         glue.as_glue_labels("rte", [0], ["negative", "positive"])
 
 
-def harness_glue(model, tok, data_dir, task, limit):
-    """The harness's own tasks/glue/<task>/default.yaml, fed the local TSV through `custom_dataset`."""
+def harness_glue(model, tok, rows, task):
+    """The harness's own tasks/glue/<task>/default.yaml (prompt functions included), fed `rows` through
+    `custom_dataset`."""
     lm_eval = pytest.importorskip("lm_eval")
     import datasets
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import __file__ as tasks_init
-
-    rows = glue.load(task, data_dir)
+    from lm_eval.tasks._yaml_loader import load_yaml
 
     def local(**_):
-        split = datasets.Dataset.from_list(rows)
-        return datasets.DatasetDict({"train": split, "validation": split})
+        split = datasets.Dataset.from_list([{**r, "idx": i} for i, r in enumerate(rows)])
+        return datasets.DatasetDict({"train": split, "validation": split, "validation_matched": split})
 
-    config = yaml.safe_load((Path(tasks_init).parent / "glue" / task / "default.yaml").read_text())
+    config = load_yaml(Path(tasks_init).parent / "glue" / task / "default.yaml")
     for key in ("tag", "dataset_path", "dataset_name"):
         config.pop(key, None)
     config["custom_dataset"] = local
     out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu"),
-                                  tasks=[config], num_fewshot=0, limit=limit, log_samples=True, bootstrap_iters=0)
+                                  tasks=[config], num_fewshot=0, log_samples=True, bootstrap_iters=0)
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     return [[r[0][0] for r in s["resps"]] for s in samples], out["results"][task]
 
@@ -74,11 +73,30 @@ def test_the_prompted_form_equals_lm_evaluation_harness(shared_data, task, metri
     model, tok = load_model(cfg).model.eval(), load_tokenizer(cfg)
     rows = glue.load(task, shared_data / "glue", 40)
     preds, lls = glue.choose(model, tok, task, rows)
-    theirs, results = harness_glue(model, tok, shared_data / "glue", task, 40)
+    theirs, results = harness_glue(model, tok, rows, task)
     for mine, their in zip(lls, theirs, strict=True):
         assert mine == pytest.approx(their, abs=1e-4)
     ours = glue.metrics(task, [r["label"] for r in rows], preds)
     assert ours[metric] == pytest.approx(results[f"{metric},none"], abs=1e-12)
+
+
+SENTENCES = ["The cat sat on the mat.", "A dog barked at the mailman", "Is the sky blue?", " It rained all day . "]
+
+
+@pytest.mark.parametrize("task", ["mrpc", "qqp", "rte", "qnli", "mnli", "wnli"])
+def test_the_pair_task_prompts_are_the_harness_prompts(task):
+    """No local data for these: a few made-up pairs through both, on a seeded tiny Llama."""
+    from memft.models import load_model, load_tokenizer
+    from memft.recipe import ModelConfig
+
+    cfg = ModelConfig(name="tiny-llama", seed=5)
+    model, tok = load_model(cfg).model.eval(), load_tokenizer(cfg)
+    a, b = glue.TASKS[task].fields
+    rows = [{a: SENTENCES[i], b: SENTENCES[(i + 1) % 4], "label": i % len(glue.TASKS[task].choices)} for i in range(4)]
+    _, lls = glue.choose(model, tok, task, rows)
+    theirs, _ = harness_glue(model, tok, rows, task)
+    for mine, their in zip(lls, theirs, strict=True):
+        assert mine == pytest.approx(their, abs=1e-4)
 
 
 def test_eval_glue_on_a_classification_run(tmp_path, shared_data):
