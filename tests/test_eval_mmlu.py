@@ -139,6 +139,8 @@ def test_user_mistakes_exit_2_with_a_sentence(tmp_path, shared_data):
     assert unknown.exit_code == 2 and "unknown MMLU subject" in unknown.output
     empty = CliRunner().invoke(app, ["eval", "mmlu", "--model", "tiny-llama", "--data", str(tmp_path)])
     assert empty.exit_code == 2 and "no MMLU test files" in empty.output
+    offline = CliRunner().invoke(app, ["eval", "mmlu", "--model", "tiny-llama", "--subjects", "anatomy"])  # hub
+    assert offline.exit_code == 2 and "--data DIR" in offline.output
 
 
 def test_reusing_the_shared_prefix_gives_the_full_forward_scores(tiny, shared_data):

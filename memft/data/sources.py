@@ -69,7 +69,8 @@ def read_file(path: str | Path, header: str = "auto", limit: int | None = None) 
     return ds.to_list()
 
 
-def read_hub(name: str, config_name: str | None, split: str, limit: int | None = None) -> list[dict]:
+def read_hub(name: str, config_name: str | None, split: str, limit: int | None = None,
+             local_hint: str = "point `data.source` at a local file") -> list[dict]:
     """Rows of one split of a Hugging Face hub dataset (needs the network or the local `datasets` cache)."""
     import datasets
 
@@ -77,7 +78,7 @@ def read_hub(name: str, config_name: str | None, split: str, limit: int | None =
         ds = datasets.load_dataset(name, config_name, split=split)
     except ConnectionError as exc:
         raise UserError(f"could not load dataset {name!r} from the hub (offline?): {exc}; download it once "
-                        "with network access, or point `data.source` at a local file") from None
+                        f"with network access, or {local_hint}") from None
     except (OSError, ValueError) as exc:  # unknown dataset/config/split; DatasetNotFoundError is an OSError
         hint = " (if you meant a local file: it does not exist)" if Path(name).suffix else ""
         raise UserError(f"could not load dataset {name!r} from the hub{hint}: {exc}") from None

@@ -81,11 +81,11 @@ def load(task: str, source: str | Path, limit: int | None = None) -> list[dict]:
     """Validation rows as `{<fields>..., "label": int (float for STS-B)}`."""
     spec = _spec(task)
     if str(source) == "hub":
-        import datasets
+        from memft.data.sources import read_hub
 
-        split = "validation_matched" if task == "mnli" else "validation"
-        rows = datasets.load_dataset("nyu-mll/glue", task, split=split).to_list()
-        return [{**{f: r[f] for f in spec.fields}, "label": r["label"]} for r in rows[:limit]]
+        rows = read_hub("nyu-mll/glue", task, "validation_matched" if task == "mnli" else "validation", limit,
+                        local_hint="pass `--data DIR` with the original GLUE TSVs")
+        return [{**{f: r[f] for f in spec.fields}, "label": r["label"]} for r in rows]
     path = Path(source) / spec.folder / spec.file
     if not path.is_file():
         raise UserError(f"no GLUE {task} validation file at {path} (the original GLUE layout: <dir>/{spec.folder}/"

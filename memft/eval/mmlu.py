@@ -85,9 +85,10 @@ def load(source: str | Path, split: str, subjects: list[str] | None = None) -> d
 
 
 def _from_hub(subject: str, split: str) -> list[Question]:
-    import datasets
+    from memft.data.sources import read_hub
 
-    rows = datasets.load_dataset("cais/mmlu", subject, split="validation" if split == "val" else split)
+    rows = read_hub("cais/mmlu", subject, "validation" if split == "val" else split,
+                    local_hint="pass `--data DIR` with the original per-subject CSVs")
     return [Question(r["question"], tuple(r["choices"]), int(r["answer"])) for r in rows]
 
 
