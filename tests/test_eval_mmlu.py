@@ -176,3 +176,14 @@ def test_a_recipes_eval_section_scores_the_trained_model_as_memft_eval_does(tmp_
     later = json.loads((tmp_path / "after.json").read_text())  # the same model, rebuilt from its checkpoint
     for a, b in zip(in_run["questions"], later["questions"], strict=True):
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)
+
+
+def test_a_model_that_ignores_the_cache_is_scored_without_prefix_reuse(tiny, monkeypatch):
+    model, tok = tiny
+    requests = [("The same long shared beginning of every context, " * 8 + f"question {i}?\nAnswer:", f" {c}")
+                for i in range(3) for c in "ABCD"]
+    want = loglik.score(model, tok, requests, reuse_prefix=False)
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, past_key_values=None, **k: forward(*a, **k))  # drops the cache
+    got = loglik.score(model, tok, requests)
+    assert [s.loglikelihood for s in got] == pytest.approx([s.loglikelihood for s in want], abs=1e-4)

@@ -75,12 +75,19 @@ def score(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: 
                    key=lambda toks: (-len(toks), toks))  # the rest longest first, like the harness
     batches += [alone[i:i + batch_size] for i in range(0, len(alone), batch_size)]
     results: list[Score | None] = [None] * len(requests)
+    checked = False
     for chunk in batches:
         # the shared prefix must end before the first position whose logits score a continuation
         first_scored = min(len(toks) - max(len(encoded[i][1]) for i in inputs[toks]) for toks in chunk)
         shared = min(_common_prefix(chunk), first_scored) if reuse_prefix else 0
         shared = shared if _worth_sharing(shared, min(map(len, chunk))) else 0
         logprobs = _forward(model, chunk, shared)
+        if shared and not checked:  # a model whose forward ignores the cache (a rewired stack) is caught here
+            checked = True
+            plain = _forward(model, chunk[:1], 0)[0, shared:len(chunk[0])]
+            if (plain - logprobs[0, :len(chunk[0]) - shared]).abs().max() > 1e-3:
+                reuse_prefix, shared = False, 0
+                logprobs = _forward(model, chunk, 0)
         for row, toks in enumerate(chunk):
             for i in inputs[toks]:
                 cont = torch.tensor(encoded[i][1])
