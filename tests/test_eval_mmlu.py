@@ -187,3 +187,15 @@ def test_a_model_that_ignores_the_cache_is_scored_without_prefix_reuse(tiny, mon
     monkeypatch.setattr(model, "forward", lambda *a, past_key_values=None, **k: forward(*a, **k))  # drops the cache
     got = loglik.score(model, tok, requests)
     assert [s.loglikelihood for s in got] == pytest.approx([s.loglikelihood for s in want], abs=1e-4)
+
+
+def test_scores_are_taken_without_dropout_even_from_a_model_left_in_train_mode():
+    from memft.models import load_model
+
+    cfg = ModelConfig(name="tiny-llama", seed=3, config_overrides={"attention_dropout": 0.5})
+    model, tok = load_model(cfg).model, load_tokenizer(cfg)
+    requests = [("Once upon a time there was a", " girl"), ("The sky is", " blue")]
+    model.eval()
+    want = [s.loglikelihood for s in loglik.score(model, tok, requests)]
+    model.train()  # as a recipe's `eval:` section finds it at the end of training
+    assert [s.loglikelihood for s in loglik.score(model, tok, requests)] == want

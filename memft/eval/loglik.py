@@ -63,6 +63,7 @@ def score(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: 
     examples, shared by a subject's questions) runs that prefix once and the rest of each input on its
     key-value cache. The scores are those of full forwards up to float rounding (tested to 1e-4).
     """
+    model.eval()  # no dropout: a model scored right after training is still in train mode
     max_length = max_length or max_length_of(model, tokenizer)
     encoded = [encode_pair(tokenizer, ctx, cont) for ctx, cont in requests]
     # one forward per distinct input: the tokens the model reads are (context + continuation)[:-1]

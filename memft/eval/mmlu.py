@@ -142,7 +142,6 @@ def evaluate(model, tokenizer, questions: dict[str, list[Question]], exemplars: 
             ctx = context(subject, shown, q)
             requests += [(ctx, f" {letter}") for letter in LETTERS]
             meta.append((subject, i, q.answer))
-    model.eval()
     scores = loglik.score(model, tokenizer, requests, batch_size=batch_size, max_length=max_length, progress=progress)
     result = Result()
     for k, (subject, i, gold) in enumerate(meta):
