@@ -31,6 +31,13 @@ class EvalModel:
     max_length: int = 512
     """Tokens per classified example (a run's `data.max_length`)."""
 
+    @classmethod
+    def of(cls, trainer: Trainer, where: str) -> EvalModel:
+        """A set-up trainer's model as trained (strategies applied); `where`: what to call it in reports."""
+        r = trainer.recipe
+        return cls(trainer.model, trainer.tokenizer, f"{where}, {trainer.model_source}", r.model.dtype,
+                   [s.name for s in trainer.strategies], r.model.task, trainer.data.label_names, r.data.max_length)
+
 
 def load(ref: str, *, dtype: str | None = None, device: str = "auto", trust_remote_code: bool = False) -> EvalModel:
     """`ref` is a run directory (its newest checkpoint with its strategies applied, so a LoRA run is
@@ -60,6 +67,4 @@ def _from_run(run: Path, dtype: str | None, device: str) -> EvalModel:
     trainer = Trainer(recipe, run_dir=run).setup(for_training=False)
     state = checkpoint.load(ckpt, model=trainer.model)
     restore_strategies(trainer.strategies, state, ckpt)
-    names = [s.name for s in trainer.strategies]
-    return EvalModel(trainer.model, trainer.tokenizer, f"run {run} ({ckpt.name}), {trainer.model_source}",
-                     recipe.model.dtype, names, recipe.model.task, trainer.data.label_names, recipe.data.max_length)
+    return EvalModel.of(trainer, f"run {run} ({ckpt.name})")

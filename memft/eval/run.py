@@ -10,13 +10,9 @@ from memft.eval.models import EvalModel
 from memft.eval.report import glue_report, mmlu_report
 
 
-def run_mmlu(loaded: EvalModel, *, data: str, split: str, shots: int, subjects: list[str] | None = None,
-             limit: int | None = None, batch_size: int = 16,
-             progress: Callable[[int, int], None] | None = None) -> dict:
-    """The MMLU report (`progress(done, total)` in scored choices)."""
-    questions = mmlu.load(data, split, subjects)
-    exemplars = mmlu.load(data, "dev", list(questions)) if shots else {}
-    total, done = 4 * sum(len(q[:limit]) for q in questions.values()), 0
+def _counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
+    """`advance(n)` for the scorers, reported to `progress(done, total)`."""
+    done = 0
 
     def advance(n: int) -> None:
         nonlocal done
@@ -24,6 +20,16 @@ def run_mmlu(loaded: EvalModel, *, data: str, split: str, shots: int, subjects: 
         if progress:
             progress(done, total)
 
+    return advance
+
+
+def run_mmlu(loaded: EvalModel, *, data: str, split: str, shots: int, subjects: list[str] | None = None,
+             limit: int | None = None, batch_size: int = 16,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """The MMLU report (`progress(done, total)` in scored choices)."""
+    questions = mmlu.load(data, split, subjects)
+    exemplars = mmlu.load(data, "dev", list(questions)) if shots else {}
+    advance = _counter(4 * sum(len(q[:limit]) for q in questions.values()), progress)
     result = mmlu.evaluate(loaded.model, loaded.tokenizer, questions, exemplars, shots=shots, limit=limit,
                            batch_size=batch_size, progress=advance)
     return mmlu_report(result, loaded, data=data, split=split, shots=shots, limit=limit, batch_size=batch_size)
@@ -34,14 +40,7 @@ def run_glue(loaded: EvalModel, *, task: str, data: str, limit: int | None = Non
     """The GLUE report: a classifier's arg-max class, or a causal LM's answer in the harness's prompted form."""
     rows = glue.load(task, data, limit)
     classifier = loaded.task == "sequence_classification"
-    total, done = len(rows) * (1 if classifier else len(glue.TASKS[task].choices)), 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
-
+    advance = _counter(len(rows) * (1 if classifier else len(glue.TASKS[task].choices)), progress)
     if classifier:
         preds = glue.classify(loaded.model, loaded.tokenizer, task, rows, batch_size=batch_size,
                               max_length=loaded.max_length, progress=advance)
@@ -55,9 +54,7 @@ def evaluate_run(trainer) -> dict:
     """A recipe's `eval:` section on `trainer`'s model as trained (adapters and strategies included): the
     scores for summary.json; each full report goes to `eval_<name>.json` in the run directory."""
     r = trainer.recipe
-    loaded = EvalModel(trainer.model, trainer.tokenizer, f"run {trainer.run_dir} (end of training), "
-                       f"{trainer.model_source}", r.model.dtype, [s.name for s in trainer.strategies],
-                       r.model.task, trainer.data.label_names, r.data.max_length)
+    loaded = EvalModel.of(trainer, f"run {trainer.run_dir} (end of training)")
     reports = {}
     if (m := r.eval.mmlu) is not None:
         reports["mmlu"] = run_mmlu(loaded, data=m.data, split=m.split, shots=m.shots, subjects=m.subjects,
