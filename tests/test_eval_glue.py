@@ -118,3 +118,31 @@ def test_eval_glue_on_a_classification_run(tmp_path, shared_data):
     assert report["results"]["acc"] == sum(p == g for p, g in zip(preds, golds)) / 50
     bad = CliRunner().invoke(app, ["eval", "glue", "--task", "sts", "--model", str(run), "--data", "x"])
     assert bad.exit_code == 2 and "unknown GLUE task" in bad.output
+
+
+def test_a_classifier_directory_whose_tokenizer_has_no_pad_token_is_scored_as_each_example_alone(tmp_path, shared_data):
+    """A decoder classifier pools the last token that is not the pad id: the config must name the id `classify`
+    pads with (EOS here), or transformers refuses batches of more than one."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from memft.models import load_model, load_tokenizer
+    from memft.recipe import ModelConfig
+
+    cfg = ModelConfig(name="tiny-llama", task="sequence_classification", seed=4)
+    tok = load_tokenizer(cfg)
+    assert tok.pad_token_id is None
+    model = load_model(cfg, num_labels=2).model.eval()
+    model.config.pad_token_id = None
+    model.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    out = tmp_path / "sst2.json"
+    result = CliRunner().invoke(app, ["eval", "glue", "--task", "sst2", "--model", str(tmp_path / "clf"),
+                                      "--data", str(shared_data / "glue"), "--limit", "6", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf").eval()
+    alone = []
+    for r in glue.load("sst2", shared_data / "glue", 6):
+        with torch.no_grad():
+            alone.append(int(reloaded(**tok(r["sentence"], return_tensors="pt")).logits.argmax(-1)))
+    assert [p["pred"] for p in json.loads(out.read_text())["predictions"]] == alone

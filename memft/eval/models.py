@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from memft.data.formats import pad_token_id
 from memft.errors import UserError
 from memft.models import load_model, load_tokenizer, resolve_device
 from memft.recipe import ModelConfig, Recipe
@@ -46,12 +47,13 @@ def load(ref: str, *, dtype: str | None = None, device: str = "auto", trust_remo
     run = Path(ref)
     if (run / RECIPE_FILE).is_file():
         return _from_run(run, dtype, device)
-    config = run / "config.json"
-    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
-    task = "sequence_classification" if any("ForSequenceClassification" in a for a in architectures) else "causal_lm"
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    classifier = any("ForSequenceClassification" in a for a in config.get("architectures") or [])
+    task = "sequence_classification" if classifier else "causal_lm"
     cfg = ModelConfig(name=ref, task=task, dtype=dtype or "float32", device=device, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
-    loaded = load_model(cfg, pad_token_id=tokenizer.pad_token_id)
+    num_labels = (len(config.get("id2label") or {}) or config.get("num_labels") or 2) if classifier else None
+    loaded = load_model(cfg, num_labels=num_labels, pad_token_id=pad_token_id(tokenizer))  # the pad id `classify` uses
     model = loaded.model.to(resolve_device(device))
     return EvalModel(model, tokenizer, loaded.source, cfg.dtype, [], task)
 
