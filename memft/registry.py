@@ -160,7 +160,7 @@ class Strategy:
         return None
 
     depth_uniform: bool = True
-    """`memft profile` may fit this strategy on 1- and 2-layer twins and scale by depth (False: its cost per layer
+    """`memft profile` may fit this strategy on twins one layer apart and scale by depth (False: its cost per layer
     depends on the depth, as with LCSB's groups or RevFFN's reversible stack)."""
 
     def vary_for_profile(self, rng) -> None:

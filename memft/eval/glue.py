@@ -170,11 +170,7 @@ def choose(model, tokenizer, task: str, rows: list[dict], *, batch_size: int = 1
 
 
 def metrics(task: str, golds: list, preds: list) -> dict[str, float]:
-    out = {}
-    for name in _spec(task).metrics:
-        out[name] = {"acc": accuracy, "mcc": matthews, "f1": f1, "pearson": pearson, "spearman": spearman}[name](
-            golds, preds)
-    return out
+    return {name: METRICS[name](golds, preds) for name in _spec(task).metrics}
 
 
 def accuracy(golds: list, preds: list) -> float:
@@ -227,3 +223,6 @@ def _ranks(values: list) -> list[float]:
 
 def spearman(xs: list, ys: list) -> float:
     return pearson(_ranks(xs), _ranks(ys))
+
+
+METRICS = {"acc": accuracy, "mcc": matthews, "f1": f1, "pearson": pearson, "spearman": spearman}
