@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memft.errors import RunFailed, UserError
+from memft.recipe import Device, Dtype
 
 app = typer.Typer(
     name="memft",
@@ -201,7 +202,7 @@ def profile(
     device: Annotated[Optional[str], typer.Option(help="Predict for this device (`cuda` or `cpu`; default: what "
                                                        "`model.device` resolves to here).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the prediction as JSON here.")] = None,
-    measure: Annotated[bool, typer.Option(help="Run one real step of the recipe here and show predicted versus "
+    measure: Annotated[bool, typer.Option(help="Run two real steps of the recipe here and show predicted versus "
                                                "measured.")] = False,
 ) -> None:
     """Predict a recipe's peak memory from its model's config: no weights, no GPU, a few seconds.
@@ -226,7 +227,7 @@ def profile(
     if json_out:
         predict.write_json(p, json_out)
     if measure:
-        with console.status("running one real step ..."):
+        with console.status("running two real steps ..."):
             measured = predict.measure(r)
         console.print(_measure_table(p, measured))
     if budget is None:
@@ -286,7 +287,7 @@ def _profile_table(p) -> Table:
 
 
 def _measure_table(p, measured: dict) -> Table:
-    table = Table(title="Predicted versus measured (one real step here)", title_justify="left")
+    table = Table(title="Predicted versus measured (two real steps here)", title_justify="left")
     for col in ("what", "predicted", "measured", "ratio"):
         table.add_column(col, justify="left" if col == "what" else "right")
     pairs = [("activations (saved tensors)", p.activations, measured["activation_bytes"]),
@@ -316,6 +317,10 @@ def export(
     console.print(f"exported to {path}")
 
 
+DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="Weights dtype (default: the run's, or float32).")]
+DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model.")]
+
+
 eval_app = typer.Typer(help="Score a model as lm-evaluation-harness does: MMLU few-shot, GLUE.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
@@ -334,8 +339,8 @@ def eval_mmlu(
     subjects: Annotated[Optional[str], typer.Option(help="Comma-separated subjects (default: all 57).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of each subject.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 16,
-    dtype: Annotated[Optional[str], typer.Option(help="Weights dtype (default: the run's, or float32).")] = None,
-    device: Annotated[str, typer.Option(help="`auto`, `cuda` or `cpu`.")] = "auto",
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every question's scores and the "
                                                                     "accuracies here.")] = None,
 ) -> None:
@@ -371,8 +376,8 @@ def eval_glue(
                                            "`hub` for nyu-mll/glue.")] = "hub",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N validation examples.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 32,
-    dtype: Annotated[Optional[str], typer.Option(help="Weights dtype (default: the run's, or float32).")] = None,
-    device: Annotated[str, typer.Option(help="`auto`, `cuda` or `cpu`.")] = "auto",
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics and every prediction here.")]
     = None,
 ) -> None:

@@ -43,6 +43,10 @@ class UpcycleConfig(Section):
         return self
 
 
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
 class ModelConfig(Section):
     name: str = "stories260K"
     """What to fine-tune: a built-in name from `configs/` (`memft recipes` lists them; e.g. `stories260K`,
@@ -51,9 +55,9 @@ class ModelConfig(Section):
     """`causal_lm` trains next-token prediction; `sequence_classification` puts a classification head on the model."""
     num_labels: int | None = Field(default=None, ge=2)
     """Classes for `sequence_classification`; by default inferred from the data's labels."""
-    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    dtype: Dtype = "float32"
     """Weight dtype. float64 is for exactness tests; on a GPU float32 weights train under bf16 autocast."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """`auto` picks CUDA when a GPU is present, else the CPU."""
     seed: int = 0
     """Seed for randomly initialised built-in models and new heads."""

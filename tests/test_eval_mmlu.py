@@ -141,6 +141,8 @@ def test_user_mistakes_exit_2_with_a_sentence(tmp_path, shared_data):
     assert empty.exit_code == 2 and "no MMLU test files" in empty.output
     offline = CliRunner().invoke(app, ["eval", "mmlu", "--model", "tiny-llama", "--subjects", "anatomy"])  # hub
     assert offline.exit_code == 2 and "--data DIR" in offline.output
+    dtype = CliRunner().invoke(app, ["eval", "mmlu", "--model", "tiny-llama", "--dtype", "fp99"])
+    assert dtype.exit_code == 2 and "float32" in dtype.output  # not a pydantic traceback
 
 
 def test_reusing_the_shared_prefix_gives_the_full_forward_scores(tiny, shared_data):
