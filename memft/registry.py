@@ -148,6 +148,11 @@ class Strategy:
     def after_backward(self, step: int) -> None:
         """Called after the backward of each optimizer step's last micro-batch, before clipping."""
 
+    def outside_grads(self) -> list[torch.Tensor]:
+        """Gradients of this step that no optimizer parameter holds (e.g. MEFT's host key/value rows), read after
+        `after_backward`: they count in the global `grad_norm` and `train.max_grad_norm` scales them in place."""
+        return []
+
     def after_optimizer_step(self, step: int) -> None:
         """Called after `optimizer.step()`."""
 

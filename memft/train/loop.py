@@ -33,7 +33,7 @@ from memft.recipe import Recipe
 from memft.registry import BuildContext, LossOutput, at_least_float32
 from memft.train import checkpoint
 from memft.train.meters import SavedTensorMeter, StepTimer, peak_memory
-from memft.train.optim import build_optimizer, build_scheduler
+from memft.train.optim import build_optimizer, build_scheduler, clip_gradients
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -226,8 +226,9 @@ class Trainer:
                 raise RunFailed(self._nonfinite_message(step_loss))
             for s in self.strategies:
                 s.after_backward(self.step)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.grad is not None], r.train.max_grad_norm or math.inf)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = clip_gradients(grads + [g for s in self.strategies for g in s.outside_grads()],
+                                       r.train.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
