@@ -143,4 +143,10 @@ class QLora(Strategy):
 
         # freezes the base and upcasts norms for stable training; checkpointing is the loop's job
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                # bitsandbytes >= 0.50.2 repacks 4-bit weights in place for its AVX512-BF16 CPU kernel on the first
+                # no-grad forward in eval mode, and asserts on widths that are not multiples of 32: keep one layout
+                # (and one numeric path) for training and evaluation, as on CPUs without that instruction set
+                module.support_avx512bf16_for_cpu = False
         return _attach(model, self.params, ctx, "qlora")
