@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memft.errors import RecipeError
 
@@ -153,6 +153,20 @@ class TrainConfig(Section):
     """Clip the global gradient norm to this value; null disables clipping."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward instead of keeping its activations (the classical baseline)."""
+    router_aux_loss: Literal["auto", "on", "off"] = "auto"
+    """MoE models: add the router load-balancing loss (Switch Transformer's, as transformers computes it: every MoE
+    layer's real tokens together, padding excluded) times `router_aux_loss_coef` to the training loss, with every
+    strategy; logged as `aux_loss`. `auto` does what transformers' own loss does: on when the model config sets
+    `output_router_logits: true` (hub configs ship false; `model.config_overrides` can set it), off otherwise.
+    `on` / `off`: always / never. Dense models: ignored."""
+    router_aux_loss_coef: float | None = Field(default=None, ge=0)
+    """Weight of the load-balancing loss; null: the model config's `router_aux_loss_coef` (Mixtral's and Qwen's
+    configs: 0.001, OLMoE's: 0.01)."""
+
+    @field_validator("router_aux_loss", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        return {True: "on", False: "off"}[value] if isinstance(value, bool) else value  # YAML 1.1 reads `on` as true
     autocast: Literal["auto", "off", "bf16"] = "auto"
     """`auto` uses bf16 autocast on a CUDA GPU that supports it and nothing on the CPU."""
     eval_every: int | None = Field(default=50, ge=1)

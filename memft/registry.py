@@ -65,6 +65,8 @@ class LossOutput:
     count: int
     logits: torch.Tensor | None = None
     """The logits the loss was taken on, when the caller may want them (evaluation accuracy)."""
+    aux_loss: torch.Tensor | None = None
+    """The MoE load-balancing loss (unweighted) already included in `loss_sum` as `coef * aux_loss * count`."""
 
 
 @dataclass
@@ -109,6 +111,9 @@ class Strategy:
     """True when the strategy decides which base-model weights train (`full`, `lora`, `qlora`)."""
     adds_trainable: ClassVar[bool] = False
     """True when the strategy brings trainable parameters of its own (e.g. MEFT's adapters)."""
+    computes_router_aux: ClassVar[bool] = False
+    """True when the strategy's `loss()` adds the MoE load-balancing loss itself (RevFFN's reversible stack, which
+    replays routing in its own backward); the loop then adds none."""
     rewires: ClassVar[str] = ""
     """Non-empty when the trained weights only make sense in the strategy's rewired model (RevFFN's two-stream
     stack): says what, and `memft export` refuses to write a plain transformers model from them."""
@@ -143,6 +148,12 @@ class Strategy:
 
     def loss(self, model: nn.Module, batch: dict) -> LossOutput | None:
         """Compute the loss instead of the loop's default forward + cross-entropy (None: default)."""
+        return None
+
+    def router_logits(self, calls: list[torch.Tensor], batch: dict) -> torch.Tensor | None:
+        """One MoE layer's router logits for the whole batch, `(B*T, E)`, from the calls its router got in one
+        forward, when this strategy runs a layer more than once (TokenTune: every row without autograd, then the
+        selected rows with it); None: not this strategy's doing."""
         return None
 
     def after_backward(self, step: int) -> None:

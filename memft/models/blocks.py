@@ -208,9 +208,3 @@ def ffn_branch(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`ffn(norm2(x))`: the dense MLP or the MoE block (router + experts [+ shared expert])."""
     out = layer.mlp(layer.post_attention_layernorm(x))
     return out[0] if isinstance(out, tuple) else out
-
-
-def router_of(layer: nn.Module) -> nn.Module | None:
-    """The layer's top-k router (returns `(logits, scores, indices)`), or None for a dense FFN."""
-    gate = getattr(layer.mlp, "gate", None)
-    return gate if gate is not None and hasattr(gate, "top_k") and hasattr(layer.mlp, "experts") else None

@@ -167,6 +167,16 @@ class TokenTune(Strategy):
             return None
         return int((_next_labels(batch["labels"]).gather(1, batch[POSITIONS_KEY]) != -100).sum())
 
+    def router_logits(self, calls: list[torch.Tensor], batch: dict) -> torch.Tensor | None:
+        positions = batch.get(POSITIONS_KEY)
+        if positions is None or len(calls) != 2:
+            return None
+        # every row without autograd, then the selected rows with it: the selected rows carry the gradient
+        full, rows = calls
+        B, T = batch["attention_mask"].shape
+        merged = scatter_rows(full.detach().view(B, T, -1), positions, rows.view(B, positions.size(1), -1))
+        return merged.view(B * T, -1)
+
     # ------------------------------------------------------------------ forward
     def loss(self, model: nn.Module, batch: dict) -> LossOutput | None:
         positions = batch.get(POSITIONS_KEY)

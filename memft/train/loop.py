@@ -29,6 +29,8 @@ from memft.data.batching import Batcher, count_targets, count_tokens
 from memft.data.formats import pad_token_id
 from memft.errors import RunFailed, UserError
 from memft.models import count_params, load_model, load_tokenizer, resolve_device
+from memft.models.blocks import unwrap
+from memft.models.moe import ROUTER_AUX_ATTR, RouterAux, router_aux_coef
 from memft.recipe import Recipe
 from memft.registry import BuildContext, LossOutput, at_least_float32
 from memft.train import checkpoint
@@ -48,7 +50,12 @@ def seed_everything(seed: int) -> None:
 
 
 def default_loss(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
-    """Summed cross-entropy over the batch's targets (next tokens, or one label per example)."""
+    """Summed cross-entropy over the batch's targets (next tokens, or one label per example), plus the MoE
+    load-balancing loss when the run trains with it (`train.router_aux_loss`)."""
+    return with_router_aux(model, batch, [], lambda: _cross_entropy(model, batch, task))
+
+
+def _cross_entropy(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
     if task == "causal_lm":
@@ -62,12 +69,43 @@ def default_loss(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
 
 
 def step_loss(strategies: list, model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
-    """The first strategy's own loss (TokenTune, RevFFN, ...), else the plain one."""
+    """The first strategy's own loss (TokenTune, RevFFN, ...), else the plain one; with the load-balancing loss."""
+    def loss() -> LossOutput:
+        for s in strategies:
+            out = s.loss(model, batch)
+            if out is not None:
+                return out
+        return _cross_entropy(model, batch, task)
+
+    return with_router_aux(model, batch, strategies, loss)
+
+
+def with_router_aux(model: torch.nn.Module, batch: dict, strategies: list, loss_fn) -> LossOutput:
+    """`loss_fn()`, plus `coef * aux * count` when the model trains with the MoE load-balancing loss: its routers'
+    logits are recorded during the forward (`memft.models.moe.RouterAux`). Evaluation (no grad) adds nothing."""
+    router_aux = getattr(model, ROUTER_AUX_ATTR, None)
+    if router_aux is None or router_aux.recording or not torch.is_grad_enabled():
+        return loss_fn()
+    router_aux.start(batch["attention_mask"])
+    try:
+        out = loss_fn()
+        aux = router_aux.finish(lambda calls: _layer_router_logits(strategies, calls, batch))
+    finally:
+        router_aux.recording = False
+    if aux is not None:
+        out.loss_sum = out.loss_sum + router_aux.coef * aux * out.count  # the loop divides by the targets
+        out.aux_loss = aux
+    return out
+
+
+def _layer_router_logits(strategies: list, calls: list[torch.Tensor], batch: dict) -> torch.Tensor:
     for s in strategies:
-        out = s.loss(model, batch)
-        if out is not None:
-            return out
-    return default_loss(model, batch, task)
+        merged = s.router_logits(calls, batch)
+        if merged is not None:
+            return merged
+    if len(calls) != 1:
+        raise RuntimeError(f"a MoE router ran {len(calls)} times in one forward and no strategy combines the calls")
+    return calls[0]
 
 
 def restore_strategies(strategies: list, state: dict, ckpt: Path) -> None:
@@ -86,6 +124,13 @@ def apply_strategies(model: torch.nn.Module, strategies: list, ctx: BuildContext
     if ctx.recipe.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
         ctx.notes.append("gradient checkpointing: every decoder layer is recomputed in backward")
+    config = unwrap(model).config
+    coef = router_aux_coef(ctx.recipe, config)
+    if coef and not any(s.computes_router_aux for s in strategies):
+        setattr(model, ROUTER_AUX_ATTR, RouterAux(model, coef))
+        ctx.notes.append(f"MoE load-balancing loss x{coef:g} in the training loss (logged as `aux_loss`)")
+    if ctx.is_moe:
+        config.output_router_logits = False  # memft adds the loss itself; transformers would compute another copy
     return model
 
 
@@ -209,7 +254,7 @@ class Trainer:
             window = [self._next_batch() for _ in range(r.train.grad_accum)]
             window = [self._on_step_start(b) for b in window]
             targets = sum(self._count_targets(b) for b in window)
-            step_loss = 0.0
+            step_loss, step_aux = 0.0, None
             for i, batch in enumerate(window):
                 # the activation meter watches the first forward of this process only: its bytes are per micro-batch
                 meter = SavedTensorMeter(self.model) if activation_bytes is None else nullcontext()
@@ -221,6 +266,8 @@ class Trainer:
                 if activation_bytes is None:
                     activation_bytes = meter.bytes
                 step_loss += loss.item()  # a host-device sync point
+                if out.aux_loss is not None:  # the load-balancing term, unweighted, averaged over the micro-batches
+                    step_aux = (step_aux or 0.0) + out.aux_loss.item() / len(window)
                 del out, loss  # free the graph's outputs before the next micro-batch
             if not math.isfinite(step_loss):
                 raise RunFailed(self._nonfinite_message(step_loss))
@@ -247,7 +294,7 @@ class Trainer:
             losses.append(step_loss)
             if self.step % r.log.every == 0 or self.step == self.total_steps:
                 self._log(metrics, {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                                    **rates, **peak_memory(self.device), **self._strategy_metrics()})
+                                    **({"aux_loss": step_aux} if step_aux is not None else {}), **rates, **peak_memory(self.device), **self._strategy_metrics()})
             last = self.step == self.total_steps
             if self.eval_batcher and (last or (r.train.eval_every and self.step % r.train.eval_every == 0)):
                 evaluation = self.evaluate()

@@ -30,6 +30,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from memft.models.blocks import decoder_body
+from memft.models.moe import router_aux_coef
 from memft.registry import (
     BuildContext,
     LossOutput,
@@ -66,13 +67,22 @@ class RevFFNParams(StrategyParams):
     `additive`, a few layers for `momentum`), with a 10x margin."""
     rebuild_tolerance: float = Field(default=1e-3, gt=0)
     """The relative error of a rebuilt layer input that `buffer_every: auto` accepts."""
-    aux_loss_coef: float | None = Field(default=None, ge=0)
-    """MoE load-balancing loss weight (default: the model config's `router_aux_loss_coef`; 0 turns it off)."""
+    aux_loss_coef: float | None = None
+    """Moved: the load-balancing loss is set for every strategy by `train.router_aux_loss` and
+    `train.router_aux_loss_coef`."""
     recovery: RecoveryParams = Field(default_factory=RecoveryParams)
     """Bring back the pretrained function before fine-tuning (see `recovery.*`)."""
     track_reconstruction_every: int = Field(default=0, ge=0)
     """Every N optimizer steps, measure each layer's reconstruction error (logged as `revffn_reconstruction_error`;
     that step keeps every layer's input, like checkpointing). 0: never."""
+
+    @field_validator("aux_loss_coef")
+    @classmethod
+    def _moved(cls, value):
+        if value is not None:
+            raise ValueError(f"moved to `train`: write `train.router_aux_loss: on` and `train.router_aux_loss_coef: "
+                             f"{value}` (one load-balancing loss for every strategy)")
+        return value
 
     @field_validator("buffer_every", mode="before")
     @classmethod
@@ -95,6 +105,7 @@ class RevFFN(Strategy):
                 "coupling no longer has; use one of them.",
     }
     rewires = "its weights were trained as a reversible two-stream stack, not as residual layers"
+    computes_router_aux = True  # the stack adds each layer's load-balancing term in its own backward
     params: RevFFNParams
 
     def __init__(self, params: RevFFNParams):
@@ -143,9 +154,7 @@ class RevFFN(Strategy):
             layer.forward = functools.partial(_record_arguments, self.stack, i)
         body.norm.register_forward_pre_hook(self._run_stack)
         body.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
-        config = getattr(model, "config", None)
-        self.aux_coef = p.aux_loss_coef if p.aux_loss_coef is not None else float(
-            getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+        self.aux_coef = router_aux_coef(ctx.recipe, model.config)
         n = len(body.layers)
         kind = f"momentum coupling (gamma {p.gamma})" if p.coupling == "momentum" else "additive coupling"
         ctx.notes.append(f"revffn: {n} layers as one reversible stack, {kind}"
@@ -197,6 +206,7 @@ class RevFFN(Strategy):
         if aux is not None and self.aux_coef and torch.is_grad_enabled():
             # the model's loss is mean CE + coef * aux; the loop divides our sum by `count`
             out.loss_sum = out.loss_sum + self.aux_coef * aux * out.count
+            out.aux_loss = aux
         return out
 
     def _distill(self, model: nn.Module, batch: dict) -> LossOutput:

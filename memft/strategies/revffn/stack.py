@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memft.models.blocks import attention_branch, ffn_branch, router_of
-from memft.registry import at_least_float32
+from memft.models.blocks import attention_branch, ffn_branch
+from memft.models.moe import balance_weight, expert_counts, masked_probs, router_of
 
 
 @dataclass(frozen=True)
@@ -248,20 +248,17 @@ class ReversibleStack:
                     apply_step(step, streams, self.branch(i, step, streams[step.source]))
                     tap = self.taps[i] if step.branch == "ffn" else None
                     if tap is not None:
-                        e = tap.router.num_experts
-                        p = torch.softmax(at_least_float32(tap.logits), dim=-1) * mask[:, None]
-                        c = p.new_zeros(e).scatter_add_(
-                            0, tap.choices.reshape(-1).long(), mask.repeat_interleave(tap.choices.size(-1)))
-                        probs, counts = (p.sum(0), c) if probs is None else (probs + p.sum(0), counts + c)
-                        choices[i] = tap.choices.to(choice_dtype(e))
+                        p = masked_probs(tap.logits, mask).sum(0)
+                        c = expert_counts(tap.choices, tap.router.num_experts, mask)
+                        probs, counts = (p, c) if probs is None else (probs + p, counts + c)
+                        choices[i] = tap.choices.to(choice_dtype(tap.router.num_experts))
         finally:
             for tap in filter(None, self.taps):
                 tap.mode, tap.logits = None, None
         aux, weight = streams[0].new_zeros(()), None
         if counts is not None:
-            rows = mask.sum() * len(choices)  # routed (layer, token) pairs
-            weight = counts.numel() * (counts / rows) / rows  # E * f_e / R, a constant for gradients
-            aux = (weight * probs).sum()
+            weight = balance_weight(counts, mask.sum() * len(choices))  # rows: routed (layer, token) pairs
+            aux = (weight * probs).sum()  # memft.models.moe.load_balancing_loss, summed layer by layer
         return streams[0], streams[1], aux, Saved(kept, choices, rng, weight)
 
     def _flat_mask(self, like: torch.Tensor) -> torch.Tensor:
@@ -340,8 +337,8 @@ class ReversibleStack:
                             y = self.branch(i, step, src)
                             outputs, seeds = [y], [step.coef * grads[step.target]]
                             if tap is not None and step.branch == "ffn" and g_aux is not None:
-                                p = torch.softmax(at_least_float32(tap.logits), dim=-1) * mask[:, None]
-                                outputs.append((saved.aux_weight * p.sum(0)).sum())  # this layer's aux term
+                                p = masked_probs(tap.logits, mask).sum(0)
+                                outputs.append((saved.aux_weight * p).sum())  # this layer's aux term
                                 seeds.append(g_aux)
                         torch.autograd.backward(outputs, seeds)
                         undo_step(step, streams, y.detach())
