@@ -237,3 +237,26 @@ def test_an_unknown_router_is_a_loud_error():
     layer.mlp.gate = torch.nn.Linear(64, 8)  # a router memft does not know
     with pytest.raises(UserError, match="cannot find the router"):
         router_of(layer)
+
+
+def test_qlora_float32():
+    qlora = "[{name: qlora, params: {r: 4, target_modules: all-linear}}]"
+    ref, t = build("tiny-mixtral", qlora, ON, dtype="float32"), build("tiny-mixtral", qlora, ON, dtype="float32")
+    for x in (ref, t):
+        randomise_lora(x.model)
+        x.model.train()
+    batch = padded_batch(512, [20, 13], 20)
+    expected = hf_loss(ref.model, batch)
+    expected.backward()
+    loss = memft_loss(t, batch)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    assert_same_grads(grads(t.model), grads(ref.model), rtol=1e-5)
+
+
+def test_revffns_old_coefficient_key_names_the_new_one():
+    from memft.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="train.router_aux_loss_coef"):
+        load(REPO / "recipes" / "lora.yaml", ["model.name=tiny-mixtral",
+                                              "strategies=[{name: full}, {name: revffn, params: {aux_loss_coef: 0.02}}]"])
