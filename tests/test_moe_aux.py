@@ -84,12 +84,12 @@ def assert_same_grads(got: dict, want: dict, rtol: float = 1e-10):
 
 
 @pytest.mark.parametrize("model", MOE_MODELS)
-@pytest.mark.parametrize("variant", ["full", "full+checkpointing", "lora", "meft"])
+@pytest.mark.parametrize("variant", ["full", "full+checkpointing", "lora", "lora+checkpointing", "meft"])
 def test_loss_and_gradients_equal_transformers_loss_with_aux(model, variant):
-    strategies = {"full": "[{name: full}]", "full+checkpointing": "[{name: full}]",
-                  "lora": "[{name: lora, params: {r: 4, target_modules: all-linear}}]",
-                  "meft": "[{name: full}, {name: meft, params: {width: 64, experts: 8, topk: 4}}]"}[variant]
-    extra = ["train.gradient_checkpointing=true"] if variant == "full+checkpointing" else []
+    lora = "[{name: lora, params: {r: 4, target_modules: all-linear}}]"
+    strategies = {"full": "[{name: full}]", "lora": lora,
+                  "meft": "[{name: full}, {name: meft, params: {width: 64, experts: 8, topk: 4}}]"}[variant.split("+")[0]]
+    extra = ["train.gradient_checkpointing=true"] if variant.endswith("+checkpointing") else []
     ref = build(model, strategies, ON)
     t = build(model, strategies, ON, *extra)
     for x in (ref, t):

@@ -86,7 +86,8 @@ def with_router_aux(model: torch.nn.Module, batch: dict, strategies: list, loss_
     router_aux = getattr(model, ROUTER_AUX_ATTR, None)
     if router_aux is None or router_aux.recording or not torch.is_grad_enabled():
         return loss_fn()
-    router_aux.start(batch["attention_mask"])
+    mask = batch.get("attention_mask")
+    router_aux.start(mask if mask is not None else torch.ones_like(batch["input_ids"]))
     try:
         out = loss_fn()
         aux = router_aux.finish(lambda calls: _layer_router_logits(strategies, calls, batch))
