@@ -13,7 +13,12 @@ The routers (E x d per layer) are small and train on the device with the loop's 
 `full`/`lora`/`qlora` in the recipe the base model is frozen.
 
 On CUDA the rows travel from pinned memory on a side stream while the FFN computes. `device_rows` caps
-the rows of a layer on the device in a training step, making device memory flat in the width. See
+the rows of a layer on the device in a training step, making device memory flat in the width: the layer's
+first call in a forward decides its allowed experts from the real (non-padding) tokens, and every later call
+of that layer in the same forward (TokenTune's second pass, checkpointing's recomputation) reuses them.
+
+The host rows' gradients count in the loop's `grad_norm` and `train.max_grad_norm` (`outside_grads`). The
+adapter follows the model's dtype: float64 models keep it in float64, half-precision ones in float32. See
 docs/strategies/meft.md.
 """
 
@@ -115,6 +120,11 @@ class Meft(Strategy):
         self.device_peak = 0
         self.lr_factor = None
         self.copy_stream = None
+        self.dtype = torch.float32  # of the router, the host K / V and the adapter's computation
+        self.shipped: dict[int, list[torch.Tensor]] = {}  # layer -> expert ids whose rows this step shipped
+        self.forward_id = 0  # bumped by every forward of the decoder body
+        self.attention_mask: torch.Tensor | None = None  # that forward's (B, T) mask, for the cap's votes
+        self.allowed: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (forward_id, (E,) bool) under a cap
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
         p = self.params
@@ -124,6 +134,7 @@ class Meft(Strategy):
             model.requires_grad_(False)  # MEFT alone: the base is frozen, only adapters and routers learn
         d = model.config.hidden_size
         g = torch.Generator().manual_seed(recipe.model.seed)
+        self.dtype = _adapter_dtype(body)
         pin = ctx.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(ctx.device) if pin else None
         block = p.width // p.experts
@@ -131,33 +142,38 @@ class Meft(Strategy):
             if ctx.device.type == "meta":  # `memft profile`: the routers' shapes only; `estimate` counts the rest
                 layer.mlp.register_parameter("meft_router", nn.Parameter(torch.empty(p.experts, d, device="meta")))
                 continue
+            # random keys are drawn in float32 whatever the dtype: a float64 model starts from the float32 run's adapter
             keys = (_ffn_rows(layer.mlp, p.width, g) if p.key_init == "ffn"
-                    else torch.randn(p.width, d, generator=g) * p.init_std)
+                    else torch.randn(p.width, d, generator=g) * p.init_std).to(self.dtype)
             router = ROUTER_INIT_SCALE * keys.view(p.experts, block, d).mean(1)
-            self.hosts.append(HostAdapter(keys, torch.zeros(p.width, d), p.experts, pin=pin))
+            self.hosts.append(HostAdapter(keys, torch.zeros(p.width, d, dtype=self.dtype), p.experts, pin=pin))
             param = nn.Parameter(router.to(ctx.device))
             layer.mlp.register_parameter("meft_router", param)
             self.routers.append(param)
             layer.mlp.forward = functools.partial(_with_adapter, self, i, layer.mlp, layer.mlp.forward)
+        body.register_forward_pre_hook(self._new_forward, with_kwargs=True)
         self.lr_factor = _Schedule(recipe, ctx.total_steps)
         n = len(body.layers)
         ctx.notes.append(f"meft: {n} layers x {p.width:,} key-value pairs ({p.experts} experts of {block}, "
                          f"{p.n_probe} probed, top-{p.topk}) in host memory: "
-                         f"{2 * n * p.width * d * 4 / 2**20:,.1f} MiB of weights, as much again x2 of AdamW state")
+                         f"{2 * n * p.width * d * self.dtype.itemsize / 2**20:,.1f} MiB of weights, "
+                         "as much again x2 of AdamW state")
         return model
 
     def estimate(self, model: nn.Module, recipe, tokens: int) -> MemoryEstimate:
         p = self.params
-        layers = len(decoder_body(model).layers)
+        body = decoder_body(model)
+        layers = len(body.layers)
         d = model.config.hidden_size
         block = p.width // p.experts
-        # host, for keys and values: weights, gradient buffers and two AdamW moments (float32), per-row step
-        # counts (int64) and touched flags (bool)
-        host = layers * 2 * (4 * p.width * d * 4 + 8 * p.width + p.width)
+        size = _adapter_dtype(body).itemsize
+        # host, for keys and values: weights, gradient buffers and two AdamW moments, per-row step counts (int64)
+        # and touched flags (bool)
+        host = layers * 2 * (4 * p.width * d * size + 8 * p.width + p.width)
         # device: the gradients of the rows a step ships (at most every probed expert's block, the cap, or the whole
         # adapter); the rows themselves are saved for backward, so the activations hold them
         rows = min(p.width, p.device_rows or p.width, tokens * p.n_probe * block) if p.mode == "sparse" else p.width
-        return MemoryEstimate(device={"meft shipped-row gradients": layers * rows * d * 4 * 2},
+        return MemoryEstimate(device={"meft shipped-row gradients": layers * rows * d * size * 2},
                               host={"meft adapters and AdamW state": host},
                               notes=["meft: shipped rows are an upper bound (the union of the probed experts); "
                                      "its activations are fitted on twins with 16 keys per expert"])
@@ -175,11 +191,14 @@ class Meft(Strategy):
         """Route the tokens and send their experts' rows to the device (on CUDA on a side stream, so the FFN
         computes while they travel)."""
         p = self.params
-        flat = x.reshape(-1, x.size(-1)).float()
-        router = self.routers[i].float()
+        flat = x.reshape(-1, x.size(-1)).to(self.dtype)
+        router = self.routers[i]
         with torch.no_grad():
-            experts = (torch.arange(p.experts, device=flat.device) if p.mode == "dense"
-                       else self._experts_to_ship(router, flat, training))
+            if p.mode == "dense":
+                experts = torch.arange(p.experts, device=flat.device)
+            else:  # the union of the probed experts (within the cap's allowed set: evaluation is never capped)
+                allowed = self._allowed(i, router, flat, x.shape[:-1]) if training and p.device_rows else None
+                experts = torch.unique(probe(router, flat, p.n_probe, allowed)[1])
         rows, index = self.hosts[i].gather(experts, router, flat.device, stream=self.copy_stream)
         if training:  # evaluation's traffic is not a training step's
             self.meters["meft_bytes_to_device"] += 2 * rows.keys.numel() * rows.keys.element_size()
@@ -190,23 +209,40 @@ class Meft(Strategy):
     def adapter_out(self, i: int, x: torch.Tensor, rows: Gathered) -> torch.Tensor:
         p = self.params
         rows.wait()
-        flat = x.reshape(-1, x.size(-1)).float()
+        flat = x.reshape(-1, x.size(-1)).to(self.dtype)
         y = (torch.relu(flat @ rows.keys.T) @ rows.values if p.mode == "dense"
              else sparse_forward(flat, rows, p.n_probe, p.topk, p.width // p.experts))
         return y.to(x.dtype).view(x.shape)
 
-    def _experts_to_ship(self, router: torch.Tensor, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """The union of experts the tokens probe, or, over a training cap, the most-probed ones (ascending ids)."""
+    def _new_forward(self, body: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the decoder body: a new forward, so every layer decides its cap afresh."""
+        self.forward_id += 1
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _allowed(self, i: int, router: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """(E,) bool: the experts layer `i` may use in this forward under the cap.
+
+        The layer's first call in a forward keeps the experts the real tokens probe most (ties: lower id; padding
+        has no vote, so the amount of padding routes nothing); later calls in the same forward (TokenTune's selected
+        rows, a checkpointed layer's recomputation) reuse that set, so every row runs under the same one.
+        """
+        decided = self.allowed.get(i)
+        if decided is not None and decided[0] == self.forward_id:
+            return decided[1]
         p = self.params
+        mask = self.attention_mask
+        if mask is not None and mask.shape == shape and mask.any():
+            x = x[mask.flatten().bool()]
         probed = probe(router, x, p.n_probe)[1].flatten()
-        cap = None if p.device_rows is None or not training else p.device_rows // (p.width // p.experts)
         votes = torch.bincount(probed, minlength=p.experts)
-        if cap is None or int((votes > 0).sum()) <= cap:
-            return torch.unique(probed)
-        keep = torch.argsort(votes, descending=True, stable=True)[:cap]  # stable: ties go to the lower id
+        keep = torch.argsort(votes, descending=True, stable=True)[:p.device_rows // (p.width // p.experts)]
+        keep = keep[votes[keep] > 0]
         self.meters["meft_rerouted_probes"] = max(self.meters["meft_rerouted_probes"],
                                                   1 - votes[keep].sum().item() / probed.numel())
-        return keep.sort().values
+        allowed = torch.zeros(p.experts, dtype=torch.bool, device=x.device).index_fill_(0, keep, True)
+        self.allowed[i] = (self.forward_id, allowed)
+        return allowed
 
     def after_backward(self, step: int) -> None:
         # every layer's gathered rows and their gradients are alive until now, with the routers' AdamW state
@@ -215,7 +251,18 @@ class Meft(Strategy):
         self.meters["meft_device_bytes"] = 2 * shipped + 4 * routers
         for i, rows, index in self.pending:
             self.meters["meft_bytes_to_host"] += self.hosts[i].accumulate(rows, index)
+            self.shipped.setdefault(i, []).append(rows.experts)
         self.pending.clear()
+
+    def outside_grads(self) -> list[torch.Tensor]:
+        """The host gradients of the rows this step shipped (summed over its micro-batches), as views that clipping
+        scales in place: one per run of adjacent experts, so the norm never reads the untouched rest of the adapter."""
+        views = []
+        for i, experts in self.shipped.items():
+            h = self.hosts[i]
+            for first, end in _runs(torch.unique(torch.cat(experts)).tolist()):
+                views += [h.grads[name][first * h.block:end * h.block] for name in ("keys", "values")]
+        return views
 
     def after_optimizer_step(self, step: int) -> None:
         p = self.params
@@ -224,6 +271,7 @@ class Meft(Strategy):
         self.meters["meft_rows_touched"] = sum(
             h.step(lr, betas=self.lr_factor.betas, weight_decay=p.weight_decay, rows=p.rows) for h in self.hosts)
         self.meters["meft_cpu_optimizer_s"] = time.perf_counter() - started
+        self.shipped.clear()
         self.finished_steps.append(self.meters)
         self.meters = self._fresh_meters()
 
@@ -274,10 +322,28 @@ def _ffn_rows(mlp: nn.Module, count: int, generator: torch.Generator) -> torch.T
     else:
         raise UserError(f"meft `key_init: ffn` does not know the input projection of {type(mlp).__name__}; "
                         "use `key_init: random`")
-    rows = rows.detach().float().cpu()
+    rows = rows.detach().cpu()
     picks = torch.cat([torch.randperm(rows.size(0), generator=generator)
                        for _ in range(-(-count // rows.size(0)))])[:count]
     return rows[picks].clone()
+
+
+def _adapter_dtype(body: nn.Module) -> torch.dtype:
+    """The dtype the adapter is kept and computed in: the model's, at least float32 (half-precision models compute
+    it in float32, a float64 model in float64). 4-bit weights are not floating point: the model's others decide."""
+    weights = next(w.dtype for w in body.parameters() if w.is_floating_point())
+    return torch.promote_types(weights, torch.float32)
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Ascending ids as half-open runs of consecutive ones: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
+    runs: list[list[int]] = []
+    for e in ids:
+        if runs and runs[-1][1] == e:
+            runs[-1][1] = e + 1
+        else:
+            runs.append([e, e + 1])
+    return [(first, end) for first, end in runs]
 
 
 def _with_adapter(strategy: Meft, index: int, mlp: nn.Module, ffn_forward, x: torch.Tensor, *args, **kwargs):
