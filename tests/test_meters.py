@@ -224,7 +224,12 @@ def test_reset_peak_memory_cpu():
     reset_peak_memory(cpu)
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("peak RSS cannot be reset here (/proc/self/clear_refs not writable)")
-    assert peak_memory(cpu)["peak_mem_bytes"] < high - 64 * 1024 * 1024
+    now = current_rss_bytes()
+    after = peak_memory(cpu)["peak_mem_bytes"]
+    # the new peak starts from the resident set as it is now, not from the old high
+    assert after <= now + 4 * 1024 * 1024
+    if now < high - 96 * 1024 * 1024:  # the allocator gave `big` back (it may keep freed pages resident)
+        assert after < high - 64 * 1024 * 1024
 
 
 def test_step_timer_gives_positive_rates():
