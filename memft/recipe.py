@@ -169,11 +169,6 @@ class TrainConfig(Section):
     router_aux_loss_coef: float | None = Field(default=None, ge=0)
     """Weight of the load-balancing loss; null: the model config's `router_aux_loss_coef` (Mixtral's and Qwen's
     configs: 0.001, OLMoE's: 0.01)."""
-
-    @field_validator("router_aux_loss", mode="before")
-    @classmethod
-    def _yaml_switch(cls, value):
-        return {True: "on", False: "off"}[value] if isinstance(value, bool) else value  # YAML 1.1 reads `on` as true
     autocast: Literal["auto", "off", "bf16"] = "auto"
     """`auto` uses bf16 autocast on a CUDA GPU that supports it and nothing on the CPU."""
     eval_every: int | None = Field(default=50, ge=1)
@@ -181,6 +176,11 @@ class TrainConfig(Section):
     at its last step (null: only those)."""
     eval_batches: int | None = Field(default=20, ge=1)
     """Micro-batches of held-out data per evaluation; null: all of it."""
+
+    @field_validator("router_aux_loss", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        return {True: "on", False: "off"}[value] if isinstance(value, bool) else value  # YAML 1.1 reads `on` as true
 
 
 class OutputConfig(Section):

@@ -110,11 +110,17 @@ def load_balancing_loss(layer_logits: list[torch.Tensor], top_k: int, mask: torc
         top_k: experts per token.
         mask: `(B*T,)` 1 at real tokens.
     """
+    weight, probs = balance_terms(layer_logits, top_k, mask)
+    return (weight * probs).sum()
+
+
+def balance_terms(layer_logits: list[torch.Tensor], top_k: int,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss's two factors: the constant weights `w_e` and `sum_(l,t) m_t p_lte` (with gradients), both (E,)."""
     mask = mask.to(torch.promote_types(layer_logits[0].dtype, torch.float32))  # counts as precise as the model
     counts = sum(expert_counts(top_k_choices(lg, top_k), lg.size(-1), mask) for lg in layer_logits)
     probs = sum(masked_probs(lg, mask).sum(0) for lg in layer_logits)
-    rows = mask.to(counts.dtype).sum() * len(layer_logits)
-    return (balance_weight(counts, rows) * probs).sum()
+    return balance_weight(counts, mask.sum() * len(layer_logits)), probs
 
 
 class RouterAux:
@@ -131,10 +137,10 @@ class RouterAux:
 
         self.coef = coef
         layers = decoder_body(model).layers
-        self.routers = {i: r for i, layer in enumerate(layers) if (r := router_of(layer)) is not None}
-        if not self.routers:
+        routers = {i: r for i, layer in enumerate(layers) if (r := router_of(layer)) is not None}
+        if not routers:
             raise UserError("`train.router_aux_loss` is on but the model has no MoE router")
-        self.top_k = next(iter(self.routers.values())).top_k
+        self.top_k = next(iter(routers.values())).top_k
         self.calls: dict[int, list[torch.Tensor]] = {}
         self.recording = False
         self.mask: torch.Tensor | None = None
@@ -143,13 +149,13 @@ class RouterAux:
         """Layers whose term's gradient is added when backward recomputes them -> the weights `w_e`."""
         self.grad: torch.Tensor | None = None
         """d loss / d aux of the current backward, known before any layer is recomputed."""
-        for i, router in self.routers.items():
+        for i, router in routers.items():
             router.register_forward_hook(self._hook(i))
         decoder_body(model).norm.register_forward_pre_hook(self._final_hidden)
 
     def start(self, attention_mask: torch.Tensor) -> None:
         self.calls, self.replay, self.grad, self.last_hidden = {}, {}, None, None
-        self.mask = attention_mask.reshape(-1)  # set to the logits' precision in `finish`
+        self.mask = attention_mask.reshape(-1)
         self.recording = True
 
     def finish(self, merge: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor | None:
@@ -159,12 +165,10 @@ class RouterAux:
             return None
         logits = {i: merge(calls) for i, calls in sorted(self.calls.items())}
         self.calls = {}
-        self.mask = self.mask.to(torch.promote_types(next(iter(logits.values())).dtype, torch.float32))
-        aux = load_balancing_loss(list(logits.values()), self.top_k, self.mask)
+        weight, probs = balance_terms(list(logits.values()), self.top_k, self.mask)
+        aux = (weight * probs).sum()
         recomputed = {i for i, lg in logits.items() if not lg.requires_grad and torch.is_grad_enabled()}
         if recomputed and self.last_hidden is not None and self.last_hidden.requires_grad:
-            counts = sum(expert_counts(top_k_choices(lg, self.top_k), lg.size(-1), self.mask) for lg in logits.values())
-            weight = balance_weight(counts, self.mask.to(counts.dtype).sum() * len(logits))
             self.replay = {i: weight for i in recomputed}
             # tied to the last layer's output, so backward knows the seed before it recomputes any layer
             aux = _AuxSeed.apply(aux, self.last_hidden, self)
