@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -23,12 +23,24 @@ from pydantic import (
 )
 
 from memft.errors import RecipeError
+from memft.textio import read_text
+
+SEED_LIMIT = 2**32
+"""Seeds must be below numpy's limit (`np.random.seed` takes 0 <= seed < 2**32)."""
 
 
 class Section(BaseModel):
     """Base for every recipe block: unknown keys are errors, field docstrings are the help text."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are YAML floats, but no recipe number may be one
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
 
 
 class UpcycleConfig(Section):
@@ -66,8 +78,8 @@ class ModelConfig(Section):
     """Weight dtype. float64 is for exactness tests; on a GPU float32 weights train under bf16 autocast."""
     device: Device = "auto"
     """`auto` picks CUDA when a GPU is present, else the CPU."""
-    seed: int = 0
-    """Seed for randomly initialised built-in models and new heads."""
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
+    """Seed for randomly initialised built-in models and new heads (0 <= seed < 2**32)."""
     tokenizer: str | None = None
     """Tokenizer to use instead of the model's own (a built-in name, local directory or hub id)."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
@@ -80,6 +92,8 @@ class ModelConfig(Section):
     """Sparse upcycling, e.g. `{experts: 4, top_k: 2}` (also `router_std`, default 0.02): turn a dense Llama-family
     causal LM into a Mixtral MoE whose experts are copies of each layer's FFN, with new seeded routers. It computes
     the dense model's function at initialisation. null: no upcycling."""
+
+    _name_not_blank = field_validator("name")(_not_blank)
 
     @model_validator(mode="after")
     def _upcycle_needs_a_causal_lm(self) -> ModelConfig:
@@ -130,18 +144,32 @@ class DataConfig(Section):
     shuffle: bool = True
     """Shuffle the training examples every epoch (seeded by `train.seed`)."""
     eval_split: float | str | None = 0.05
-    """Held-out evaluation data: a fraction of the source (e.g. 0.05), another split name or file, or null."""
+    """Held-out evaluation data: a fraction of the source (0 < x < 1, e.g. 0.05), another split name or file,
+    or null."""
+
+    _source_not_blank = field_validator("source")(_not_blank)
+
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _fraction_or_name(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("must be a fraction between 0 and 1, a split name or file, or null")
+        if isinstance(value, (int, float)) and not 0 < value < 1:  # also nan and inf
+            raise ValueError("a fraction must be between 0 and 1 (exclusive), e.g. 0.05; use null for no eval data")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty: give a split name or file, a fraction such as 0.05, or null")
+        return value
 
 
 class TrainConfig(Section):
-    seed: int = 0
-    """Seed for data order, dropout and strategy randomness."""
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
+    """Seed for data order, dropout and strategy randomness (0 <= seed < 2**32)."""
     lr: float = Field(default=2e-4, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(default=0.0, ge=0)
     """Decoupled AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    """AdamW betas, each in [0, 1)."""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """`adamw` (PyTorch, fused on CUDA) or `adamw_8bit` (bitsandbytes 8-bit states)."""
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
@@ -186,6 +214,14 @@ class TrainConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs/{recipe}"
     """Run directory. `{recipe}` is replaced by the recipe file's stem."""
+
+    @field_validator("dir")
+    @classmethod
+    def _not_the_working_directory(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty (the run would write into the working directory); "
+                             "e.g. `runs/{recipe}`")
+        return value
     checkpoints: bool = True
     """Write checkpoints. `false` is for benchmarks and throw-away runs: nothing to resume from."""
     save_every: int | None = Field(default=50, ge=1)
@@ -321,7 +357,15 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
             raise RecipeError("overrides", [f"`{'.'.join(path)}`: `{'.'.join(path[:i])}` is not a mapping"])
 
 
-def _line_index(text: str) -> dict[tuple, int]:
+def _compose(text: str) -> yaml.Node | None:
+    """The YAML node tree (with line marks), or None when the text does not parse (safe_load reports that)."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+
+def _line_index(root: yaml.Node | None) -> dict[tuple, int]:
     """Map each key path of a YAML document to its 1-based line number."""
     lines: dict[tuple, int] = {}
 
@@ -337,11 +381,33 @@ def _line_index(text: str) -> dict[tuple, int]:
                 lines[p] = item.start_mark.line + 1
                 walk(item, p)
 
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
+    walk(root, ())
     return lines
+
+
+def _duplicate_keys(root: yaml.Node | None) -> list[str]:
+    """A problem for each key given twice in one mapping, at any depth: YAML keeps the last silently."""
+    problems: list[str] = []
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key, line = key_node.value, key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode) and key != "<<":  # `<<` merges are meant to repeat
+                    where = ".".join(map(str, path + (key,)))
+                    if key in first_line:
+                        problems.append(f"`{where}`: key given twice, at lines {first_line[key]} and {line}; "
+                                        "the second would silently replace the first: keep one")
+                    else:
+                        first_line[key] = line
+                walk(value_node, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    walk(root, ())
+    return problems
 
 
 def _section(annotation) -> type[BaseModel] | None:
@@ -424,18 +490,30 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
             incompatible strategies).
     """
     file = resolve_recipe_path(path)
-    text = file.read_text()
+    text = read_text(file, what="recipe")
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(str(file), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    if tree is None:  # an empty file, only comments, or `null`
+        tree = {}
     if not isinstance(tree, dict):
         raise RecipeError(str(file), ["the recipe must be a mapping with keys such as `model`, `data`, `strategies`, `train`"])
+    root = _compose(text)
+    if duplicates := _duplicate_keys(root):
+        raise RecipeError(str(file), duplicates)
     for item in overrides:
         apply_override(tree, *parse_override(item))
-    return validate(tree, source=str(file), lines=_line_index(text), recipe_path=file)
+    if not tree:
+        raise RecipeError(str(file), [EMPTY_RECIPE])
+    return validate(tree, source=str(file), lines=_line_index(root), recipe_path=file)
+
+
+EMPTY_RECIPE = ("the recipe is empty (no keys, only comments or `null`); a recipe says at least which `model` to "
+                "train on which `data` with which `strategies`, e.g. `model: {name: stories260K}`; "
+                "`memft recipes` lists complete examples")
 
 
 def validate(tree: dict, source: str = "recipe", lines: dict[tuple, int] | None = None,
@@ -485,14 +563,41 @@ def _resolve_data_path(recipe: Recipe, recipe_path: Path) -> None:
 def _check_files(recipe: Recipe, recipe_path: Path | None, lines) -> list[str]:
     """Missing local files are user errors found at validate time."""
     problems = []
+
+    def problem(field: tuple, text: str) -> None:
+        line = lines.get(field)
+        problems.append(f"`{'.'.join(field)}`: {text}{f'  [line {line}]' if line else ''}")
+
     src = recipe.data.source
     if _looks_like_path(src):
         if recipe_path is not None:
             _resolve_data_path(recipe, recipe_path)
-        if not Path(recipe.data.source).expanduser().exists():
-            line = lines.get(("data", "source"))
-            problems.append(f"`data.source`: file not found (got {src!r}){f'  [line {line}]' if line else ''}")
+        found = Path(recipe.data.source).expanduser()
+        if not found.exists():
+            problem(("data", "source"), f"file not found (got {src!r})")
+        elif found.is_dir():
+            problem(("data", "source"), f"is a directory, not a data file (got {src!r}); name one "
+                                        ".jsonl, .json, .csv, .tsv or .parquet file in it")
+    if why := _model_path_problem(recipe.model.name):
+        problem(("model", "name"), f"{why} (got {recipe.model.name!r})")
     return problems
+
+
+def _model_path_problem(name: str) -> str | None:
+    """Why a `model.name` meant as a local path (see `memft.models.load`) cannot be loaded, or None."""
+    from memft.models.load import _find_builtin, _looks_like_path
+
+    if not _looks_like_path(name) or _find_builtin(name) is not None:
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        return ("no such local model: a local model is a directory with config.json and weights, or a config "
+                ".json file (a hub id is `name` or `org/name`; `memft recipes` lists the built-ins)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        return "the directory has no config.json, so it is not a model directory (a Hugging Face save_pretrained folder)"
+    if not path.is_dir():
+        return "is a file but not a config .json; give a model directory or a config .json file"
+    return None
 
 
 def schema_rows(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -1,0 +1,164 @@
+"""Hostile input files and recipes (issue 15's fuzzing pass): each gets one sentence and exit 2, no traceback."""
+
+import codecs
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from memft.cli import app
+from memft.errors import RecipeError, UserError
+from memft.recipe import load
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "recipes" / "data" / "gsm8k_sample.jsonl"
+
+
+def recipe(tmp_path: Path, body: str | bytes, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(body if isinstance(body, bytes) else body.encode())
+    return path
+
+
+class Result:
+    def __init__(self, result):
+        self.exit_code = result.exit_code
+        self.output = " ".join(result.output.split())  # undo the console's line wrapping
+
+
+def validate_cli(path: Path, *overrides: str) -> Result:
+    result = CliRunner().invoke(app, ["validate", str(path), *overrides])
+    assert "Traceback" not in result.output
+    return Result(result)
+
+
+def problems(path: Path, overrides=()) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load(path, overrides)
+    return info.value.problems
+
+
+# ---------------------------------------------------------------------------- 1. recipe encodings
+
+GOOD_RECIPE = f"description: café\nmodel: {{name: stories260K}}\ndata: {{source: {DATA}}}\n"
+
+
+@pytest.mark.parametrize("bom, encoding", [(codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+                                           (codecs.BOM_UTF16_BE, "utf-16-be"), (codecs.BOM_UTF32_LE, "utf-32-le"),
+                                           (codecs.BOM_UTF32_BE, "utf-32-be")])
+def test_recipe_in_the_encoding_its_bom_announces(tmp_path, bom, encoding):
+    r = load(recipe(tmp_path, bom + GOOD_RECIPE.encode(encoding)))
+    assert r.description == "café" and r.model.name == "stories260K"
+
+
+def test_latin1_recipe_names_file_offset_and_iconv(tmp_path):
+    path = recipe(tmp_path, GOOD_RECIPE.encode("latin-1"))
+    result = validate_cli(path)
+    assert result.exit_code == 2
+    offset = GOOD_RECIPE.index("é")
+    assert f"recipe {path} is not UTF-8 text" in result.output
+    assert f"byte offset {offset}" in result.output and "iconv -f latin1 -t utf-8" in result.output
+
+
+@pytest.mark.parametrize("junk", [bytes(range(256)) * 4, b"\x00" * 64, "model: {}\n".encode("utf-16-le")])
+def test_binary_or_bomless_utf16_recipe_is_one_sentence(tmp_path, junk):
+    result = validate_cli(recipe(tmp_path, junk))
+    assert result.exit_code == 2 and "error:" in result.output and "byte offset" in result.output
+
+
+def test_read_text_offsets_count_from_the_start_of_the_file(tmp_path):
+    from memft.textio import read_text
+
+    path = tmp_path / "f.txt"
+    path.write_bytes(codecs.BOM_UTF8 + b"ab\xffc")
+    with pytest.raises(UserError, match="byte offset 5 "):
+        read_text(path)
+    path.write_bytes(codecs.BOM_UTF16_LE + "ab\ud800".encode("utf-16-le", "surrogatepass"))
+    with pytest.raises(UserError, match="UTF-16-LE text: .* byte offset 6 "):
+        read_text(path)
+
+
+# ---------------------------------------------------------------------------- 4. duplicate keys
+
+
+def test_duplicate_keys_at_any_depth_name_the_key_and_both_lines(tmp_path):
+    path = recipe(tmp_path, "model:\n  name: tiny-llama\ntrain:\n  lr: 1.0e-3\n  lr: 2.0e-3\n"
+                            "model:\n  name: stories260K\n")
+    found = problems(path)
+    assert "`train.lr`: key given twice, at lines 4 and 5" in found[0]
+    assert "`model`: key given twice, at lines 1 and 6" in found[1]
+    assert len(found) == 2
+    assert validate_cli(path).exit_code == 2
+
+
+# ---------------------------------------------------------------------------- 5. empty recipes
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "null\n", "~\n", "{}\n"])
+def test_empty_recipe_is_refused(tmp_path, text):
+    result = validate_cli(recipe(tmp_path, text))
+    assert result.exit_code == 2 and "the recipe is empty" in result.output
+
+
+def test_empty_recipe_filled_by_overrides_is_fine(tmp_path):
+    assert load(recipe(tmp_path, ""), [f"data.source={DATA}"]).data.source == str(DATA)
+
+
+# ---------------------------------------------------------------------------- 6. what validate checks
+
+
+def one_problem(tmp_path, override: str) -> str:
+    found = problems(recipe(tmp_path, GOOD_RECIPE), [override])
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.5", "1.5", ".nan", "true", "''"])
+def test_eval_split_fraction_must_be_between_0_and_1(tmp_path, value):
+    found = one_problem(tmp_path, f"data.eval_split={value}")
+    assert found.startswith("`data.eval_split`:"), found
+
+
+def test_eval_split_name_and_fraction_still_work(tmp_path):
+    assert load(recipe(tmp_path, GOOD_RECIPE), ["data.eval_split=0.2"]).data.eval_split == 0.2
+    assert load(recipe(tmp_path, GOOD_RECIPE), ["data.eval_split=dev"]).data.eval_split == "dev"
+
+
+def test_model_name_that_cannot_be_loaded(tmp_path):
+    assert one_problem(tmp_path, "model.name=''").startswith("`model.name`: must not be empty")
+    missing = one_problem(tmp_path, f"model.name={tmp_path}/nowhere")
+    assert missing.startswith("`model.name`: no such local model") and "nowhere" in missing
+    assert one_problem(tmp_path, "model.name=missing.json").startswith("`model.name`: no such local model")
+    assert "no config.json" in one_problem(tmp_path, f"model.name={tmp_path}")
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    assert "not a config .json" in one_problem(tmp_path, f"model.name={tmp_path}/weights.bin")
+    # built-ins, with or without .json, and hub ids are not local paths
+    assert load(recipe(tmp_path, GOOD_RECIPE), ["model.name=tiny-llama.json"]).model.name == "tiny-llama.json"
+
+
+def test_data_source_empty_or_a_directory(tmp_path):
+    assert "must not be empty" in one_problem(tmp_path, "data.source=''")
+    assert "is a directory" in one_problem(tmp_path, f"data.source={tmp_path}")
+    assert "file not found" in one_problem(tmp_path, f"data.source={tmp_path}/none.jsonl")
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.lr=.nan", "train.weight_decay=.inf",
+                                      "train.max_grad_norm=.inf", "train.epochs=.inf",
+                                      "train.router_aux_loss_coef=.nan", "train.betas=[0.9, .nan]",
+                                      "train.betas=[1.0, 0.999]", "train.betas=[-0.1, 0.999]"])
+def test_floats_must_be_finite_and_betas_in_0_1(tmp_path, override):
+    found = one_problem(tmp_path, override)
+    assert found.startswith(f"`{override.split('=')[0]}"), found
+
+
+@pytest.mark.parametrize("value", ["''", "'   '"])
+def test_output_dir_must_not_be_blank(tmp_path, value):
+    assert "working directory" in one_problem(tmp_path, f"output.dir={value}")
+
+
+@pytest.mark.parametrize("field", ["train.seed", "model.seed"])
+@pytest.mark.parametrize("value", [-1, 2**32, 2**64])
+def test_seeds_fit_numpy(tmp_path, field, value):
+    assert one_problem(tmp_path, f"{field}={value}").startswith(f"`{field}`:")
+    assert load(recipe(tmp_path, GOOD_RECIPE), [f"{field}={2**32 - 1}"])
