@@ -49,9 +49,17 @@ def handle_errors(fn):
         except RunFailed as exc:
             err_console.print(f"run failed: {exc}", highlight=False, markup=False, style="red")
             raise typer.Exit(code=1) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted; the newest checkpoint is kept, `output.resume: auto` continues it")
-            raise typer.Exit(code=130) from None
+        except KeyboardInterrupt as exc:
+            # a training run says where it stopped and what it saved (memft.train.loop.RunInterrupted)
+            message = str(exc) or "interrupted (SIGINT) before finishing"
+            err_console.print(message, highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(code=getattr(exc, "exit_code", 130)) from None
+        except OSError as exc:
+            # the environment (a permission, a full disk), not an internal error: no traceback
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            err_console.print(f"error: {where}{exc.strerror or exc}", highlight=False, markup=False, style="red",
+                              soft_wrap=True)
+            raise typer.Exit(code=2) from None
 
     return wrapper
 
@@ -75,7 +83,7 @@ def train(
       memft train recipes/qlora.yaml --dry-run
     """
     from memft import recipe as recipe_mod
-    from memft.train.loop import Trainer
+    from memft.train.loop import RunInterrupted, Trainer
 
     r = recipe_mod.load(recipe, overrides or [])
     trainer = Trainer(r, run_dir=output_dir)
@@ -86,10 +94,17 @@ def train(
         trainer.setup(for_training=False)
         _print_plan(trainer)
         return
-    trainer.setup()
+    try:
+        trainer.setup()
+    except KeyboardInterrupt:  # Ctrl-C while loading the model: training has not started
+        raise RunInterrupted.in_setup() from None
     _print_plan(trainer)
     with _Progress(enabled=r.log.progress) as progress:
-        summary = trainer.train(progress=progress.update)
+        try:
+            summary = trainer.train(progress=progress.update)
+        except RunInterrupted as exc:
+            exc.resume_command = _resume_command(recipe, overrides or [], output_dir, r.output.resume)
+            raise
     _print_summary(summary, trainer.run_dir)
 
 
@@ -464,6 +479,16 @@ def _print_plan(trainer) -> None:
                            f"up to {r.data.max_length} tokens each")
     table.add_row("output", str(trainer.run_dir))
     console.print(table)
+
+
+def _resume_command(recipe: str, overrides: list[str], output_dir: str | None, resume: str) -> str:
+    """The `memft train` command line that continues an interrupted run, in backticks."""
+    import shlex
+
+    kept = [o for o in overrides if not o.startswith("output.resume=")]  # `never` would refuse the run
+    again = ["memft", "train", recipe, *kept, *(["output.resume=auto"] if resume != "auto" else []),
+             *(["-o", output_dir] if output_dir else [])]
+    return f"`{shlex.join(again)}`"
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import random
+import signal
 import statistics
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RECIPE_FILE = "recipe.yaml"
 PLOT_FILE = "loss_memory.png"
+LABELS_FILE = "labels.json"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def seed_everything(seed: int) -> None:
@@ -147,6 +152,39 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     target.enable_input_require_grads()
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run; `str()` says where and what was saved, in one sentence.
+
+    A KeyboardInterrupt, so no `except Exception` on its way up swallows it. The CLI prints it and exits
+    with `exit_code`, 128 + the signal number as a shell reports it (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signal_name: str, step: int, total: int, checkpoint: Path | None, *,
+                 why_nothing: str | None = None, aborted: bool = False, during_setup: bool = False):
+        super().__init__(signal_name)
+        self.signal_name, self.step, self.total, self.checkpoint = signal_name, step, total, checkpoint
+        self.why_nothing, self.aborted, self.during_setup = why_nothing, aborted, during_setup
+        self.exit_code = 128 + signal.Signals[signal_name].value
+        self.resume_command = "`memft train` with the same recipe and output dir"
+        """How to resume, for the sentence; the CLI puts in the command line it was given."""
+
+    @classmethod
+    def in_setup(cls, signal_name: str = "SIGINT") -> RunInterrupted:
+        return cls(signal_name, 0, 0, None, during_setup=True)
+
+    def __str__(self) -> str:
+        if self.during_setup:
+            return f"interrupted ({self.signal_name}) while setting up the run, before training started; nothing was saved"
+        resume = f"{self.resume_command} again resumes it"
+        if self.aborted:
+            kept = (f"the newest complete checkpoint {self.checkpoint} is kept; {resume}" if self.checkpoint
+                    else "no checkpoint had been written, nothing to resume")
+            where = f"during step {self.step + 1}" if self.step < self.total else f"after step {self.step}"
+            return f"interrupted again ({self.signal_name}) {where} of {self.total}, stopped at once; {kept}"
+        saved = f"saved checkpoint {self.checkpoint}; {resume}" if self.checkpoint else f"nothing was saved ({self.why_nothing})"
+        return f"interrupted ({self.signal_name}) at step {self.step} of {self.total}; {saved}"
+
+
 class Trainer:
     """Builds a run from a recipe and trains it."""
 
@@ -154,6 +192,8 @@ class Trainer:
         self.recipe = recipe
         self.run_dir = Path(run_dir or recipe.output.dir)
         self.notes: list[str] = []
+        self.stop_signal: str | None = None
+        """Set by SIGINT / SIGTERM during `train()`: stop at the next step boundary."""
 
     # ------------------------------------------------------------------ setup
     def setup(self, *, for_training: bool = True) -> Trainer:
@@ -243,82 +283,126 @@ class Trainer:
         r = self.recipe
         if self.step >= self.total_steps and (self.run_dir / SUMMARY_FILE).exists():
             return json.loads((self.run_dir / SUMMARY_FILE).read_text())  # already finished: nothing to do
-        metrics = (self.run_dir / METRICS_FILE).open("a")
-        timer, activation_bytes, evaluation = StepTimer(self.device), None, {}
-        losses, step_times, step_tokens, step_samples = [], [], [], []
-        started = time.perf_counter()
-        if self.step == 0 and self.eval_batcher:
-            self._log(metrics, {"step": 0, **self.evaluate()})
-        while self.step < self.total_steps:
-            self.model.train()
-            timer.start()
-            window = [self._next_batch() for _ in range(r.train.grad_accum)]
-            window = [self._on_step_start(b) for b in window]
-            targets = sum(self._count_targets(b) for b in window)
-            step_loss, step_aux = 0.0, None
-            for i, batch in enumerate(window):
-                # the activation meter watches the first forward of this process only: its bytes are per micro-batch
-                meter = SavedTensorMeter(self.model) if activation_bytes is None else nullcontext()
-                with meter, self.autocast:
-                    out = self._loss(batch)
-                # normalise by the targets of the whole accumulation window, not per micro-batch
-                loss = out.loss_sum / max(targets, 1)
-                loss.backward()
-                if activation_bytes is None:
-                    activation_bytes = meter.bytes
-                step_loss += loss.item()  # a host-device sync point
-                if out.aux_loss is not None:  # the load-balancing term, unweighted, averaged over the micro-batches
-                    step_aux = (step_aux or 0.0) + out.aux_loss.item() / len(window)
-                del out, loss  # free the graph's outputs before the next micro-batch
-            if not math.isfinite(step_loss):
-                raise RunFailed(self._nonfinite_message(step_loss))
-            for s in self.strategies:
-                s.after_backward(self.step)
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            grad_norm = clip_gradients(grads + [g for s in self.strategies for g in s.outside_grads()],
-                                       r.train.max_grad_norm)
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            for s in self.strategies:
-                s.after_optimizer_step(self.step)
-            # flush the gradients as soon as we can, no need for this memory anymore
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+        # SIGINT / SIGTERM ask to stop at the next step boundary, which saves the last step (see _stop_on_signals)
+        with self._stop_on_signals(), (self.run_dir / METRICS_FILE).open("a") as metrics:
+            timer, activation_bytes, evaluation = StepTimer(self.device), None, {}
+            losses, step_times, step_tokens, step_samples = [], [], [], []
+            started = time.perf_counter()
+            if self.step == 0 and self.eval_batcher:
+                self._log(metrics, {"step": 0, **self.evaluate()})
+            while self.step < self.total_steps:
+                if self.stop_signal:
+                    self._stop_at_step_boundary()
+                self.model.train()
+                timer.start()
+                window = [self._next_batch() for _ in range(r.train.grad_accum)]
+                window = [self._on_step_start(b) for b in window]
+                targets = sum(self._count_targets(b) for b in window)
+                step_loss, step_aux = 0.0, None
+                for i, batch in enumerate(window):
+                    # the activation meter watches the first forward of this process only: bytes per micro-batch
+                    meter = SavedTensorMeter(self.model) if activation_bytes is None else nullcontext()
+                    with meter, self.autocast:
+                        out = self._loss(batch)
+                    # normalise by the targets of the whole accumulation window, not per micro-batch
+                    loss = out.loss_sum / max(targets, 1)
+                    loss.backward()
+                    if activation_bytes is None:
+                        activation_bytes = meter.bytes
+                    step_loss += loss.item()  # a host-device sync point
+                    if out.aux_loss is not None:  # the load-balancing term, unweighted, averaged over micro-batches
+                        step_aux = (step_aux or 0.0) + out.aux_loss.item() / len(window)
+                    del out, loss  # free the graph's outputs before the next micro-batch
+                if not math.isfinite(step_loss):
+                    raise RunFailed(self._nonfinite_message(step_loss))
+                for s in self.strategies:
+                    s.after_backward(self.step)
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                grad_norm = clip_gradients(grads + [g for s in self.strategies for g in s.outside_grads()],
+                                           r.train.max_grad_norm)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                for s in self.strategies:
+                    s.after_optimizer_step(self.step)
+                # flush the gradients as soon as we can, no need for this memory anymore
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
 
-            tokens = sum(count_tokens(b) for b in window)
-            samples = sum(b["input_ids"].size(0) for b in window)
-            rates = timer.stop(tokens=tokens, samples=samples)
-            step_times.append(rates["step_time_s"])
-            step_tokens.append(tokens)
-            step_samples.append(samples)
-            losses.append(step_loss)
-            if self.step % r.log.every == 0 or self.step == self.total_steps:
-                self._log(metrics, {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                                    **({"aux_loss": step_aux} if step_aux is not None else {}), **rates, **peak_memory(self.device), **self._strategy_metrics()})
-            last = self.step == self.total_steps
-            if self.eval_batcher and (last or (r.train.eval_every and self.step % r.train.eval_every == 0)):
+                tokens = sum(count_tokens(b) for b in window)
+                samples = sum(b["input_ids"].size(0) for b in window)
+                rates = timer.stop(tokens=tokens, samples=samples)
+                step_times.append(rates["step_time_s"])
+                step_tokens.append(tokens)
+                step_samples.append(samples)
+                losses.append(step_loss)
+                if self.step % r.log.every == 0 or self.step == self.total_steps:
+                    self._log(metrics, {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                                        **({"aux_loss": step_aux} if step_aux is not None else {}), **rates,
+                                        **peak_memory(self.device), **self._strategy_metrics()})
+                last = self.step == self.total_steps
+                if self.eval_batcher and (last or (r.train.eval_every and self.step % r.train.eval_every == 0)):
+                    evaluation = self.evaluate()
+                    self._log(metrics, {"step": self.step, **evaluation})
+                if r.output.checkpoints and (last or (r.output.save_every and self.step % r.output.save_every == 0)):
+                    self.save()
+                if progress:
+                    progress(self.step, self.total_steps, step_loss, peak_memory(self.device)["peak_mem_bytes"])
+            if self.stop_signal:  # asked during the last step: it is saved, stop before the summary
+                self._stop_at_step_boundary()
+            if not losses and self.eval_batcher:  # resumed at the last step: nothing trained, still report
                 evaluation = self.evaluate()
-                self._log(metrics, {"step": self.step, **evaluation})
-            if r.output.checkpoints and (last or (r.output.save_every and self.step % r.output.save_every == 0)):
-                self.save()
-            if progress:
-                progress(self.step, self.total_steps, step_loss, peak_memory(self.device)["peak_mem_bytes"])
-        metrics.close()
-        if not losses and self.eval_batcher:  # resumed at the last step: nothing trained, still report
-            evaluation = self.evaluate()
-        summary = self._summary(losses, step_times, step_tokens, step_samples, activation_bytes, evaluation,
-                                time.perf_counter() - started)
-        if r.eval:
-            from memft.eval.run import evaluate_run
+            summary = self._summary(losses, step_times, step_tokens, step_samples, activation_bytes, evaluation,
+                                    time.perf_counter() - started)
+            if r.eval:
+                from memft.eval.run import evaluate_run
 
-            summary["eval"] = evaluate_run(self)
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        if r.output.plot:
-            from memft.train.plot import plot_metrics
+                summary["eval"] = evaluate_run(self)
+            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            if r.output.plot:
+                from memft.train.plot import plot_metrics
 
-            plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE, title=self.run_dir.name)
-        return summary
+                plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE, title=self.run_dir.name)
+            return summary
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """While training, SIGINT and SIGTERM set `stop_signal`, and the loop stops at the next step boundary;
+        a second one (a Ctrl-C while waiting for a long step) aborts the step at once. The previous handlers are
+        put back afterwards. Python sets handlers in the main thread only: elsewhere signals are left alone."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.stop_signal = None
+        previous = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS}
+        try:
+            yield
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise RunInterrupted(self.stop_signal or "SIGINT", self.step, self.total_steps,
+                                 checkpoint.latest(self.run_dir), aborted=True) from None
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _on_stop_signal(self, signum: int, frame) -> None:
+        if self.stop_signal is not None:
+            self.stop_signal = signal.Signals(signum).name
+            raise KeyboardInterrupt  # asked twice: do not wait for the step to finish
+        self.stop_signal = signal.Signals(signum).name
+
+    def _stop_at_step_boundary(self):
+        """Save the last completed step (unless it is saved already) and raise `RunInterrupted`."""
+        r, saved, why_nothing = self.recipe, None, None
+        if not r.output.checkpoints:
+            why_nothing = "checkpoints are off"
+        elif self.step == 0:
+            why_nothing = "no step had finished"
+        else:
+            latest = checkpoint.latest(self.run_dir)
+            saved = latest if latest is not None and latest.name == checkpoint.step_dir_name(self.step) else self.save()
+        raise RunInterrupted(self.stop_signal, self.step, self.total_steps, saved, why_nothing=why_nothing)
 
     # ------------------------------------------------------------------ pieces of a step
     def _next_batch(self) -> dict:
