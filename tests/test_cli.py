@@ -115,3 +115,68 @@ def test_bench_rejects_unknown_variant_item():
 def test_every_command_has_help(cmd):
     out = memft(cmd, "--help")
     assert out.returncode == 0 and "Example" in out.stdout
+
+
+# --- the run directory: checked before the model is loaded ---------------------------------------------------
+
+
+def _train_in_process(monkeypatch, *args):
+    """`memft train` through CliRunner, with model loading made to fail loudly: the checks must come first."""
+    from typer.testing import CliRunner
+
+    import memft.train.loop as loop
+    from memft.cli import app
+
+    def no_model(*_, **__):
+        raise AssertionError("the model was loaded before the run directory was checked")
+
+    monkeypatch.setattr(loop, "load_model", no_model)
+    return CliRunner().invoke(app, ["train", "recipes/quickstart.yaml", "data.max_samples=16", *map(str, args)])
+
+
+def _text(result) -> str:
+    """The output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["train", "dry-run"])
+def test_output_dir_that_is_a_file_or_under_a_file_exits_2_before_loading(tmp_path, monkeypatch, dry_run):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    out = _train_in_process(monkeypatch, "-o", afile, *dry_run)
+    assert out.exit_code == 2, out.output
+    assert f"error: `output.dir` {afile} is a file, not a directory" in _text(out) and "Traceback" not in out.output
+    under = _train_in_process(monkeypatch, "-o", afile / "run", *dry_run)
+    assert under.exit_code == 2, under.output
+    assert f"`output.dir` {afile / 'run'} cannot be created: {afile} is a file" in _text(under)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_output_dir_in_a_read_only_folder_exits_2_before_loading(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        out = _train_in_process(monkeypatch, "-o", locked / "run")
+    finally:
+        locked.chmod(0o700)
+    assert out.exit_code == 2, out.output
+    assert f"`output.dir` {locked / 'run'} is not writable (permission denied on {locked})" in _text(out)
+
+
+def test_an_os_error_is_one_sentence_and_exit_2(tmp_path, monkeypatch):
+    import memft.train.loop as loop
+
+    def denied(self, progress=None):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(loop.Trainer, "train", denied)
+    from typer.testing import CliRunner
+
+    from memft.cli import app
+
+    out = CliRunner().invoke(app, ["train", "recipes/quickstart.yaml", "data.max_samples=16", "train.max_steps=1",
+                                   "log.progress=false", "-o", str(tmp_path / "run")])
+    assert out.exit_code == 2
+    assert f"error: {tmp_path / 'run' / 'metrics.jsonl'}: Permission denied" in _text(out)
+    assert "Traceback" not in out.output

@@ -198,6 +198,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self, *, for_training: bool = True) -> Trainer:
         r = self.recipe
+        check_output_dir(self.run_dir)  # before the model loads, so a bad `output.dir` costs no waiting
         self.device = resolve_device(r.model.device)
         self.strategies = registry.compose(r)
 
@@ -498,6 +499,23 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """A `UserError` unless `run_dir` is a folder memft can write, or one it can create.
+
+    The permission check uses `os.access`, so it says nothing for root, who may write anywhere.
+    """
+    fix = "choose another `output.dir` (or `-o DIR`)"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"`output.dir` {run_dir} is a file, not a directory; {fix}")
+    nearest = run_dir
+    while not nearest.exists() and nearest != nearest.parent:  # the run dir is created in the nearest existing one
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise UserError(f"`output.dir` {run_dir} cannot be created: {nearest} is a file; {fix}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"`output.dir` {run_dir} is not writable (permission denied on {nearest}); {fix}")
 
 
 def autocast_context(recipe: Recipe, device: torch.device):
