@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from memft.errors import UserError
@@ -401,9 +404,134 @@ def build_model(config, cfg: ModelConfig, *, weights: Any = None, hub_kwargs: di
             model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), **load_kwargs)
         return model
     try:
-        return model_class.from_pretrained(weights, config=config, **load_kwargs, **(hub_kwargs or {}))
+        # weights_only: a pickled pytorch_model.bin may hold only tensors, never code to run.
+        # ignore_mismatched_sizes: report every wrong shape ourselves instead of transformers' traceback.
+        model, report = model_class.from_pretrained(weights, config=config, output_loading_info=True,
+                                                    weights_only=True, ignore_mismatched_sizes=True,
+                                                    **load_kwargs, **(hub_kwargs or {}))
     except OSError as exc:
         raise UserError(f"could not load the weights of `{cfg.name}`: {_first_line(exc)}") from None
+    except Exception as exc:
+        if (reason := _unreadable_weights(weights, exc)) is None:
+            raise
+        raise UserError(reason) from None
+    _check_loading_report(report, weights, new_head=_new_classification_head(cfg.task, config, model))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# checking the weights a checkpoint holds
+
+RESAVE_HINT = "re-save it with `model.save_pretrained(dir, safe_serialization=True)`"
+SHOWN_KEYS = 3
+"""Keys named in a missing / unexpected / mismatched weights message (then the count of the rest)."""
+
+
+def _unreadable_weights(weights: Any, exc: Exception) -> str | None:
+    """The sentence for a weights file `from_pretrained` could not read, or None when `exc` is something else.
+
+    In a local directory every weight file transformers would read is checked, to name the bad one."""
+    where = Path(str(weights))
+    if where.is_dir():
+        for file in _weight_files(where):
+            if (reason := _weight_file_problem(file)) is not None:
+                return f"{reason}: download the model again, or {RESAVE_HINT}"
+        return None
+    if isinstance(exc, (SafetensorError, UnpicklingError, EOFError)):
+        return (f"the downloaded weights of `{weights}` are unreadable ({_first_line(exc)}): download them again "
+                f"(`hf download {weights} --force-download`), or {RESAVE_HINT}")
+    return None
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The files `from_pretrained` reads weights from: the safetensors ones when there are any."""
+    safetensors = sorted(model_dir.glob("*.safetensors"))
+    return safetensors or sorted(model_dir.glob("pytorch_model*.bin"))
+
+
+def _weight_file_problem(file: Path) -> str | None:
+    """Why `file` cannot be read as weights (a sentence naming it), or None when it reads."""
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt"):  # reads and checks the header against the file's size
+                return None
+        except (SafetensorError, OSError) as exc:
+            return f"`{file}` is not a readable safetensors file ({_safetensors_reason(exc)})"
+    try:
+        tensors = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+    except UnpicklingError as exc:
+        return (f"`{file}` is not a plain state dict of tensors (PyTorch's safe loader, `weights_only=True`, "
+                f"refuses {_unsafe_global(exc)} in it)")
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = _first_line(exc).split(". ")[0] if str(exc).strip() else "it is empty"
+        return f"`{file}` is not a readable PyTorch weights file ({reason})"
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+        return f"`{file}` is not a plain state dict of tensors (it holds a {type(tensors).__name__})"
+    return None
+
+
+def _safetensors_reason(exc: Exception) -> str:
+    text = _first_line(exc).removeprefix("Error while deserializing header: ")
+    return f"{text}; the file is damaged or cut short"
+
+
+def _unsafe_global(exc: Exception) -> str:
+    """What torch's long weights-only message says it refused: "the object `pkg.Class`" when it names one."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+    return f"the object `{found.group(1)}`" if found else "what it holds"
+
+
+def _new_classification_head(task: str, config, model: nn.Module) -> Any:
+    """For a classifier built on a checkpoint without one (a causal LM, a base encoder): whether a key
+    belongs to the new head (missing: random init is expected) or the checkpoint's old head (unexpected:
+    dropped). None when the checkpoint must hold every weight (a causal LM, an exported classifier)."""
+    if task != "sequence_classification":
+        return None
+    if any("ForSequenceClassification" in a for a in getattr(config, "architectures", None) or []):
+        return None
+    body = f"{model.base_model_prefix}."
+    # BERT's pooler feeds only the classifier; an encoder saved without it gets a new one too.
+    return lambda key: not key.startswith(body) or key.startswith(f"{body}pooler.")
+
+
+def _check_loading_report(report: dict, weights: Any, new_head: Any = None) -> None:
+    """Missing, unexpected or wrongly shaped weights are a UserError (a model silently trained from
+    partly random weights is the worst outcome). `new_head(key)`: keys a new classification head may
+    leave missing (or its checkpoint's old head unexpected). Tied weights are not reported missing."""
+    allowed = new_head or (lambda key: False)
+    mismatched = sorted(report.get("mismatched_keys") or [])
+    missing = sorted(k for k in report.get("missing_keys") or [] if not allowed(k))
+    unexpected = sorted(k for k in report.get("unexpected_keys") or [] if not allowed(k))
+    if mismatched:
+        key, found, wanted = mismatched[0]
+        raise UserError(
+            f"`{weights}`: `{key}` has shape {tuple(found)} in the weights but the model its config describes "
+            f"needs {tuple(wanted)}{_more(len(mismatched))}; the weights and config.json do not belong together: "
+            f"download the model again, or {RESAVE_HINT}"
+        )
+    if missing:
+        raise UserError(
+            f"`{weights}` lacks {_count(missing)} the model needs ({_keys(missing)}), which would be trained from "
+            f"random values: the checkpoint is incomplete; download the model again, or {RESAVE_HINT}"
+        )
+    if unexpected:
+        raise UserError(
+            f"`{weights}` holds {_count(unexpected)} the model does not use ({_keys(unexpected)}): they were saved "
+            f"from another architecture than config.json names; download the model again, or {RESAVE_HINT}"
+        )
+
+
+def _count(keys: list[str]) -> str:
+    return f"{len(keys)} weight{'s' if len(keys) != 1 else ''}"
+
+
+def _keys(keys: list[str]) -> str:
+    shown = ", ".join(f"`{k}`" for k in keys[:SHOWN_KEYS])
+    return shown + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+
+
+def _more(n: int) -> str:
+    return f" (and {n - 1} more wrongly shaped weight{'s' if n > 2 else ''})" if n > 1 else ""
 
 
 def auto_class(task: str, config):
