@@ -398,3 +398,36 @@ def test_a_bad_buffer_spacing_is_one_clear_error():
 
     with pytest.raises(RecipeError, match=r"(?s)1 problem.*`strategies.1.params.buffer_every`: should be `auto` or a number"):
         load(REPO / "recipes" / "revffn.yaml", ["strategies.1.params.buffer_every=-1"])
+
+
+TINY = ["log.progress=false", "output.plot=false", "train.batch_size=4", "data.max_samples=24", "data.max_length=32",
+        "train.warmup_steps=0", "train.eval_batches=1", "train.eval_every=null", "output.checkpoints=false"]
+WHOLE_RUN = "the whole run distils toward the original model and never fine-tunes on the data's labels"
+
+
+def test_a_run_shorter_than_the_recovery_stage_says_so_in_the_plan():
+    short = Trainer(load(REPO / "recipes" / "revffn.yaml", [*TINY, "train.max_steps=3",
+                                                            "strategies.1.params.recovery.steps=5"]),
+                    run_dir="unused").setup(for_training=False)
+    assert f"revffn: `train.max_steps` (3) <= `recovery.steps` (5): {WHOLE_RUN}" in short.notes
+    longer = Trainer(load(REPO / "recipes" / "revffn.yaml", [*TINY, "train.max_steps=6",
+                                                             "strategies.1.params.recovery.steps=5"]),
+                     run_dir="unused").setup(for_training=False)
+    assert not any(WHOLE_RUN in n for n in longer.notes)
+
+
+def test_the_plot_draws_the_distillation_kl_apart_from_the_cross_entropy(tmp_path):
+    from memft.train.plot import plot_metrics, plot_series
+
+    r = load(REPO / "recipes" / "revffn.yaml", [*TINY, "train.max_steps=3", "strategies.1.params.recovery.steps=2"])
+    t = Trainer(r, run_dir=tmp_path / "run").setup()
+    t.train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("revffn_phase") for m in rows if "loss" in m] == ["distill", "distill", "task"]
+    curves = plot_series(rows)
+    assert curves["distillation KL"][0] == [1, 2]
+    assert curves["train loss"][0] == [3]
+    assert curves["eval loss"][0] == [0, 3]  # always the model's cross-entropy
+    assert curves["distillation KL"][1] == [m["loss"] for m in rows if m.get("revffn_phase") == "distill"]
+    png = plot_metrics(tmp_path / "run" / "metrics.jsonl", tmp_path / "plot.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

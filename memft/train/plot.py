@@ -22,41 +22,69 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def plot_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """The curves the plot draws, by label: `(steps, values)` each, from metrics.jsonl's lines.
+
+    A line whose `revffn_phase` is `distill` logged a distillation KL as its `loss` (RevFFN's recovery
+    stage), not a cross-entropy: it goes to "distillation KL", apart from "train loss" and "eval loss".
+    """
+
+    def series(key: str, keep=lambda row: True) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r and keep(r)]
+        return [s for s, _ in pts], [v for _, v in pts]
+
+    def distilled(row: dict) -> bool:
+        return row.get("revffn_phase") == "distill"
+
+    mem_steps, mem_bytes = series("peak_mem_bytes")
+    return {
+        "train loss": series("loss", lambda r: not distilled(r)),
+        "eval loss": series("eval_loss"),
+        "distillation KL": series("loss", distilled),
+        "peak memory (MiB)": (mem_steps, [b / _BYTES_PER_MIB for b in mem_bytes]),
+    }
+
+
 def plot_metrics(metrics_jsonl: Path, out_png: Path, title: str = "") -> Path:
-    """Draw training loss (top) and peak memory in MiB (bottom) against the optimizer step.
+    """Draw training loss (top) and peak memory in MiB (bottom) against the optimizer step; a run that
+    distilled first (RevFFN's recovery) gets a panel of its own for the KL above them.
 
     Args:
         metrics_jsonl: one JSON object per line; lines with `loss` give the training curve, lines with
             `eval_loss` are drawn as points on the same panel, `peak_mem_bytes` gives the memory panel.
-            Every line has `step`.
+            Every line has `step`. See `plot_series` for the distillation lines.
         out_png: where to write the PNG (parent directories are created).
         title: figure title, e.g. the recipe name and strategy.
 
     Returns:
         `out_png`.
     """
-    rows = _read_jsonl(Path(metrics_jsonl))
+    curves = plot_series(_read_jsonl(Path(metrics_jsonl)))
+    kl_steps, kl = curves["distillation KL"]
 
-    def series(key: str) -> tuple[list[int], list[float]]:
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
-        return [s for s, _ in pts], [v for _, v in pts]
-
-    fig = Figure(figsize=(7, 6), dpi=100)
+    fig = Figure(figsize=(7, 8 if kl_steps else 6), dpi=100)
     FigureCanvasAgg(fig)
-    loss_ax, mem_ax = fig.subplots(2, 1, sharex=True)
+    axes = fig.subplots(3 if kl_steps else 2, 1, sharex=True)
+    loss_ax, mem_ax = axes[-2:]
 
-    steps, loss = series("loss")
+    if kl_steps:  # a KL is not on the cross-entropy's scale: its own axis
+        kl_ax = axes[0]
+        kl_ax.plot(kl_steps, kl, label="distillation KL", color="tab:green", linewidth=1.2)
+        kl_ax.set_ylabel("distillation KL")
+        kl_ax.grid(alpha=0.3)
+        kl_ax.legend(loc="upper right")
+
+    steps, loss = curves["train loss"]
     loss_ax.plot(steps, loss, label="train loss", color="tab:blue", linewidth=1.2)
-    eval_steps, eval_loss = series("eval_loss")
+    eval_steps, eval_loss = curves["eval loss"]
     if eval_steps:
         loss_ax.plot(eval_steps, eval_loss, "o", label="eval loss", color="tab:orange")
-    loss_ax.set_ylabel("loss")
+    loss_ax.set_ylabel("cross-entropy" if kl_steps else "loss")
     loss_ax.grid(alpha=0.3)
     if steps or eval_steps:
         loss_ax.legend(loc="upper right")
 
-    mem_steps, mem_bytes = series("peak_mem_bytes")
-    mem_ax.plot(mem_steps, [b / _BYTES_PER_MIB for b in mem_bytes], color="tab:red", linewidth=1.2)
+    mem_ax.plot(*curves["peak memory (MiB)"], color="tab:red", linewidth=1.2)
     mem_ax.set_ylabel("peak memory (MiB)")
     mem_ax.set_xlabel("step")
     mem_ax.grid(alpha=0.3)

@@ -117,6 +117,9 @@ class RevFFN(Strategy):
         self.task = "causal_lm"
         self.earlier_flips = 0
         """Routing flips counted before a resume."""
+        self.phase: str | None = None
+        """What the last training loss was: `distill` (the KL toward the original model) or `task`; logged as
+        `revffn_phase`, so the plot draws the KL apart from the cross-entropy."""
 
     def check(self, recipe) -> list[str]:
         problems = []
@@ -165,6 +168,11 @@ class RevFFN(Strategy):
         if p.recovery.steps:
             ctx.notes.append(f"revffn: the first {p.recovery.steps} steps distil toward the original model "
                              "(a frozen copy of its weights is kept until then)")
+        if p.recovery.steps and ctx.total_steps is not None and ctx.total_steps <= p.recovery.steps:
+            steps = (f"`train.max_steps` ({ctx.total_steps})" if ctx.recipe.train.max_steps
+                     else f"the run's {ctx.total_steps} steps (`train.epochs`)")
+            ctx.notes.append(f"revffn: {steps} <= `recovery.steps` ({p.recovery.steps}): the whole run distils "
+                             "toward the original model and never fine-tunes on the data's labels")
         return model
 
     # ------------------------------------------------------------------ hooks into the model
@@ -198,10 +206,8 @@ class RevFFN(Strategy):
     def loss(self, model: nn.Module, batch: dict) -> LossOutput:
         from memft.train.loop import default_loss
 
-        if self._recovering():
-            out = self._distill(model, batch)
-        else:
-            out = default_loss(model, batch, self.task)
+        self.phase = "distill" if self._recovering() else "task"
+        out = self._distill(model, batch) if self.phase == "distill" else default_loss(model, batch, self.task)
         aux = self.stack.aux
         if aux is not None and self.aux_coef and torch.is_grad_enabled():
             # the model's loss is mean CE + coef * aux; the loop divides our sum by `count`
@@ -228,6 +234,8 @@ class RevFFN(Strategy):
 
     def metrics(self) -> dict:
         out = {"revffn_buffer_every": self.stack.buffer_every}
+        if self.phase is not None:
+            out["revffn_phase"] = self.phase
         if self.stack.calibration:  # logged once, on the first line after it was measured
             out["revffn_calibration"] = {str(k): v for k, v in self.stack.calibration.items()}
             self.stack.calibration = {}
