@@ -11,6 +11,7 @@ from memft import registry
 from memft.data.formats import pad_token_id
 from memft.errors import UserError
 from memft.models import load_model, load_tokenizer
+from memft.outputs import check_writable_dir
 from memft.recipe import Recipe, StrategySpec
 from memft.registry import BuildContext
 from memft.train import checkpoint
@@ -29,6 +30,7 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise UserError(f"{run_dir} has no complete checkpoint to export (was it run with `output.checkpoints=false`?)")
+    check_writable_dir(out_dir, "the export directory")  # before the model loads: a bad OUT costs no waiting
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty; choose a new directory so nothing is overwritten")
 

