@@ -255,3 +255,46 @@ def test_batcher_is_deterministic_and_resumable():
     assert Batcher(examples, 3, 0, shuffle=False, seed=7).order(3) == list(range(10))
     with pytest.raises(UserError, match="larger than the 10 examples"):
         Batcher(examples, 11, 0, shuffle=True, seed=0, drop_last=True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("bad, said", [(["a", "list"], "a list"), ({"a": 1}, "an object"), (True, "a boolean (True)"),
+                                       (None, "no value (null)")])
+def test_a_response_that_is_not_text_is_refused_with_row_and_column(tmp_path, bad, said):
+    rows = [{"question": "Q", "answer": "the cat"}] * 11 + [{"question": "Q", "answer": bad}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(source=str(path), format="instruction", template="plain", eval_split=0.5)
+    with pytest.raises(UserError) as info:
+        build(cfg, word_tokenizer(), seed=0)
+    assert str(info.value) == (f"`data.response_field`: row 12 of {path} has {said} in column 'answer'; "
+                               "expected text (a string)")
+
+
+def test_an_all_null_column_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": None, "other": "the cat"}] * 3)
+    with pytest.raises(UserError, match="`data.text_field`: column 'text' of .* is empty \\(null\\) in every row"):
+        build(DataConfig(source=str(path), eval_split=None), word_tokenizer(), seed=0)
+
+
+def test_numbers_are_read_as_text_and_the_plan_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "the", "answer": 3}, {"question": "a", "answer": 2.5}])
+    cfg = DataConfig(source=str(path), format="instruction", template="{prompt}", eval_split=None)
+    data = build(cfg, word_tokenizer(), seed=0)
+    assert data.source.endswith("; numbers in column 'answer' are read as text")
+    # a null optional input column is the empty string (Alpaca rows without `input`)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "the", "input": None, "output": "cat"}])
+    assert build(DataConfig(source=str(path), format="instruction", eval_split=None), word_tokenizer(), seed=0).train
+
+
+def test_dict_text_and_list_labels_are_refused(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "the cat"}, {"text": {"nested": "x"}}])
+    with pytest.raises(UserError, match="`data.text_field`: row 2 of .* has an object in column 'text'"):
+        build(DataConfig(source=str(path), eval_split=None), word_tokenizer(), seed=0)
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "the cat", "label": [1]}, {"text": "a dog", "label": 0}])
+    cfg = DataConfig(source=str(path), format="classification", eval_split=None)
+    with pytest.raises(UserError, match="`data.label_field`: row 1 of .* has a list in column 'label'; expected an int"):
+        build(cfg, word_tokenizer(), seed=0)

@@ -146,3 +146,17 @@ def test_a_classifier_directory_whose_tokenizer_has_no_pad_token_is_scored_as_ea
         with torch.no_grad():
             alone.append(int(reloaded(**tok(r["sentence"], return_tensors="pt")).logits.argmax(-1)))
     assert [p["pred"] for p in json.loads(out.read_text())["predictions"]] == alone
+
+
+def test_mrpc_dev_tsv_as_published_starts_with_a_bom(tmp_path):
+    (tmp_path / "MRPC").mkdir()
+    (tmp_path / "MRPC" / "dev.tsv").write_bytes(
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said so .\tHe did say so .\n".encode())
+    assert glue.load("mrpc", tmp_path) == [{"sentence1": "He said so .", "sentence2": "He did say so .", "label": 1}]
+
+
+def test_a_latin1_glue_file_is_one_sentence(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_bytes("sentence\tlabel\ncaf\u00e9 .\t1\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"GLUE sst2 file .*dev.tsv is not UTF-8 text: .* byte offset 18 "):
+        glue.load("sst2", tmp_path)

@@ -162,3 +162,104 @@ def test_output_dir_must_not_be_blank(tmp_path, value):
 def test_seeds_fit_numpy(tmp_path, field, value):
     assert one_problem(tmp_path, f"{field}={value}").startswith(f"`{field}`:")
     assert load(recipe(tmp_path, GOOD_RECIPE), [f"{field}={2**32 - 1}"])
+
+
+# ---------------------------------------------------------------------------- 2-3. data file encodings
+
+
+def data_file(tmp_path: Path, name: str, body: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(body)
+    return path
+
+
+ROWS = [{"sentence": "café au lait", "label": 1}, {"sentence": "naïve", "label": 0}]
+CSV = "sentence,label\ncafé au lait,1\nnaïve,0\n"
+TSV = CSV.replace(",", "\t")
+JSONL = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS)
+
+
+@pytest.mark.parametrize("name, text", [("d.csv", CSV), ("d.tsv", TSV), ("d.jsonl", JSONL),
+                                        ("d.json", json.dumps(ROWS, ensure_ascii=False))])
+@pytest.mark.parametrize("bom, encoding", [(b"", "utf-8"), (codecs.BOM_UTF8, "utf-8"),
+                                           (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")])
+def test_data_files_in_the_encoding_their_bom_announces(tmp_path, name, text, bom, encoding):
+    from memft.data.sources import read_file
+
+    assert read_file(data_file(tmp_path, name, bom + text.encode(encoding))) == ROWS
+
+
+@pytest.mark.parametrize("name, text", [("d.csv", CSV), ("d.tsv", TSV), ("d.jsonl", JSONL)])
+def test_latin1_data_file_names_file_offset_and_iconv(tmp_path, name, text):
+    from memft.data.sources import read_file
+
+    path = data_file(tmp_path, name, text.encode("latin-1"))
+    with pytest.raises(UserError) as info:
+        read_file(path)
+    message = str(info.value)
+    assert f"data file {path} is not UTF-8 text" in message
+    assert f"byte offset {text.index('é')}" in message and "iconv -f latin1 -t utf-8" in message
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl", "d.json"])
+def test_binary_data_file_is_one_sentence(tmp_path, name):
+    from memft.data.sources import read_file
+
+    for junk in (bytes(range(256)), b"\x00\x01\x02" * 10, CSV.encode("utf-16-le")):
+        with pytest.raises(UserError, match="byte offset"):
+            read_file(data_file(tmp_path, name, junk))
+
+
+def test_mrpc_dev_tsv_with_its_bom_trains(tmp_path):
+    from memft.data.sources import read_file
+
+    mrpc = data_file(tmp_path, "dev.tsv", codecs.BOM_UTF8 + b"Quality\t#1 String\t#2 String\n1\ta b\tc d\n")
+    assert read_file(mrpc) == [{"Quality": 1, "#1 String": "a b", "#2 String": "c d"}]
+
+
+def test_a_bad_file_through_the_cli_exits_2(tmp_path):
+    path = data_file(tmp_path, "d.jsonl", JSONL.encode("latin-1"))
+    result = CliRunner().invoke(app, ["train", str(recipe(tmp_path, GOOD_RECIPE)), f"data.source={path}",
+                                      "--dry-run"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is not UTF-8 text" in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------------------- 8. malformed JSON lines
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    from memft.data.sources import read_file
+
+    path = data_file(tmp_path, "d.jsonl", (JSONL + "\n" + '{"sentence": "x", "label": 1\n').encode())
+    with pytest.raises(UserError, match=rf"^{path}, line 4: not valid JSON \("):
+        read_file(path)
+    path.write_text(JSONL + "[1, 2]\n")
+    with pytest.raises(UserError, match=rf"^{path}, line 3: a JSON array where a row was expected"):
+        read_file(path)
+    path = data_file(tmp_path, "d.json", b'[{"a": 1},\n {"a": 2]')
+    with pytest.raises(UserError, match=rf"^{path}: not valid JSON at line 2, column"):
+        read_file(path)
+
+
+def test_json_shapes_datasets_also_reads(tmp_path):
+    from memft.data.sources import read_file
+
+    columns = data_file(tmp_path, "c.json", json.dumps({"sentence": ["a", "b"], "label": [1, 0]}).encode())
+    assert read_file(columns) == [{"sentence": "a", "label": 1}, {"sentence": "b", "label": 0}]
+    lines_as_json = data_file(tmp_path, "l.json", JSONL.encode())
+    assert read_file(lines_as_json) == ROWS
+    ragged = data_file(tmp_path, "r.jsonl", b'{"a": 1}\n{"b": 2}\n')  # missing cells are null, as in datasets
+    assert read_file(ragged) == [{"a": 1, "b": None}, {"a": None, "b": 2}]
+    with pytest.raises(UserError, match="found a JSON string"):
+        read_file(data_file(tmp_path, "s.json", b'"text"'))
+
+
+def test_mmlu_csv_with_a_bom_and_latin1(tmp_path):
+    from memft.eval import mmlu
+
+    path = data_file(tmp_path, "anatomy_dev.csv", codecs.BOM_UTF8 + b"What?,a,b,c,d,A\n")
+    assert mmlu.read_csv(path)[0].question == "What?"
+    path.write_bytes("Caf\u00e9?,a,b,c,d,A\n".encode("latin-1"))
+    with pytest.raises(UserError, match="MMLU file .* is not UTF-8 text: .* byte offset 3 "):
+        mmlu.read_csv(path)

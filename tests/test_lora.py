@@ -125,3 +125,54 @@ def test_qlora_keeps_a_bert_classification_head_in_full_precision(tmp_path):
     assert heads == []
     summary = t.train()  # used to crash in bitsandbytes when the new head was quantized
     assert summary["steps"] == 2
+
+
+def lora_setup(params: str, strategy: str = "lora", recipe: str = "lora.yaml", model: str = "tiny-llama"):
+    r = load(REPO / "recipes" / recipe, [f"strategies=[{{name: {strategy}, params: {params}}}]",
+                                         f"model.name={model}", "data.max_samples=8", "data.max_length=192"])
+    return Trainer(r, run_dir="unused").setup(for_training=False)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "qlora"])
+def test_target_modules_that_match_nothing_name_the_pattern_and_the_linear_layers(strategy):
+    from memft.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        lora_setup("{target_modules: [q_proj, no_such_proj, self_attn]}", strategy)
+    assert str(info.value) == (f"{strategy} `target_modules`: 'no_such_proj', 'self_attn' match no linear layer of "
+                               "the model; its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, "
+                               "up_proj, v_proj (or use `target_modules: all-linear`)")
+
+
+def test_an_empty_target_list_fails_validation_unless_only_experts_are_adapted():
+    from memft.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="`strategies.0.params`: `target_modules: \\[\\]` adapts nothing"):
+        load(REPO / "recipes" / "lora.yaml", ["strategies=[{name: lora, params: {target_modules: []}}]"])
+    names, _, _ = adapted("{target_modules: [], target_experts: true}")
+    assert names and all(n.startswith("mlp.experts") for n in names)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "qlora"])
+def test_a_rank_no_layer_can_use_is_refused_before_peft_allocates(strategy, monkeypatch):
+    import peft
+
+    from memft.errors import RecipeError, UserError
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("peft was asked to allocate the adapters")
+
+    monkeypatch.setattr(peft, "get_peft_model", no_allocation)
+    with pytest.raises(UserError, match=rf"^{strategy} `r` \(1000\) is larger than any adapted layer can use: the "
+                                        r"widest, `model.layers.0.self_attn.q_proj` \(64 -> 64\), has rank 64; "
+                                        r"use `r` <= 64$"):
+        lora_setup("{r: 1000}", strategy)
+    with pytest.raises(RecipeError, match="less than or equal to 65536"):
+        lora_setup("{r: 1000000000}", strategy)
+    with pytest.raises(RecipeError, match="`strategies.0.params.alpha`: Input should be a finite number"):
+        lora_setup("{alpha: .inf}", strategy)
+
+
+def test_the_largest_usable_rank_still_builds():
+    t = lora_setup("{r: 64}")  # k_proj and v_proj (64 -> 32) get more rank than they can use; allowed
+    assert any("r=64" in n for n in t.notes)

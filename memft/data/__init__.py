@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from memft.data.batching import Batcher, collate, count_targets, count_tokens
-from memft.data.formats import IGNORE_INDEX, encode, label_set, pad_token_id
+from memft.data.formats import IGNORE_INDEX, check_columns, encode, label_set, pad_token_id
 from memft.data.sources import is_local, read_file, read_hub, read_rows, require_columns
 from memft.errors import UserError
 from memft.recipe import DataConfig
@@ -35,7 +35,8 @@ class TokenizedData:
     dropped: int
     """Instruction examples (train and eval) dropped because truncation left no response."""
     source: str
-    """A short description for logs, e.g. `data/x.jsonl: 570 train, 30 eval (5% held out)`."""
+    """A short description for logs, e.g. `data/x.jsonl: 570 train, 30 eval (5% held out)`, then any notes on
+    cells converted (`; numbers in column 'answer' are read as text`)."""
 
 
 def build(cfg: DataConfig, tokenizer, *, seed: int) -> TokenizedData:
@@ -47,15 +48,18 @@ def build(cfg: DataConfig, tokenizer, *, seed: int) -> TokenizedData:
         seed: seeds the random hold-out when `eval_split` is a fraction (use `train.seed`).
 
     Raises:
-        UserError: unreadable source, missing column, bad `eval_split`, or no training examples left.
+        UserError: unreadable source, missing column, a cell that is not text (or not a label), bad
+            `eval_split`, or no training examples left.
     """
     rows = read_rows(cfg)
+    notes = check_columns(rows, cfg, cfg.source)  # before the hold-out, so row numbers are the file's
     eval_rows, how = None, ""
     if isinstance(cfg.eval_split, (int, float)) and not isinstance(cfg.eval_split, bool):
         rows, eval_rows = hold_out(rows, cfg.eval_split, seed)
         how = f" ({cfg.eval_split:.0%} held out)"
     elif isinstance(cfg.eval_split, str):
         eval_rows, eval_name = read_eval(cfg)
+        notes += [n for n in check_columns(eval_rows, cfg, eval_name) if n not in notes]
         how = f" (from {eval_name})"
 
     labels = None
@@ -82,7 +86,7 @@ def build(cfg: DataConfig, tokenizer, *, seed: int) -> TokenizedData:
         num_labels=labels.num_labels if labels else None,
         label_names=labels.names if labels else None,
         dropped=dropped,
-        source=f"{cfg.source}: {len(train)} train, {len(evals or [])} eval{how}",
+        source=f"{cfg.source}: {len(train)} train, {len(evals or [])} eval{how}" + "".join(f"; {n}" for n in notes),
     )
 
 

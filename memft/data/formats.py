@@ -79,8 +79,61 @@ def truncate(seq: list, n_prefix: int, max_length: int, side: str) -> list:
 
 
 def _text(row: dict, column: str | None) -> str:
+    """A cell as text: `check_columns` has let through only strings, numbers and (optional columns) nulls."""
     value = row.get(column) if column else None
     return "" if value is None else str(value)
+
+
+OPTIONAL_TEXT_KEYS = ("input_field",)
+"""Recipe keys whose column may be empty in a row (Alpaca's `input`): a null there is the empty string."""
+
+
+def check_columns(rows: list[dict], cfg: DataConfig, source: str) -> list[str]:
+    """Refuse cells the format cannot read as text (or as a label); returns notes on what was converted.
+
+    Text columns hold strings; an int or float is read as its decimal text (a GSM8K answer typed as a
+    number) and a note says so; a boolean, list, object or null (NaN too) is refused with its 1-based row,
+    except a null in an optional column (`data.input_field`), which is empty text. Label columns hold ints,
+    strings or booleans.
+
+    Raises:
+        UserError: naming the recipe key, the row, the column and what it holds.
+    """
+    if not rows:
+        return []
+    cols = format_columns(rows, cfg)
+    require_columns(rows, cols, source)
+    notes = []
+    for key, column in cols.items():
+        values = [row.get(column) for row in rows]
+        if key != "input_field" and all(_is_null(v) for v in values):
+            raise UserError(f"`data.{key}`: column {column!r} of {source} is empty (null) in every row; "
+                            f"point `data.{key}` at the column that holds the data")
+        label = key == "label_field"
+        for number, value in enumerate(values, start=1):
+            if why := _cell_problem(value, label=label, optional=key in OPTIONAL_TEXT_KEYS):
+                raise UserError(f"`data.{key}`: row {number} of {source} has {why} in column {column!r}; "
+                                f"expected {'an int or string label' if label else 'text (a string)'}")
+        if not label and any(isinstance(v, (int, float)) for v in values):
+            notes.append(f"numbers in column {column!r} are read as text")
+    return notes
+
+
+def _is_null(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # NaN: a missing cell from pandas
+
+
+def _cell_problem(value, *, label: bool, optional: bool) -> str | None:
+    """What is wrong with one cell, as 'a list', or None when the format can read it."""
+    if _is_null(value):
+        return None if optional else "no value (null)"
+    if isinstance(value, bool):
+        return None if label else f"a boolean ({value})"  # a true/false label is class 1/0
+    if isinstance(value, (list, tuple, dict)):
+        return "a list" if not isinstance(value, dict) else "an object"
+    if isinstance(value, (str, int, float)):
+        return None  # label values are checked further by `label_set`
+    return f"a {type(value).__name__}"
 
 
 def _bare_ids(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -1,9 +1,11 @@
 """Where training rows come from: a local file (.jsonl/.json/.csv/.tsv/.parquet) or a hub dataset.
 
 Every reader returns `list[dict]`, one dict per row, so the formats never care about the source.
-JSON and Parquet go through `datasets.load_dataset`; CSV and TSV are read with Python's `csv`
-module because we need two things `datasets` does not give: TSVs with quoting disabled (GLUE
-files hold stray `"` that a quoting reader would swallow across lines) and a header guess for
+Parquet goes through `datasets.load_dataset`. Text files are decoded by `memft.textio` (the encoding a
+byte-order mark announces, else UTF-8; anything else is one sentence with the byte offset) and parsed
+here: JSON / JSON Lines with `json`, so a malformed line is named by its line number; CSV and TSV with
+Python's `csv` module because we need two things `datasets` does not give: TSVs with quoting disabled
+(GLUE files hold stray `"` that a quoting reader would swallow across lines) and a header guess for
 files without one (CoLA, MMLU).
 """
 
@@ -11,16 +13,19 @@ from __future__ import annotations
 
 import csv
 import difflib
+import json
 import re
 from pathlib import Path
 
 from memft.errors import UserError
 from memft.recipe import DataConfig
+from memft.textio import open_text, read_text
 
-# How each local extension is read: a `datasets` builder name, or our own delimited reader.
-DATASETS_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# How each local extension is read: a `datasets` builder name, or our own readers.
+DATASETS_BUILDERS = {".parquet": "parquet"}
+JSON_SUFFIXES = {".jsonl", ".json"}
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
-LOCAL_SUFFIXES = set(DATASETS_BUILDERS) | set(DELIMITERS)
+LOCAL_SUFFIXES = set(DATASETS_BUILDERS) | JSON_SUFFIXES | set(DELIMITERS)
 
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
 _INT = re.compile(r"[-+]?\d+")
@@ -58,6 +63,10 @@ def read_file(path: str | Path, header: str = "auto", limit: int | None = None) 
                         f"use one of {', '.join(sorted(LOCAL_SUFFIXES))}")
     if suffix in DELIMITERS:
         return read_delimited(file, DELIMITERS[suffix], header)
+    if suffix == ".jsonl":
+        return same_columns(read_json_lines(file, read_text(file, "data file"), limit))
+    if suffix == ".json":
+        return same_columns(read_json(file, limit))
     import datasets
 
     try:
@@ -87,6 +96,63 @@ def read_hub(name: str, config_name: str | None, split: str, limit: int | None =
     return ds.to_list()
 
 
+def read_json_lines(file: Path, text: str, limit: int | None = None) -> list[dict]:
+    """Rows of a JSON Lines text, one object per line (blank lines skipped); stops after `limit` rows."""
+    rows = []
+    # split on "\n" only: str.splitlines would also split inside strings holding U+2028 and friends
+    for number, line in enumerate(text.split("\n"), start=1):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{file}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}); a JSON Lines "
+                            "file holds one JSON object per line") from None
+        rows.append(_row(value, file, f"line {number}"))
+    return rows
+
+
+def read_json(file: Path, limit: int | None = None) -> list[dict]:
+    """Rows of a .json file: a list of objects, an object of equal-length column lists, or JSON Lines."""
+    text = read_text(file, "data file")
+    try:
+        tree = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # more than one JSON value: JSON Lines saved as .json, which datasets reads too
+            return read_json_lines(file, text, limit)
+        raise UserError(f"{file}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if isinstance(tree, dict) and tree and all(isinstance(v, list) for v in tree.values()):
+        lengths = {len(v) for v in tree.values()}
+        if len(lengths) != 1:
+            raise UserError(f"{file}: its columns have different lengths ({', '.join(map(str, sorted(lengths)))}); "
+                            "a JSON object of columns needs one value per row in every column")
+        tree = [dict(zip(tree, values)) for values in zip(*tree.values())]
+    if not isinstance(tree, list):
+        raise UserError(f"{file}: expected a JSON list of rows (`[{{\"text\": ...}}, ...]`) or an object of columns "
+                        f"(`{{\"text\": [...]}}`), found a JSON {_json_kind(tree)}")
+    return [_row(value, file, f"item {i + 1}") for i, value in enumerate(tree[:limit])]
+
+
+def _row(value, file: Path, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise UserError(f"{file}, {where}: a JSON {_json_kind(value)} where a row was expected; each row is a JSON "
+                        "object such as {\"text\": \"...\"}")
+    return value
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def same_columns(rows: list[dict]) -> list[dict]:
+    """Every row with every column (in first-seen order), None where a row lacks one, as `datasets` reads JSON."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [row if len(row) == len(columns) else {c: row.get(c) for c in columns} for row in rows]
+
+
 def read_delimited(file: Path, delimiter: str, header: str = "auto") -> list[dict]:
     """Rows of a CSV (standard quoting) or TSV (no quoting: split on tabs) file.
 
@@ -94,7 +160,7 @@ def read_delimited(file: Path, delimiter: str, header: str = "auto") -> list[dic
     an integer become ints, so label columns read the same as from JSON.
     """
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with file.open(newline="", encoding="utf-8") as f:
+    with open_text(file, "data file") as f:  # a BOM is dropped, so the first column is not `\ufeffsentence`
         table = [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
     if not table:
         return []

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from memft.errors import UserError
+from memft.textio import open_text
 from memft.eval import loglik
 
 
@@ -90,7 +91,7 @@ def load(task: str, source: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise UserError(f"no GLUE {task} validation file at {path} (the original GLUE layout: <dir>/{spec.folder}/"
                         f"{spec.file}); or use `--data hub`")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open_text(path, f"GLUE {task} file") as f:  # MRPC's dev.tsv starts with a UTF-8 BOM
         table = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
     header = None if task == "cola" else table.pop(0)
     column = {c: (int(c) if header is None else header.index(c)) for c in spec.local if header is None or c in header}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memft.errors import UserError
+from memft.textio import open_text
 from memft.eval import loglik
 
 LETTERS = "ABCD"
@@ -54,7 +55,7 @@ class Question:
 def read_csv(path: Path) -> list[Question]:
     """One subject's split from the original data: no header, columns question, A, B, C, D, answer letter.
     Read with the csv module, so cells such as `None` or `0.50` stay text (pandas would change them)."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with open_text(path, "MMLU file") as f:
         rows = [r for r in csv.reader(f) if r]
     bad = next((i for i, r in enumerate(rows) if len(r) != 6 or r[5].strip() not in LETTERS), None)
     if bad is not None:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+import torch
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
+from memft.errors import UserError
 from memft.registry import BuildContext, Strategy, StrategyParams, register
 
 EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
@@ -25,15 +27,22 @@ HEADS = ("lm_head", "score", "classifier")
 """Output / classification heads: never quantized (a new head must train in full precision)."""
 
 
+MAX_RANK = 65536
+"""A schema bound on `r`, above any layer width; the model's own widths bound it tighter when it is built."""
+
+
 class LoraParams(StrategyParams):
-    r: int = Field(default=8, ge=1)
-    """Rank of the update `B @ A`."""
+    model_config = ConfigDict(allow_inf_nan=False)  # an infinite `alpha` would make every update infinite
+
+    r: int = Field(default=8, ge=1, le=MAX_RANK)
+    """Rank of the update `B @ A`; at most the smaller side (min(in, out)) of the widest adapted layer."""
     alpha: float = Field(default=16.0, gt=0)
     """Scale: the update is multiplied by `alpha / r` (or `alpha / sqrt(r)` with `rslora`)."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
     """Dropout on the adapter's input."""
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    """`all-linear` (every linear layer but the output head) or module-name suffixes, e.g. `[q_proj, v_proj]`."""
+    """`all-linear` (every linear layer but the output head) or module-name suffixes, e.g. `[q_proj, v_proj]`;
+    each suffix must name at least one linear layer of the model."""
     target_experts: bool | None = None
     """MoE only. null: whatever `target_modules` resolves to in peft (0.21's `all-linear` includes the fused
     experts); true: always adapt the fused expert weights (`experts.gate_up_proj`, `experts.down_proj`) via
@@ -42,6 +51,20 @@ class LoraParams(StrategyParams):
     """Rank-stabilised scaling `alpha / sqrt(r)` (Kalajdzievski 2023)."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train alongside the adapters."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_blank_names(cls, value):
+        if isinstance(value, list) and any(not name.strip() for name in value):
+            raise ValueError("a module name must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _adapts_something(self) -> LoraParams:
+        if self.target_modules == [] and not self.target_experts:
+            raise ValueError("`target_modules: []` adapts nothing; name module suffixes such as `[q_proj, v_proj]`, "
+                             "use `all-linear`, or (MoE, experts only) set `target_experts: true`")
+        return self
 
 
 class QLoraParams(LoraParams):
@@ -59,6 +82,61 @@ def _linear_layer_names(model: nn.Module) -> list[str]:
     heads |= {id(getattr(model, name)) for name in HEADS if hasattr(model, name)}
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                    if isinstance(m, nn.Linear) and id(m) not in heads})
+
+
+def _widths(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a layer LoRA can adapt (linear, 4-bit linear, embedding, convolution), else None."""
+    if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
+        return module.in_features, module.out_features  # also bitsandbytes' Linear4bit, whose weight is packed
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 2:  # convolutions, transformers' Conv1D
+        return weight.shape[1], weight.shape[0]
+    return None
+
+
+def _targeted_widths(model: nn.Module, params: LoraParams, ctx: BuildContext, label: str) -> dict[str, tuple]:
+    """{name: (in, out)} of the weights the adapters will sit on, checked before peft allocates anything.
+
+    Raises:
+        UserError: a `target_modules` suffix that names no layer LoRA can adapt.
+    """
+    layers = {name: w for name, m in model.named_modules() if (w := _widths(m)) is not None}
+    if params.target_modules == "all-linear":
+        short = set(_linear_layer_names(model))
+        targeted = {n: w for n, w in layers.items() if n.rsplit(".", 1)[-1] in short}
+    else:  # peft's rule for a list: the full name, or a suffix after a dot
+        def hit(name, pattern):
+            return name == pattern or name.endswith(f".{pattern}")
+
+        unmatched = [p for p in params.target_modules if not any(hit(n, p) for n in layers)]
+        if unmatched:
+            raise UserError(
+                f"{label} `target_modules`: {', '.join(map(repr, unmatched))} "
+                f"{'matches' if len(unmatched) == 1 else 'match'} no linear layer of the model; its linear layers "
+                f"are {', '.join(_linear_layer_names(model))} (or use `target_modules: all-linear`)")
+        targeted = {n: w for n, w in layers.items() if any(hit(n, p) for p in params.target_modules)}
+    if params.target_experts and ctx.is_moe:
+        targeted |= {n: (p.shape[-1], p.shape[-2]) for n, p in model.named_parameters()
+                     if p.dim() == 3 and n.endswith(EXPERT_PARAMETERS)}
+    if not targeted:  # `target_modules: []` with `target_experts: true` on a dense model
+        raise UserError(f"{label}: nothing to adapt: `target_modules` is empty and the model has no routed experts "
+                        "for `target_experts: true`; name module suffixes or use `target_modules: all-linear`")
+    return targeted
+
+
+def _check_rank(targeted: dict[str, tuple], params: LoraParams, label: str) -> None:
+    """Refuse an `r` above every adapted layer's rank (its smaller side): B @ A could not use it anywhere, and
+    peft would allocate r * (in + out) values per layer, 256 GB for `r: 1e9` on a small model.
+
+    A rank above *some* layers' smaller side is allowed: all-linear also adapts narrow layers (Qwen2-MoE's
+    `shared_expert_gate` has one output), where a larger rank only costs a little memory."""
+    name, widths = max(targeted.items(), key=lambda item: min(item[1]))
+    if params.r > min(widths):
+        raise UserError(
+            f"{label} `r` ({params.r}) is larger than any adapted layer can use: the widest, `{name}` "
+            f"({widths[0]} -> {widths[1]}), has rank {min(widths)}; use `r` <= {min(widths)}")
 
 
 def _lora_config(model: nn.Module, params: LoraParams, ctx: BuildContext):
@@ -84,6 +162,7 @@ def _lora_config(model: nn.Module, params: LoraParams, ctx: BuildContext):
 def _attach(model: nn.Module, params: LoraParams, ctx: BuildContext, label: str) -> nn.Module:
     from peft import get_peft_model
 
+    _check_rank(_targeted_widths(model, params, ctx, label), params, label)
     peft_model = get_peft_model(model, _lora_config(model, params, ctx))
     adapted = sorted({n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n})
     ctx.notes.append(f"{label}: adapters on {len(adapted)} weights (r={params.r}, alpha={params.alpha:g})")
