@@ -298,3 +298,80 @@ def test_dict_text_and_list_labels_are_refused(tmp_path):
     cfg = DataConfig(source=str(path), format="classification", eval_split=None)
     with pytest.raises(UserError, match="`data.label_field`: row 1 of .* has a list in column 'label'; expected an int"):
         build(cfg, word_tokenizer(), seed=0)
+
+
+def trained_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE (GPT-2 style) or Metaspace unigram (SentencePiece style) tokenizer, trained here."""
+    from tokenizers import decoders, trainers
+
+    corpus = [json.loads(line)["question"] for line in (RECIPE_DATA / "gsm8k_sample.jsonl").open()][:200]
+    if kind == "bytelevel":
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        backend = Tokenizer(models.Unigram())
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>")
+    backend.train_from_iterator(corpus, trainer)
+    extra = {"unk_token": "<unk>"} if kind != "bytelevel" else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", **extra)
+
+
+def hostile_texts() -> list[str]:
+    story = " ".join(json.loads(line)["answer"] for line in (RECIPE_DATA / "gsm8k_sample.jsonl").open())
+    return [
+        "the cat sat",
+        story[:20_000],                                   # long, ordinary text
+        "the   cat\n\n sat " * 2000 + "  on the mat  ",     # runs of spaces and newlines at every cut
+        "é" * 3000 + " the cat " + "ü" * 3000,          # long words of multi-byte characters
+        "naïve café über ünïcödé " * 1500,                # multi-byte characters at the cut
+        "x" * 30_000 + " the dog ran",                    # no space near the cut: not cut
+        "zzzzzzzzzzzzzzzzzzzz " * 2000,                    # unknown words: one <unk> spans 20 characters
+    ]
+
+
+@pytest.mark.parametrize("name", ["word", "minilm", "stories260K", "bytelevel", "metaspace"])
+@pytest.mark.parametrize("fmt, side", [("text", "right"), ("text", "left"), ("instruction", "right"),
+                                       ("instruction", "left")])
+def test_cutting_long_texts_before_tokenising_keeps_exactly_the_same_ids(name, fmt, side, monkeypatch, request):
+    from memft.data import formats
+
+    if name == "word":
+        tok = word_tokenizer()
+    elif name == "minilm":
+        tok = request.getfixturevalue("minilm")
+    elif name == "stories260K":
+        tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "configs" / "stories260K")
+    else:
+        tok = trained_tokenizer(name)
+    texts = hostile_texts()
+    if fmt == "text":
+        rows, cfg = [{"text": t} for t in texts], DataConfig(max_length=16, truncation=side)
+    else:
+        rows = [{"prompt": p, "response": r} for p in texts[:3] for r in texts]
+        cfg = DataConfig(format="instruction", template="{prompt}", max_length=16, truncation=side)
+    cut = encode(rows, cfg, tok, source="t")
+    monkeypatch.setattr(formats, "CUT_CHARS_PER_TOKEN", 10**9)  # never cut
+    assert cut == encode(rows, cfg, tok, source="t")
+
+
+def test_a_50mb_like_line_is_cut_before_the_tokenizer_sees_it(monkeypatch):
+    from memft.data import formats
+
+    seen = []
+    tok = word_tokenizer()
+    original = PreTrainedTokenizerFast.__call__
+
+    def spy(self, texts, *args, **kwargs):
+        seen.extend(len(t) for t in texts)
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "__call__", spy)
+    [ex] = formats.encode_text([{"text": "the cat sat on the mat " * 500_000}], DataConfig(max_length=32), tok)
+    assert ex["input_ids"] == [1] + ids("the cat sat on the mat " * 6)[:31]
+    assert max(seen) < 32 * formats.CUT_CHARS_PER_TOKEN + 10  # 11.5 MB of text, about 2 KB tokenised
+    packed = formats.encode_text([{"text": "the cat " * 100}], DataConfig(max_length=8, pack=True), tok)
+    assert len(packed) == 25  # packing keeps every token: 202 ids in blocks of 8
