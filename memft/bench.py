@@ -17,6 +17,7 @@ from typing import Callable
 
 from memft import registry
 from memft.errors import RunFailed, UserError
+from memft.outputs import check_writable_file, write_text
 from memft.recipe import load
 
 METRICS = [  # (summary key, column title, higher is better)
@@ -68,6 +69,8 @@ def run_bench(recipe: str, variants: str, *, steps: int, overrides: list[str] = 
     `evaluate` keeps the recipe's held-out data and scores it at the end (`eval_loss`, `eval_accuracy`).
     """
     base = load(recipe, overrides)  # fails early, with every recipe error, before any variant runs
+    if json_out:
+        check_writable_file(json_out, "`--json`")
     parsed = parse_variants(variants, [s.model_dump() for s in base.strategies])
     common = [f"train.max_steps={steps}", "train.eval_every=null", "output.checkpoints=false",
               "output.plot=false", "log.progress=false", "output.resume=never"]
@@ -88,7 +91,7 @@ def run_bench(recipe: str, variants: str, *, steps: int, overrides: list[str] = 
             summary = json.loads((out / "summary.json").read_text())
             results.append({"variant": label, **summary})
     if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=2))
+        write_text(json_out, json.dumps(results, indent=2), "`--json`")
     return results
 
 

@@ -232,10 +232,13 @@ def profile(
       memft profile recipes/bench_moe.yaml --measure --json profile.json
     """
     from memft import recipe as recipe_mod
+    from memft.outputs import check_writable_file
     from memft.profile import advice, predict
 
     r = recipe_mod.load(recipe, overrides or [])
     budget = advice.parse_bytes(gpu_memory) if gpu_memory else None
+    if json_out:
+        check_writable_file(json_out, "`--json`")  # before the prediction, which takes seconds to minutes
     with console.status("fitting activations on small twins of the model ..."):
         p = predict.profile(r, device)
     console.print(_profile_table(p))
@@ -369,7 +372,10 @@ def eval_mmlu(
     """
     from memft.eval import models as eval_models
     from memft.eval.run import run_mmlu
+    from memft.outputs import check_writable_file, write_text
 
+    if json_out:
+        check_writable_file(json_out, "`--json`")  # before loading and scoring, not after
     with console.status(f"loading {model} ..."):
         loaded = eval_models.load(model, dtype=dtype, device=device)
     wanted = [s.strip() for s in subjects.split(",")] if subjects else None
@@ -378,7 +384,7 @@ def eval_mmlu(
                           batch_size=batch_size, progress=advance)
     console.print(_mmlu_table(report))
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+        write_text(json_out, json.dumps(report, indent=2), "`--json`")
 
 
 @eval_app.command("glue")
@@ -407,7 +413,10 @@ def eval_glue(
     """
     from memft.eval import models as eval_models
     from memft.eval.run import run_glue
+    from memft.outputs import check_writable_file, write_text
 
+    if json_out:
+        check_writable_file(json_out, "`--json`")  # before loading and scoring, not after
     with console.status(f"loading {model} ..."):
         loaded = eval_models.load(model, dtype=dtype, device=device)
     with _progress() as advance:
@@ -420,7 +429,7 @@ def eval_glue(
         table.add_row(name, f"{value:.4f}")
     console.print(table)
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+        write_text(json_out, json.dumps(report, indent=2), "`--json`")
 
 
 @contextlib.contextmanager

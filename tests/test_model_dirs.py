@@ -279,3 +279,50 @@ def test_export_still_writes_a_new_directory(run_dir, tmp_path):
     result = CliRunner().invoke(app, ["export", str(run_dir), str(tmp_path / "new" / "exported")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "new" / "exported" / "config.json").is_file()
+
+
+def _never(what: str):
+    def refuse(*_, **__):
+        raise AssertionError(f"{what} started before --json was checked")
+
+    return refuse
+
+
+def _unwritable_json_targets(tmp_path: Path) -> list[tuple[Path, str]]:
+    target = _a_file(tmp_path)
+    return [(tmp_path, "is a directory, not a file"), (target / "out.json", f"cannot be created: {target} is a file")]
+
+
+@pytest.mark.parametrize("command", [["eval", "mmlu", "--model", "stories260K"],
+                                     ["eval", "glue", "--task", "sst2", "--model", "stories260K"],
+                                     ["bench", "recipes/lora.yaml", "--variants", "full", "--steps", "1"]])
+def test_json_to_an_unusable_path_exits_2_before_the_work(tmp_path, monkeypatch, command):
+    import memft.bench
+    import memft.eval.models
+
+    monkeypatch.setattr(memft.eval.models, "load", _never("loading the model"))
+    monkeypatch.setattr(memft.bench.subprocess, "run", _never("a bench variant"))
+    for target, words in _unwritable_json_targets(tmp_path):
+        result = CliRunner().invoke(app, [*command, "--json", str(target)])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2, result.output
+        assert f"`--json` {target}" in text and words in text and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(ROOT, reason="root may write into a read-only directory")
+def test_json_into_a_read_only_directory_exits_2_before_the_work(tmp_path, monkeypatch):
+    import memft.eval.models
+
+    monkeypatch.setattr(memft.eval.models, "load", _never("loading the model"))
+    locked = _read_only_dir(tmp_path)
+    result = CliRunner().invoke(app, ["eval", "mmlu", "--model", "stories260K", "--json", str(locked / "m.json")])
+    locked.chmod(0o700)
+    assert result.exit_code == 2 and f"permission denied on {locked}" in " ".join(result.output.split())
+
+
+def test_eval_json_creates_its_folder(tmp_path, shared_data):
+    out = tmp_path / "reports" / "glue.json"
+    result = CliRunner().invoke(app, ["eval", "glue", "--task", "sst2", "--model", "stories260K", "--data",
+                                      str(shared_data / "glue"), "--limit", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["examples"] == 2

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,51 @@ def test_revffn_auto_buffers_are_profiled_without_and_said():
     p = predict.profile(recipe("tiny-llama", "[{name: full}, {name: revffn}]"), "cpu")
     kept = 2 * 2 * 96 * 64 * 4  # two float32 streams of the micro-batch's tokens (2 x 96) at hidden 64
     assert any("buffer_every: auto" in n and f"{kept:,} bytes" in n for n in p.notes)
+
+
+def _refuse_to_predict(monkeypatch):
+    """The slow prediction must not start: the output path is checked first."""
+    def never(*_, **__):
+        raise AssertionError("predict.profile ran before --json was checked")
+
+    monkeypatch.setattr(predict, "profile", never)
+
+
+def _profile_cli(*args):
+    from typer.testing import CliRunner
+
+    from memft.cli import app
+
+    result = CliRunner().invoke(app, ["profile", "recipes/lora.yaml", "model.name=tiny-llama", *map(str, args)])
+    return result, " ".join(result.output.split())
+
+
+def test_profile_json_to_a_directory_or_under_a_file_exits_2_before_predicting(tmp_path, monkeypatch):
+    _refuse_to_predict(monkeypatch)
+    (tmp_path / "a-file").write_text("x")
+    for target, words in [(tmp_path, "is a directory, not a file"),
+                          (tmp_path / "a-file" / "p.json", f"cannot be created: {tmp_path / 'a-file'} is a file")]:
+        result, text = _profile_cli("--json", target)
+        assert result.exit_code == 2, result.output
+        assert f"`--json` {target}" in text and words in text and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_profile_json_into_a_read_only_directory_exits_2_before_predicting(tmp_path, monkeypatch):
+    _refuse_to_predict(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    result, text = _profile_cli("--json", locked / "p.json")
+    locked.chmod(0o700)
+    assert result.exit_code == 2 and f"permission denied on {locked}" in text
+
+
+def test_profile_device_is_cuda_or_cpu():
+    from memft.errors import UserError
+
+    result, text = _profile_cli("--device", "tpu")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot profile for device `tpu`: memft trains on `cuda` or `cpu`" in text
+    with pytest.raises(UserError, match="`cuda` or `cpu`"):
+        predict.profile(recipe("tiny-llama", "[{name: full}]"), "cuda:0")

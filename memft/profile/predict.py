@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from memft import registry
+from memft.errors import UserError
 from memft.models.load import (
     auto_class,
     build_model,
@@ -28,6 +29,7 @@ from memft.models.load import (
     resolve_config,
     resolve_device,
 )
+from memft.outputs import check_writable_file, write_text
 from memft.paths import CONFIGS_DIR
 from memft.profile import activations
 from memft.recipe import Recipe
@@ -243,8 +245,14 @@ def synthetic_batch(recipe: Recipe, vocab: int, batch: int, seq: int, generator:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+PROFILE_DEVICES = ("cuda", "cpu")
+"""What `profile` predicts for: the devices memft trains on."""
+
+
 def profile(recipe: Recipe, device: str | None = None) -> Profile:
-    """Predict `recipe`'s memory on `device` (default: what `model.device` resolves to here)."""
+    """Predict `recipe`'s memory on `device`, `cuda` or `cpu` (default: what `model.device` resolves to here)."""
+    if device is not None and device not in PROFILE_DEVICES:
+        raise UserError(f"cannot profile for device `{device}`: memft trains on `cuda` or `cpu`; pass one of them")
     target = torch.device(device) if device else resolve_device(recipe.model.device)
     num_labels = recipe.model.num_labels or (2 if recipe.model.task == "sequence_classification" else None)
     resolved = resolve_config(recipe.model, num_labels=num_labels, fallback=shipped_config)
@@ -304,7 +312,9 @@ def _cpu_twin_autocast(recipe: Recipe, target: torch.device):
 
 
 def write_json(p: Profile, path: Path) -> None:
-    path.write_text(json.dumps(p.to_json(), indent=2))
+    """Write the prediction to `path` (its folders created); one sentence when it cannot be written."""
+    check_writable_file(path, "`--json`")
+    write_text(path, json.dumps(p.to_json(), indent=2), "`--json`")
 
 
 def stored_bytes(model: nn.Module) -> int:
