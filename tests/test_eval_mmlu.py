@@ -201,3 +201,65 @@ def test_scores_are_taken_without_dropout_even_from_a_model_left_in_train_mode()
     want = [s.loglikelihood for s in loglik.score(model, tok, requests)]
     model.train()  # as a recipe's `eval:` section finds it at the end of training
     assert [s.loglikelihood for s in loglik.score(model, tok, requests)] == want
+
+
+# --- a run directory is self-contained -------------------------------------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+TINY_RUN = ["train.max_steps=1", "data.max_samples=16", "data.max_length=32", "train.batch_size=4",
+            "train.eval_batches=1", "train.eval_every=null", "log.progress=false", "output.plot=false"]
+
+
+def tiny_mmlu(folder):
+    """Two anatomy questions to score and one few-shot example, in the original CSV layout."""
+    import csv
+
+    for split, rows in {"val": [["Which bone is in the arm?", "femur", "humerus", "tibia", "fibula", "B"],
+                                ["Where is the heart?", "chest", "foot", "hand", "knee", "A"]],
+                        "dev": [["Which organ pumps blood?", "liver", "lung", "heart", "skin", "C"]]}.items():
+        (folder / split).mkdir(parents=True)
+        with open(folder / split / f"anatomy_{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    return folder
+
+
+def test_eval_mmlu_scores_a_run_from_another_working_directory(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(REPO)  # the recipe and its data are given relative to the project
+    run = tmp_path / "run"
+    train = CliRunner().invoke(app, ["train", "recipes/quickstart.yaml", "data.source=data/stories260k_samples.jsonl",
+                                     "data.format=text", *TINY_RUN, "-o", str(run)])
+    assert train.exit_code == 0, train.output
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["data"]["source"] == str(REPO / "recipes" / "data" / "stories260k_samples.jsonl")
+    data = tiny_mmlu(tmp_path / "mmlu")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = CliRunner().invoke(app, ["eval", "mmlu", "--model", str(run), "--data", str(data), "--split", "val",
+                                   "--subjects", "anatomy", "--shots", "1", "--json", "scores.json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "elsewhere" / "scores.json").read_text())["results"]["questions"] == 2
+
+
+def test_scoring_a_run_needs_no_training_data_and_keeps_its_label_names(tmp_path):
+    from memft.eval import models
+    from memft.recipe import load
+    from memft.train.loop import Trainer
+
+    lines = (REPO / "recipes" / "data" / "tiny_sst2.tsv").read_text().splitlines()
+    named = [lines[0]] + [f"{text}\t{'positive' if label == '1' else 'negative'}"
+                          for text, label in (x.rsplit("\t", 1) for x in lines[1:])]
+    data = tmp_path / "sst2_named.tsv"
+    data.write_text("\n".join(named) + "\n")
+    r = load(REPO / "recipes" / "classify_sst2.yaml", [*TINY_RUN, f"data.source={data}"])
+    trainer = Trainer(r, run_dir=tmp_path / "run").setup()
+    trainer.train()
+    assert trainer.data.label_names == ["negative", "positive"]
+    data.unlink()  # the run's data is gone: scoring must not need it
+
+    loaded = models.load(str(tmp_path / "run"))
+    assert loaded.task == "sequence_classification" and loaded.label_names == ["negative", "positive"]
+    trained = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    scored = dict(loaded.model.named_parameters())
+    assert all(torch.equal(p, scored[n]) for n, p in trained.items())  # the checkpoint's weights, adapters included

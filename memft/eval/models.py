@@ -37,7 +37,7 @@ class EvalModel:
         """A set-up trainer's model as trained (strategies applied); `where`: what to call it in reports."""
         r = trainer.recipe
         return cls(trainer.model, trainer.tokenizer, f"{where}, {trainer.model_source}", r.model.dtype,
-                   [s.name for s in trainer.strategies], r.model.task, trainer.data.label_names, r.data.max_length)
+                   [s.name for s in trainer.strategies], r.model.task, trainer.label_names, r.data.max_length)
 
 
 def load(ref: str, *, dtype: str | None = None, device: str = "auto", trust_remote_code: bool = False) -> EvalModel:
@@ -66,7 +66,7 @@ def _from_run(run: Path, dtype: str | None, device: str) -> EvalModel:
     recipe.model.device = device
     if dtype:
         recipe.model.dtype = dtype
-    trainer = Trainer(recipe, run_dir=run).setup(for_training=False)
+    trainer = Trainer(recipe, run_dir=run).setup_for_scoring()  # no training data needed
     state = checkpoint.load(ckpt, model=trainer.model)
     restore_strategies(trainer.strategies, state, ckpt)
     return EvalModel.of(trainer, f"run {run} ({ckpt.name})")

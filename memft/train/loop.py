@@ -31,7 +31,7 @@ from memft.data import build as build_data
 from memft.data.batching import Batcher, count_targets, count_tokens
 from memft.data.formats import pad_token_id
 from memft.errors import RunFailed, UserError
-from memft.models import count_params, load_model, load_tokenizer, resolve_device
+from memft.models import count_params, list_builtin, load_model, load_tokenizer, resolve_device
 from memft.models.blocks import unwrap
 from memft.models.moe import ROUTER_AUX_ATTR, RouterAux, router_aux_coef
 from memft.recipe import Recipe
@@ -197,14 +197,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self, *, for_training: bool = True) -> Trainer:
+        """Everything a run needs, in dependency order; `for_training=False` (`--dry-run`) stops before the
+        optimizer and the run directory. To score a finished run, `setup_for_scoring()` needs no data."""
         r = self.recipe
         check_output_dir(self.run_dir)  # before the model loads, so a bad `output.dir` costs no waiting
+        absolute_local_paths(r)  # the run's recipe.yaml then works from any working directory
         self.device = resolve_device(r.model.device)
         self.strategies = registry.compose(r)
 
         # the tokenizer comes first: data needs it, and classification data tells the head its size
         self.tokenizer = load_tokenizer(r.model)
         self.data = build_data(r.data, self.tokenizer, seed=r.train.seed)
+        self.label_names = self.data.label_names
         self.pad_id = pad_token_id(self.tokenizer)
         if r.model.task == "sequence_classification" and r.model.num_labels is None:
             r.model.num_labels = self.data.num_labels  # recorded in the run's recipe.yaml for export
@@ -218,19 +222,7 @@ class Trainer:
                              if self.data.eval else None)
         micro_total = math.ceil(r.train.epochs * self.batcher.batches_per_epoch)
         self.total_steps = r.train.max_steps or max(1, micro_total // r.train.grad_accum)
-
-        load_kwargs = registry.load_kwargs(self.strategies, r)
-        loaded = load_model(r.model, num_labels=r.model.num_labels, pad_token_id=self.pad_id, **load_kwargs)
-        self.model_source, self.is_moe = loaded.source, loaded.is_moe
-        model = loaded.model
-        ctx = BuildContext(recipe=r, device=self.device, is_moe=loaded.is_moe, total_steps=self.total_steps,
-                           notes=self.notes)
-        model = apply_strategies(model, self.strategies, ctx)
-        self.model = model.to(self.device) if not load_kwargs.get("quantization_config") else model
-        self.params = count_params(self.model)
-        seed_everything(r.train.seed)  # after model building, which seeds with `model.seed`
-
-        self.autocast = autocast_context(r, self.device)
+        self._build_model()
         if not for_training:
             return self
 
@@ -244,7 +236,57 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, r.train, self.total_steps)
         self.step, self.micro = 0, 0
         self._prepare_run_dir()
+        self._save_labels()
         return self
+
+    def setup_for_scoring(self) -> Trainer:
+        """The model as the run in `run_dir` trained it (strategies applied; load its checkpoint next), without
+        reading its training data: `model.num_labels` is in the run's recipe.yaml, the label names in labels.json."""
+        r = self.recipe
+        self.device = resolve_device(r.model.device)
+        self.strategies = registry.compose(r)
+        self.tokenizer = load_tokenizer(r.model)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.label_names = self._saved_label_names()
+        self.total_steps = r.train.max_steps
+        self._build_model()
+        return self
+
+    def _build_model(self) -> None:
+        """Load the model and apply the strategies (the tokenizer, `pad_id` and `total_steps` are set)."""
+        r = self.recipe
+        load_kwargs = registry.load_kwargs(self.strategies, r)
+        loaded = load_model(r.model, num_labels=r.model.num_labels, pad_token_id=self.pad_id, **load_kwargs)
+        self.model_source, self.is_moe = loaded.source, loaded.is_moe
+        model = loaded.model
+        ctx = BuildContext(recipe=r, device=self.device, is_moe=loaded.is_moe, total_steps=self.total_steps,
+                           notes=self.notes)
+        model = apply_strategies(model, self.strategies, ctx)
+        self.model = model.to(self.device) if not load_kwargs.get("quantization_config") else model
+        self.params = count_params(self.model)
+        seed_everything(r.train.seed)  # after model building, which seeds with `model.seed`
+        self.autocast = autocast_context(r, self.device)
+
+    def _save_labels(self) -> None:
+        """A classification run's classes, for scoring it later without its data (see `setup_for_scoring`)."""
+        if self.recipe.model.task == "sequence_classification":
+            labels = {"num_labels": self.recipe.model.num_labels, "label_names": self.label_names}
+            (self.run_dir / LABELS_FILE).write_text(json.dumps(labels, indent=1))
+
+    def _saved_label_names(self) -> list[str] | None:
+        """What `_save_labels` wrote; a run from before labels.json existed reads its data, if it is still there."""
+        r = self.recipe
+        if r.model.task != "sequence_classification":
+            return None
+        saved = self.run_dir / LABELS_FILE
+        if saved.is_file():
+            return json.loads(saved.read_text())["label_names"]
+        try:
+            data = build_data(r.data, self.tokenizer, seed=r.train.seed)
+        except UserError:
+            return None  # the data is gone too: the class ids stand for the labels
+        r.model.num_labels = r.model.num_labels or data.num_labels
+        return data.label_names
 
     def _prepare_run_dir(self) -> None:
         r = self.recipe
@@ -499,6 +541,31 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def absolute_local_paths(recipe: Recipe) -> None:
+    """Make the recipe's local paths absolute (data, eval data, a local model or tokenizer), so the run
+    directory's recipe.yaml means the same files from any working directory. Built-in model names, hub ids,
+    `hub` and split names are left alone, and so is anything that does not exist here."""
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or not Path(value).expanduser().exists():
+            return value
+        return os.path.abspath(os.path.expanduser(value))
+
+    builtins = {name for name, _ in list_builtin()}
+    m, d = recipe.model, recipe.data
+    if m.name.removesuffix(".json") not in builtins:
+        m.name = absolute(m.name)
+    if m.tokenizer is not None and m.tokenizer.removesuffix(".json") not in builtins:
+        m.tokenizer = absolute(m.tokenizer)
+    d.source = absolute(d.source)
+    if isinstance(d.eval_split, str) and Path(d.eval_split).expanduser().is_file():  # not `dev`, beside the data
+        d.eval_split = absolute(d.eval_split)
+    if recipe.eval is not None:
+        for section in [recipe.eval.mmlu, *recipe.eval.glue]:
+            if section is not None and section.data != "hub":
+                section.data = absolute(section.data)
 
 
 def check_output_dir(run_dir: Path) -> None:
