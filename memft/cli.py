@@ -92,7 +92,10 @@ def train(
 
         console.print(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False), highlight=False, markup=False)
         trainer.setup(for_training=False)
+        refused = trainer.plan_resume()  # a `resume:` line in the plan; reads the run directory, changes nothing
         _print_plan(trainer)
+        if refused is not None:
+            raise refused
         return
     try:
         trainer.setup()

@@ -17,10 +17,19 @@ a resumed run computes the same losses as one that never stopped (tests/test_che
 `==`, not closeness).
 
 Atomicity: everything is written into `checkpoints/.tmp-step-000050-<pid>/`, fsynced, then renamed
-to `step-000050` in one `os.replace`. A checkpoint is therefore whole or absent; `latest()` also
-refuses a step dir whose `state.json` is missing or does not list files that exist. Leftover
-`.tmp-*` / `.old-*` dirs from a killed run are ignored and removed by the next `save()`. One process
-writes to a run directory at a time.
+to `step-000050` in one `os.replace`. A checkpoint is therefore whole or absent. Leftover `.tmp-*` /
+`.old-*` dirs from a killed run are ignored and removed by the next `save()`. One process writes to a
+run directory at a time (`memft.train.lock`). A write that fails (a full disk) removes its `.tmp-*`
+dir and raises `CheckpointWriteFailed`, naming the previous checkpoint, which is untouched.
+
+Only finite state is saved: `save()` checks every tensor it would write (one `isfinite` pass each) and
+raises `NonFiniteState` without writing anything, so a checkpoint never holds weights a run has blown up.
+
+Damage: `usable()` / `latest()` skip a step dir that cannot be read back (no or bad `state.json`, a
+missing key, a listed file missing, a JSON file or a safetensors header that does not parse), each with
+a note; `load()` raises `CheckpointDamaged` for what only reading the data shows (a non-finite value).
+When step dirs exist but none is usable, `latest()` refuses with a sentence: memft never deletes a
+user's checkpoints to get past damage (`_prune` removes damaged ones only when it writes a new one).
 
 Safety: only safetensors and JSON are read back; nothing that can run code on load.
 """
@@ -38,10 +47,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from memft.errors import UserError
+from memft.errors import RunFailed, UserError
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -58,6 +68,30 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Markers of the JSON encoding of values JSON cannot hold as-is (see _encode).
 _TENSOR, _TUPLE, _INT_DICT = "__tensor__", "__tuple__", "__int_dict__"
 _MARKERS = {_TENSOR, _TUPLE, _INT_DICT}
+# state.json keys `load` relies on; a state.json without one of them is damaged, not a checkpoint.
+_REQUIRED_META = ("format_version", "step", "optimizer_class", "files", "state", "python_random", "numpy_random")
+# What reading back a damaged file raises: safetensors' parser, the OS, json (ValueError), a dangling reference.
+_READ_ERRORS = (SafetensorError, OSError, ValueError, KeyError, TypeError)
+
+
+class CheckpointDamaged(UserError):
+    """A checkpoint dir that cannot be used: a damaged or missing file, a missing key, non-finite values."""
+
+    def __init__(self, ckpt_dir: Path, reason: str):
+        self.ckpt_dir, self.reason = Path(ckpt_dir), reason
+        super().__init__(f"checkpoint {ckpt_dir} cannot be used: {reason}")
+
+
+class NonFiniteState(ValueError):
+    """`save()` was given NaN or infinite values; nothing was written."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        super().__init__(f"non-finite values (nan or inf) in {_name_list(names)}")
+
+
+class CheckpointWriteFailed(RunFailed):
+    """The OS refused to write a checkpoint (a full disk, a permission); its temporary dir was removed."""
 
 
 def step_dir_name(step: int) -> str:
@@ -193,16 +227,66 @@ def _find_peft_model(model: nn.Module) -> nn.Module | None:
 
 
 def _read_meta(ckpt_dir: Path) -> dict[str, Any] | None:
-    """state.json of a complete checkpoint, or None if the dir is not one."""
+    """state.json of a complete checkpoint, or None if the dir is not one (see `_meta_problem`)."""
     try:
-        meta = json.loads((ckpt_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
+        return _checked_meta(ckpt_dir)
+    except CheckpointDamaged:
         return None
-    if not isinstance(meta, dict) or "format_version" not in meta:
-        return None
-    if not all((ckpt_dir / name).exists() for name in meta.get("files", [])):
-        return None
+
+
+def _checked_meta(ckpt_dir: Path) -> dict[str, Any]:
+    """state.json of `ckpt_dir`, with every key `load` needs and every listed file present.
+
+    Raises:
+        CheckpointDamaged: saying what is wrong.
+    """
+    path = ckpt_dir / STATE_FILE
+    if not path.exists():
+        raise CheckpointDamaged(ckpt_dir, f"it has no {STATE_FILE} (a save that never finished)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointDamaged(ckpt_dir, f"its {STATE_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointDamaged(ckpt_dir, f"its {STATE_FILE} is not a JSON object")
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    if missing:
+        raise CheckpointDamaged(ckpt_dir, f"its {STATE_FILE} lacks " + ", ".join(f"`{k}`" for k in missing))
+    if not isinstance(meta["state"], dict) or not isinstance(meta["files"], list):
+        raise CheckpointDamaged(ckpt_dir, f"its {STATE_FILE} has a `state` or `files` of the wrong type")
+    absent = [name for name in meta["files"] if not (ckpt_dir / name).exists()]
+    if absent:
+        raise CheckpointDamaged(ckpt_dir, f"{_name_list(absent)} listed in its {STATE_FILE} is missing")
     return meta
+
+
+def check(ckpt_dir: Path) -> dict[str, Any]:
+    """The checkpoint's state.json after a cheap check of every file: each JSON file parses and each
+    safetensors header is whole (safetensors compares it with the file size, so a truncated file fails).
+    Tensor values are not read; `load` checks those.
+
+    Raises:
+        CheckpointDamaged: saying which file is damaged and how.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = _checked_meta(ckpt_dir)
+    for name in meta["files"]:
+        path = ckpt_dir / name
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, framework="pt"):
+                    pass
+            elif name.endswith(".json"):
+                json.loads(path.read_text())
+        except _READ_ERRORS as exc:
+            raise CheckpointDamaged(ckpt_dir, f"{name} is damaged ({exc})") from None
+    return meta
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (one `isfinite` pass each)."""
+    return [name for name, t in tensors.items()
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -246,76 +330,111 @@ def save(
         raise ValueError("keep_last must be >= 1")
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a run killed mid-save: never complete, safe to drop (one writer per run dir).
-    for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
-
     name = step_dir_name(step)
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
-    files = [TRAINABLE_FILE, OPTIMIZER_TENSORS_FILE, OPTIMIZER_JSON_FILE, RNG_FILE]
 
-    save_file(trainable_state_dict(model), tmp / TRAINABLE_FILE)
-
+    # Everything is gathered and checked before the first byte is written: a non-finite value means
+    # the run has blown up, and such a checkpoint would only lead a resume back into the same NaN.
+    trainable = trainable_state_dict(model)
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_json = _encode(optimizer.state_dict(), "", opt_tensors)
-    save_file(opt_tensors, tmp / OPTIMIZER_TENSORS_FILE)
-    _write_json(tmp / OPTIMIZER_JSON_FILE, opt_json)
-
+    sched_json = None
     if scheduler is not None:
         sched_tensors: dict[str, torch.Tensor] = {}
         sched_json = _encode(scheduler.state_dict(), "", sched_tensors)
         if sched_tensors:
             raise TypeError(f"{type(scheduler).__name__}.state_dict() holds tensors; only JSON values are supported")
-        _write_json(tmp / SCHEDULER_FILE, sched_json)
-        files.append(SCHEDULER_FILE)
+    strategy_tensors = {k: v.contiguous() for k, v in (tensors or {}).items()}
+    bad = (_nonfinite(trainable) + [f"optimizer state {k}" for k in _nonfinite(opt_tensors)]
+           + [f"strategy tensor {k}" for k in _nonfinite(strategy_tensors)])
+    if bad:
+        raise NonFiniteState(bad)
 
-    save_file(_rng_tensors(), tmp / RNG_FILE)
-    if tensors:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / STRATEGY_TENSORS_FILE)
-        files.append(STRATEGY_TENSORS_FILE)
-
-    peft_model = _find_peft_model(model)
-    if peft_model is not None:
-        peft_model.save_pretrained(tmp / ADAPTER_DIR)
-        files.append(ADAPTER_DIR)
-
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "optimizer_class": type(optimizer).__name__,
-        "files": files,
-        "state": state,
-        **_python_numpy_rng(),
-    }
-    # state.json last: its presence (listing files that exist) is what marks a checkpoint complete.
-    _write_json(tmp / STATE_FILE, meta)
-    for path in tmp.rglob("*"):
-        _fsync_path(path)
-    _fsync_path(tmp)
-
-    if final.exists():
-        # Re-saving a step (after a resume): os.replace cannot overwrite a non-empty dir, so move the
-        # old one aside first; between the two renames the step is absent, never half-written.
-        old = root / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_path(root)
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a run killed mid-save: never complete, safe to drop (one writer per run dir).
+        for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        files = _write_files(tmp, model, trainable, opt_tensors, opt_json, sched_json, strategy_tensors)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "optimizer_class": type(optimizer).__name__,
+            "files": files,
+            "state": state,
+            **_python_numpy_rng(),
+        }
+        # state.json last: its presence (listing files that exist) is what marks a checkpoint complete.
+        _write_json(tmp / STATE_FILE, meta)
+        for path in tmp.rglob("*"):
+            _fsync_path(path)
+        _fsync_path(tmp)
+        final = _move_into_place(tmp, root / name)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = _newest_complete(root)
+        intact = (f"the previous checkpoint {previous} is intact" if previous is not None
+                  else "no earlier checkpoint exists")
+        raise CheckpointWriteFailed(f"could not write checkpoint {name} in {root}: {exc.strerror or exc}; "
+                                    f"its partial files were removed and {intact}") from exc
 
     _prune(root, keep=final, keep_last=keep_last)
     return final
 
 
+def _write_files(tmp: Path, model: nn.Module, trainable, opt_tensors, opt_json, sched_json,
+                 strategy_tensors) -> list[str]:
+    """Every file of a checkpoint but state.json, into `tmp`; the names written."""
+    files = [TRAINABLE_FILE, OPTIMIZER_TENSORS_FILE, OPTIMIZER_JSON_FILE, RNG_FILE]
+    save_file(trainable, tmp / TRAINABLE_FILE)
+    save_file(opt_tensors, tmp / OPTIMIZER_TENSORS_FILE)
+    _write_json(tmp / OPTIMIZER_JSON_FILE, opt_json)
+    if sched_json is not None:
+        _write_json(tmp / SCHEDULER_FILE, sched_json)
+        files.append(SCHEDULER_FILE)
+    save_file(_rng_tensors(), tmp / RNG_FILE)
+    if strategy_tensors:
+        save_file(strategy_tensors, tmp / STRATEGY_TENSORS_FILE)
+        files.append(STRATEGY_TENSORS_FILE)
+    peft_model = _find_peft_model(model)
+    if peft_model is not None:
+        peft_model.save_pretrained(tmp / ADAPTER_DIR)
+        files.append(ADAPTER_DIR)
+    return files
+
+
+def _move_into_place(tmp: Path, final: Path) -> Path:
+    """Rename the finished `tmp` dir to `final` atomically and flush the rename to disk."""
+    if final.exists():
+        # Re-saving a step (after a resume): os.replace cannot overwrite a non-empty dir, so move the
+        # old one aside first; between the two renames the step is absent, never half-written.
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)  # put the old one back rather than leave the step missing
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_path(final.parent)
+    return final
+
+
+def _newest_complete(root: Path) -> Path | None:
+    return next((path for _, path in reversed(_step_dirs(root)) if _read_meta(path) is not None), None)
+
+
 def _prune(root: Path, keep: Path, keep_last: int) -> None:
-    """Remove incomplete step dirs and all but the newest `keep_last` complete ones (never `keep`)."""
+    """Remove incomplete or damaged step dirs and all but the newest `keep_last` complete ones (never `keep`).
+
+    A damaged dir must not count as one of the newest: it would push out the good one a resume fell back to.
+    """
     complete = []
     for _, path in _step_dirs(root):
-        if path != keep and _read_meta(path) is None:
+        if path != keep and _problem(path) is not None:
             shutil.rmtree(path, ignore_errors=True)
         elif path != keep:
             complete.append(path)
@@ -323,12 +442,72 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint dir under `run_dir/checkpoints`, or None."""
-    for _, path in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS_DIR)):
-        if _read_meta(path) is not None:
-            return path
+def _problem(ckpt_dir: Path) -> str | None:
+    """Why `ckpt_dir` cannot be used, or None when `check` finds nothing wrong."""
+    try:
+        check(ckpt_dir)
+    except CheckpointDamaged as exc:
+        return exc.reason
     return None
+
+
+def usable(run_dir: Path, notes: list[str] | None = None) -> list[Path]:
+    """Every checkpoint dir under `run_dir/checkpoints` that passes `check`, newest first.
+
+    Each step dir that does not pass adds a note to `notes`: one sentence naming it and why.
+
+    Raises:
+        UserError: step dirs exist but none is usable (nothing is deleted: the user decides).
+    """
+    found, damaged = survey(run_dir)
+    if notes is not None:
+        notes += [f"skipped checkpoint {path.name}: {why}" for path, why in damaged]
+    if damaged and not found:
+        raise unusable_error(Path(run_dir) / CHECKPOINTS_DIR, damaged)
+    return found
+
+
+def survey(run_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The step dirs under `run_dir/checkpoints`, newest first: those that pass `check`, and (dir, why) for
+    those that do not."""
+    found, damaged = [], []
+    for _, path in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS_DIR)):
+        why = _problem(path)
+        if why is None:
+            found.append(path)
+        else:
+            damaged.append((path, why))
+    return found, damaged
+
+
+def unusable_error(root: Path, damaged: list[tuple[Path, str]]) -> UserError:
+    """The refusal for a run directory whose checkpoints all fail, newest first in `damaged`."""
+    each = "; ".join(f"{path.name}: {why}" for path, why in damaged)
+    return UserError(f"{root} holds checkpoints but none can be used ({each}); memft does not delete them: "
+                     "delete them or choose another `output.dir`")
+
+
+def latest(run_dir: Path, notes: list[str] | None = None) -> Path | None:
+    """The newest usable checkpoint dir under `run_dir/checkpoints` (see `usable`), or None when there is none.
+
+    Raises:
+        UserError: step dirs exist but none is usable.
+    """
+    found = usable(run_dir, notes)
+    return found[0] if found else None
+
+
+def is_finite(ckpt_dir: Path) -> bool:
+    """Whether every weight, optimizer and strategy tensor of a checkpoint is finite (reads them all).
+
+    Older memft could write a checkpoint with NaN weights; `save` now refuses to."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        return not any(_nonfinite(load_file(ckpt_dir / name))
+                       for name in (TRAINABLE_FILE, OPTIMIZER_TENSORS_FILE, STRATEGY_TENSORS_FILE)
+                       if (ckpt_dir / name).exists())
+    except _READ_ERRORS:
+        return False
 
 
 def _name_list(names: list[str], shown: int = 5) -> str:
@@ -338,8 +517,7 @@ def _name_list(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def _load_trainable(ckpt_dir: Path, model: nn.Module) -> None:
-    saved = load_file(ckpt_dir / TRAINABLE_FILE)
+def _load_trainable(ckpt_dir: Path, model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(params.keys() - saved.keys())
     unexpected = sorted(saved.keys() - params.keys())
@@ -359,10 +537,37 @@ def _load_trainable(ckpt_dir: Path, model: nn.Module) -> None:
             p.copy_(saved[name])
 
 
+def _read(ckpt_dir: Path, name: str, reader) -> Any:
+    """`reader(ckpt_dir / name)`, with a damaged file reported as `CheckpointDamaged`."""
+    try:
+        return reader(ckpt_dir / name)
+    except _READ_ERRORS as exc:
+        raise CheckpointDamaged(ckpt_dir, f"{name} is damaged ({exc})") from None
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _refuse_nonfinite(ckpt_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    bad = _nonfinite(tensors)
+    if bad:
+        raise CheckpointDamaged(ckpt_dir, f"it holds non-finite values (nan or inf) in {_name_list(bad)}, "
+                                          "written after the run had blown up")
+
+
 def load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The strategies' tensor state saved with `save(tensors=...)` (empty when there was none)."""
-    path = Path(ckpt_dir) / STRATEGY_TENSORS_FILE
-    return load_file(path) if path.exists() else {}
+    """The strategies' tensor state saved with `save(tensors=...)` (empty when there was none).
+
+    Raises:
+        CheckpointDamaged: the file is damaged or holds non-finite values.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / STRATEGY_TENSORS_FILE).exists():
+        return {}
+    tensors = _read(ckpt_dir, STRATEGY_TENSORS_FILE, load_file)
+    _refuse_nonfinite(ckpt_dir, tensors)
+    return tensors
 
 
 def load(
@@ -376,42 +581,54 @@ def load(
 
     Build `model`, `optimizer` and `scheduler` exactly as for the original run (same strategy, same
     parameter order) before calling. `optimizer` / `scheduler` may be None to restore weights only.
+    Every file is read and checked before anything is restored, so a damaged checkpoint changes nothing.
 
     Raises:
-        UserError: the directory is not a complete checkpoint, or it was written for a different
-            model, strategy or optimizer.
+        CheckpointDamaged: a file is damaged or missing, a key is missing, or a value is not finite;
+            an older checkpoint may still be used.
+        UserError: the checkpoint was written for a different model, strategy or optimizer, or by a
+            newer memft.
     """
     ckpt_dir = Path(ckpt_dir)
-    meta = _read_meta(ckpt_dir)
-    if meta is None:
-        raise UserError(f"{ckpt_dir} is not a complete memft checkpoint (no valid {STATE_FILE})")
+    try:
+        meta = _checked_meta(ckpt_dir)
+    except CheckpointDamaged as exc:
+        raise CheckpointDamaged(ckpt_dir, f"not a complete memft checkpoint: {exc.reason}") from None
     if meta["format_version"] > FORMAT_VERSION:
         raise UserError(
             f"checkpoint {ckpt_dir} has format version {meta['format_version']}, newer than this memft "
             f"supports ({FORMAT_VERSION}); upgrade memft"
         )
-
-    _load_trainable(ckpt_dir, model)
-
-    if optimizer is not None:
-        if meta["optimizer_class"] != type(optimizer).__name__:
-            raise UserError(
-                f"checkpoint {ckpt_dir} was written with optimizer {meta['optimizer_class']} but this run "
-                f"uses {type(optimizer).__name__}; use the same optimizer to resume"
-            )
-        opt_state = _decode(
-            json.loads((ckpt_dir / OPTIMIZER_JSON_FILE).read_text()), load_file(ckpt_dir / OPTIMIZER_TENSORS_FILE)
+    if optimizer is not None and meta["optimizer_class"] != type(optimizer).__name__:
+        raise UserError(
+            f"checkpoint {ckpt_dir} was written with optimizer {meta['optimizer_class']} but this run "
+            f"uses {type(optimizer).__name__}; use the same optimizer to resume"
         )
+    if scheduler is not None and not (ckpt_dir / SCHEDULER_FILE).exists():
+        raise UserError(f"checkpoint {ckpt_dir} has no learning-rate scheduler state to resume from")
+
+    # Read everything first: a damaged file found now leaves the model and optimizer untouched.
+    weights = _read(ckpt_dir, TRAINABLE_FILE, load_file)
+    _refuse_nonfinite(ckpt_dir, weights)
+    opt_state = sched_state = None
+    if optimizer is not None:
+        opt_tensors = _read(ckpt_dir, OPTIMIZER_TENSORS_FILE, load_file)
+        _refuse_nonfinite(ckpt_dir, opt_tensors)
+        layout = _read(ckpt_dir, OPTIMIZER_JSON_FILE, _read_json)
+        opt_state = _read(ckpt_dir, OPTIMIZER_JSON_FILE, lambda _: _decode(layout, opt_tensors))
+    if scheduler is not None:
+        sched_state = _read(ckpt_dir, SCHEDULER_FILE, lambda path: _decode(_read_json(path), {}))
+    rng = _read(ckpt_dir, RNG_FILE, load_file)
+
+    _load_trainable(ckpt_dir, model, weights)
+    if optimizer is not None:
         try:
             optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError) as exc:
             raise UserError(f"checkpoint {ckpt_dir} was written for a different model/strategy: {exc}") from exc
-
     if scheduler is not None:
-        if not (ckpt_dir / SCHEDULER_FILE).exists():
-            raise UserError(f"checkpoint {ckpt_dir} has no learning-rate scheduler state to resume from")
-        scheduler.load_state_dict(_decode(json.loads((ckpt_dir / SCHEDULER_FILE).read_text()), {}))
+        scheduler.load_state_dict(sched_state)
 
     # RNG last, so nothing above consumes random numbers after the restore.
-    _restore_rng(load_file(ckpt_dir / RNG_FILE), meta)
+    _read(ckpt_dir, STATE_FILE, lambda _: _restore_rng(rng, meta))
     return meta["state"]

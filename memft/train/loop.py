@@ -8,6 +8,7 @@ accumulation boundary, calling the strategies' hooks at named points, and writes
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from memft.models.moe import ROUTER_AUX_ATTR, RouterAux, router_aux_coef
 from memft.recipe import Recipe
 from memft.registry import BuildContext, LossOutput, at_least_float32
 from memft.train import checkpoint
+from memft.train import lock as run_lock
 from memft.train.meters import SavedTensorMeter, StepTimer, peak_memory
 from memft.train.optim import build_optimizer, build_scheduler, clip_gradients
 
@@ -185,6 +187,18 @@ class RunInterrupted(KeyboardInterrupt):
         return f"interrupted ({self.signal_name}) at step {self.step} of {self.total}; {saved}"
 
 
+def _releases_run_dir(train):
+    """Wrap `Trainer.train` so the run directory's lock is released however it ends (done, failed, interrupted)."""
+    @functools.wraps(train)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return train(self, *args, **kwargs)
+        finally:
+            self.release_run_dir()
+
+    return wrapper
+
+
 class Trainer:
     """Builds a run from a recipe and trains it."""
 
@@ -289,27 +303,108 @@ class Trainer:
         return data.label_names
 
     def _prepare_run_dir(self) -> None:
-        r = self.recipe
-        latest = checkpoint.latest(self.run_dir)
-        if latest is not None and r.output.resume == "never":
-            raise UserError(f"{self.run_dir} already holds checkpoint {latest.name}; set `output.resume=auto` "
-                            "to continue it, or choose another `output.dir`")
+        """Lock the run directory (until `train()` ends), then resume from its newest usable checkpoint or
+        start the run over."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # the lock comes first: a second run must not delete or read for writing anything of this one's
+        self._run_lock = run_lock.acquire(self.run_dir, self.notes)
+        try:
+            self._resume_or_start()
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def release_run_dir(self) -> None:
+        """Remove this run's lock on its directory (idempotent); `train()` does it however it ends."""
+        held = getattr(self, "_run_lock", None)
+        if held is not None:
+            held.release()
+
+    def _resume_or_start(self) -> None:
+        r = self.recipe
         saved_recipe = self.run_dir / RECIPE_FILE
-        if latest is not None:
-            old = yaml.safe_load(saved_recipe.read_text()) if saved_recipe.exists() else None
-            for line in _recipe_differences(old, r.model_dump(mode="json")) if old else []:
-                self.notes.append(f"resume: recipe changed since the checkpoint: {line}; the new value is used")
-            state = checkpoint.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-            self._apply_train_settings(old["train"]["lr"] if old else r.train.lr)
-            self.step, self.micro = state["step"], state["micro_batches"]
-            restore_strategies(self.strategies, state, latest)
-            _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
-            self.notes.append(f"resumed from {latest} at step {self.step}" + (
-                "; the run already finished, nothing to do" if self.step >= self.total_steps else ""))
+        found = self._resume_candidates(self.notes)
+        if found:
+            self._resume(found)
         elif (self.run_dir / METRICS_FILE).exists():
             (self.run_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts over
         saved_recipe.write_text(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
+
+    def _saved_recipe(self) -> dict | None:
+        path = self.run_dir / RECIPE_FILE
+        return yaml.safe_load(path.read_text()) if path.exists() else None
+
+    def _resume_candidates(self, notes: list[str]) -> list[Path]:
+        """The usable checkpoints a start would resume from, newest first (empty: start fresh). Reads only.
+
+        Raises:
+            UserError: resuming is refused (`output.resume: never`, a recipe that would train something
+                else, checkpoints that are all damaged).
+        """
+        r = self.recipe
+        found = checkpoint.usable(self.run_dir, notes)
+        if not found:
+            return []
+        if r.output.resume == "never":
+            raise UserError(f"{self.run_dir} already holds checkpoint {found[0].name}; set `output.resume=auto` "
+                            "to continue it, choose another `output.dir`, or delete its checkpoints to start over "
+                            "in it")
+        old = self._saved_recipe()
+        if old is not None:
+            refused, allowed = _recipe_differences(old, r.model_dump(mode="json"))
+            if refused:
+                raise UserError(_refused_resume_message(self.run_dir, found[0], refused))
+            notes += [f"resume: recipe changed since the checkpoint: {line}; the new value is used" for line in allowed]
+        return found
+
+    def _resume(self, found: list[Path]) -> None:
+        """Restore the newest of `found` that loads; a damaged one is skipped with a note (and kept on disk)."""
+        r, old, rejected = self.recipe, self._saved_recipe(), []
+        for ckpt in found:
+            try:
+                state = checkpoint.load(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+                if not {"step", "micro_batches"} <= state.keys():
+                    raise checkpoint.CheckpointDamaged(ckpt, f"the `state` in its {checkpoint.STATE_FILE} lacks "
+                                                             "`step` or `micro_batches`")
+                restore_strategies(self.strategies, state, ckpt)
+                break
+            except checkpoint.CheckpointDamaged as exc:
+                rejected.append((ckpt, exc.reason))
+                self.notes.append(f"skipped checkpoint {ckpt.name}: {exc.reason}")
+        else:
+            damaged = sorted(rejected + checkpoint.survey(self.run_dir)[1], key=lambda d: d[0].name, reverse=True)
+            raise checkpoint.unusable_error(self.run_dir / checkpoint.CHECKPOINTS_DIR, damaged)
+        self._apply_train_settings(old["train"]["lr"] if old else r.train.lr)
+        self.step, self.micro = state["step"], state["micro_batches"]
+        torn = _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+        if torn:
+            self.notes.append(f"resume: dropped {torn} unreadable line(s) from {METRICS_FILE} (a crash mid-write "
+                              "tears the last one)")
+        self.notes.append(f"resumed from {ckpt} at step {self.step}" + (
+            "; the run already finished, nothing to do" if self.step >= self.total_steps else ""))
+
+    def plan_resume(self) -> UserError | None:
+        """For `--dry-run`: add a `resume:` line to the plan saying whether a real start would start fresh,
+        resume (from which checkpoint and step) or be refused; return that refusal. Reads only: nothing in the
+        run directory changes and no lock is taken."""
+        busy = run_lock.holder(self.run_dir)
+        if busy:
+            self.notes.append(f"resume: {busy} is training in it now; a real start would be refused until it ends")
+        try:
+            found = self._resume_candidates(self.notes)
+        except UserError as exc:
+            self.notes.append("resume: a real start would be refused (the error below says why)")
+            return UserError(f"a real start in {self.run_dir} would be refused: {exc}")
+        if not found:
+            stale = (self.run_dir / METRICS_FILE).exists()
+            self.notes.append(f"resume: would start fresh in {self.run_dir}"
+                              + (f" (deleting its {METRICS_FILE}: no checkpoint backs it)" if stale else ""))
+            return None
+        step = checkpoint.check(found[0])["state"].get("step")
+        finished = step is not None and step >= self.total_steps
+        self.notes.append(f"resume: would resume from checkpoint {found[0].name} at step {step} of {self.total_steps}"
+                          + ("; the run already finished, nothing to do" if finished else ""))
+        return None
 
     def _apply_train_settings(self, checkpoint_lr: float) -> None:
         """After restoring optimizer and scheduler state, make the recipe's lr, betas and weight decay win."""
@@ -322,6 +417,7 @@ class Trainer:
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------ the loop
+    @_releases_run_dir
     def train(self, progress=None) -> dict:
         r = self.recipe
         if self.step >= self.total_steps and (self.run_dir / SUMMARY_FILE).exists():
@@ -496,19 +592,47 @@ class Trainer:
         state = {"step": self.step, "micro_batches": self.micro,
                  "strategies": {s.name: s.state_dict() for s in self.strategies}}
         tensors = {f"{s.name}.{k}": v for s in self.strategies for k, v in s.tensor_state().items()}
-        return checkpoint.save(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, state=state, keep_last=self.recipe.output.keep_last,
-                               tensors=tensors)
+        try:
+            return checkpoint.save(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, state=state, keep_last=self.recipe.output.keep_last,
+                                   tensors=tensors)
+        except checkpoint.NonFiniteState as exc:
+            raise RunFailed(self._nonfinite_state_message(exc)) from None
 
     def _log(self, file, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
         file.flush()
 
     def _nonfinite_message(self, value: float) -> str:
-        last = checkpoint.latest(self.run_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        last = self._newest_finite_checkpoint()
+        kept = f"the last good checkpoint is {last}" if last else "no good checkpoint had been written yet"
         return (f"the loss became {value} at step {self.step + 1}; stopping ({kept}). Lower `train.lr`, "
-                "enable `train.max_grad_norm`, or use float32 weights.")
+                "enable `train.max_grad_norm`, or use float32 weights." + self._same_start_warning(last, self.step))
+
+    def _nonfinite_state_message(self, exc: checkpoint.NonFiniteState) -> str:
+        last, lr = self._newest_finite_checkpoint(), self.recipe.train.lr
+        kept = (f"the newest checkpoint on disk, {last}, is finite and `output.resume: auto` continues from it"
+                if last else "no checkpoint had been written yet, so a rerun starts over")
+        return (f"step {self.step} left {exc}, so checkpoint {checkpoint.step_dir_name(self.step)} was not written "
+                f"and the run stops; {kept}. Rerun with a lower `train.lr` than {lr:g} (e.g. `train.lr={lr / 100:g}`), "
+                "or enable `train.max_grad_norm`." + self._same_start_warning(last, self.step - 1))
+
+    def _same_start_warning(self, last: Path | None, started_from: int) -> str:
+        """A resume from the very state the failed step began with recomputes the same gradients on the same batch,
+        whatever the learning rate: say so rather than promise a way out that loops."""
+        if last is None or last.name != checkpoint.step_dir_name(started_from):
+            return ""
+        return (f" But {last.name} is the state the failed step began from, so resuming from it will most likely "
+                "fail the same way at any `train.lr`; if it does, start over with a lower `train.lr` in another "
+                f"`output.dir` (or delete {self.run_dir / checkpoint.CHECKPOINTS_DIR} to start over in this one).")
+
+    def _newest_finite_checkpoint(self) -> Path | None:
+        """The newest usable checkpoint whose values are all finite (an older memft could save NaN weights)."""
+        try:
+            found = checkpoint.usable(self.run_dir)
+        except UserError:
+            return None
+        return next((path for path in found if checkpoint.is_finite(path)), None)
 
     def _summary(self, losses, step_times, tokens, samples, activation_bytes, evaluation, wall) -> dict:
         # the first step of a process pays for warm-up (allocator, kernels): leave it out of the rates
@@ -601,22 +725,71 @@ def _device_name(device: torch.device) -> str:
 
 
 def _flatten(tree, prefix="") -> dict:
-    if isinstance(tree, dict):
+    if isinstance(tree, (dict, list)):
         out = {}
-        for k, v in tree.items():
+        for k, v in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
 
 
-def _recipe_differences(old: dict, new: dict) -> list[str]:
+# Recipe fields a resume may change: how fast and how long to train, what to log, evaluate and keep. Any other
+# change alters what the trainable parameters mean (model, strategies, their params) or which data they are
+# trained on (the data block, the seed, the batch size), so a resume with it is refused.
+_MAY_CHANGE_ON_RESUME = (
+    "description", "model.device", "model.attn_implementation", "model.trust_remote_code",
+    "train.lr", "train.betas", "train.weight_decay", "train.schedule", "train.warmup_steps", "train.max_steps",
+    "train.epochs", "train.max_grad_norm", "train.grad_accum", "train.gradient_checkpointing", "train.autocast",
+    "train.router_aux_loss", "train.router_aux_loss_coef", "train.eval_every", "train.eval_batches",
+    "output", "log", "eval",
+)
+
+
+def _may_change_on_resume(key: str) -> bool:
+    return any(key == field or key.startswith(field + ".") for field in _MAY_CHANGE_ON_RESUME)
+
+
+def _as_compared(value):
+    """Local paths by their resolved absolute form, so `data/x.jsonl` and `/repo/data/x.jsonl` are equal."""
+    if isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def _recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """Every field that differs between the run's saved recipe and the new one, as "`key` old -> new":
+    (those a resume refuses, those it allows)."""
     a, b = _flatten(old), _flatten(new)
-    return [f"`{k}` {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    changed = [k for k in sorted(set(a) | set(b)) if _as_compared(a.get(k)) != _as_compared(b.get(k))]
+    line = {k: f"`{k}` {a.get(k)!r} -> {b.get(k)!r}" for k in changed}
+    return ([line[k] for k in changed if not _may_change_on_resume(k)],
+            [line[k] for k in changed if _may_change_on_resume(k)])
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from, so each step appears once."""
+def _refused_resume_message(run_dir: Path, ckpt: Path, refused: list[str]) -> str:
+    return (f"cannot resume {ckpt} with this recipe: {'; '.join(refused)} (since the run began) would change what "
+            "its trainable parameters mean or which data they are trained on; to train the new recipe, choose "
+            f"another `output.dir`, or, to discard this run and start over in it, delete {run_dir / 'checkpoints'} "
+            "(memft never deletes checkpoints itself, and `output.resume: never` does not start over: it refuses a "
+            "directory that holds checkpoints)")
+
+
+def _truncate_metrics(path: Path, step: int) -> int:
+    """Drop lines logged after the checkpoint we resume from, so each step appears once, and lines that do not
+    parse (a crash mid-write tears the last one). Returns how many lines did not parse."""
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        return 0
+    keep, torn = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record_step = json.loads(line)["step"]
+            logged_before = record_step <= step
+        except (ValueError, KeyError, TypeError):
+            torn += 1
+            continue
+        if logged_before:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
+    return torn
