@@ -377,3 +377,13 @@ def test_disk_full_during_save_removes_the_temporary_dir_and_names_the_intact_ch
     assert not (run / ".memft.lock").exists()
     monkeypatch.undo()
     assert trainer(run, "train.max_steps=3").step == 2
+
+
+def test_a_failed_first_write_says_no_earlier_checkpoint_exists(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(checkpoint.CheckpointWriteFailed, match="step-000001.*No space left on device.*no earlier"):
+        _save(tmp_path, 1)
+    assert list((tmp_path / "checkpoints").iterdir()) == []

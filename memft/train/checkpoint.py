@@ -371,12 +371,13 @@ def save(
             _fsync_path(path)
         _fsync_path(tmp)
         final = _move_into_place(tmp, root / name)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports its own write errors as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         previous = _newest_complete(root)
         intact = (f"the previous checkpoint {previous} is intact" if previous is not None
                   else "no earlier checkpoint exists")
-        raise CheckpointWriteFailed(f"could not write checkpoint {name} in {root}: {exc.strerror or exc}; "
+        reason = getattr(exc, "strerror", None) or exc
+        raise CheckpointWriteFailed(f"could not write checkpoint {name} in {root}: {reason}; "
                                     f"its partial files were removed and {intact}") from exc
 
     _prune(root, keep=final, keep_last=keep_last)
