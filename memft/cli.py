@@ -135,14 +135,16 @@ def recipes() -> None:
 
     from memft.models import list_builtin
     from memft.paths import RECIPES_DIR
+    from memft.textio import read_text
 
     table = Table(title="Built-in recipes (memft train recipes/NAME.yaml)", title_justify="left")
     table.add_column("recipe")
     table.add_column("what it does")
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         try:
-            desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
-        except yaml.YAMLError:
+            tree = yaml.safe_load(read_text(path, "recipe"))
+            desc = str(tree.get("description", "")) if isinstance(tree, dict) else "(not a recipe)"
+        except (yaml.YAMLError, UserError):
             desc = "(not valid YAML)"
         table.add_row(str(path.relative_to(RECIPES_DIR.parent)), desc)
     console.print(table)
@@ -562,6 +564,7 @@ class _Progress:
 
 def _quiet_libraries() -> None:
     """memft prints its own plan and summary; the libraries' load reports and deprecation chatter are noise."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -570,6 +573,7 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|bitsandbytes)\b")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on CPUs
 
 
 def main() -> None:

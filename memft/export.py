@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from safetensors.torch import load_file
 
 from memft import registry
@@ -12,10 +11,10 @@ from memft.data.formats import pad_token_id
 from memft.errors import UserError
 from memft.models import load_model, load_tokenizer
 from memft.outputs import check_writable_dir
-from memft.recipe import Recipe, StrategySpec
+from memft.recipe import StrategySpec
 from memft.registry import BuildContext
 from memft.train import checkpoint
-from memft.train.loop import RECIPE_FILE
+from memft.train.loop import RECIPE_FILE, saved_recipe
 
 
 def export_run(run_dir: Path, out_dir: Path) -> Path:
@@ -34,7 +33,7 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty; choose a new directory so nothing is overwritten")
 
-    recipe = Recipe.model_validate(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
+    recipe = saved_recipe(run_dir)
     for spec in recipe.strategies:
         if why := registry.get(spec.name).rewires:
             raise UserError(f"{run_dir} was trained with `{spec.name}`: {why}, so a plain transformers model "

@@ -214,14 +214,6 @@ class TrainConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs/{recipe}"
     """Run directory. `{recipe}` is replaced by the recipe file's stem."""
-
-    @field_validator("dir")
-    @classmethod
-    def _not_the_working_directory(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty (the run would write into the working directory); "
-                             "e.g. `runs/{recipe}`")
-        return value
     checkpoints: bool = True
     """Write checkpoints. `false` is for benchmarks and throw-away runs: nothing to resume from."""
     save_every: int | None = Field(default=50, ge=1)
@@ -232,6 +224,14 @@ class OutputConfig(Section):
     """`auto` continues from the newest complete checkpoint in `dir`; `never` refuses a directory that has one."""
     plot: bool = True
     """Write `loss_memory.png` (loss and peak memory over steps) at the end."""
+
+    @field_validator("dir")
+    @classmethod
+    def _not_the_working_directory(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty (the run would write into the working directory); "
+                             "e.g. `runs/{recipe}`")
+        return value
 
 
 class LogConfig(Section):
@@ -482,6 +482,11 @@ def resolve_recipe_path(path: str | Path) -> Path:
     raise RecipeError(str(path), ["no such recipe file; `memft recipes` lists the built-in ones"])
 
 
+EMPTY_RECIPE = ("the recipe is empty (no keys, only comments or `null`); a recipe says at least which `model` to "
+                "train on which `data` with which `strategies`, e.g. `model: {name: stories260K}`; "
+                "`memft recipes` lists complete examples")
+
+
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe, including each strategy's params.
 
@@ -510,10 +515,6 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         raise RecipeError(str(file), [EMPTY_RECIPE])
     return validate(tree, source=str(file), lines=_line_index(root), recipe_path=file)
 
-
-EMPTY_RECIPE = ("the recipe is empty (no keys, only comments or `null`); a recipe says at least which `model` to "
-                "train on which `data` with which `strategies`, e.g. `model: {name: stories260K}`; "
-                "`memft recipes` lists complete examples")
 
 
 def validate(tree: dict, source: str = "recipe", lines: dict[tuple, int] | None = None,
@@ -585,9 +586,9 @@ def _check_files(recipe: Recipe, recipe_path: Path | None, lines) -> list[str]:
 
 def _model_path_problem(name: str) -> str | None:
     """Why a `model.name` meant as a local path (see `memft.models.load`) cannot be loaded, or None."""
-    from memft.models.load import _find_builtin, _looks_like_path
+    from memft.models.load import find_builtin, looks_like_model_path
 
-    if not _looks_like_path(name) or _find_builtin(name) is not None:
+    if not looks_like_model_path(name) or find_builtin(name) is not None:
         return None
     path = Path(name).expanduser()
     if not path.exists():

@@ -255,6 +255,8 @@ def check_specs(specs: list[dict], recipe: Recipe | None, lines: dict[tuple, int
         name = spec.get("name")
         line = lines.get(("strategies", i, "name")) or lines.get(("strategies", i))
         at = f"  [line {line}]" if line else ""
+        if not isinstance(name, str):
+            continue  # not a name at all: the recipe schema already reported it
         if name not in known:
             guess = difflib.get_close_matches(str(name), list(known), n=1)
             hint = f"did you mean `{guess[0]}`?" if guess else f"known: {', '.join(known)}"

@@ -263,3 +263,64 @@ def test_mmlu_csv_with_a_bom_and_latin1(tmp_path):
     path.write_bytes("Caf\u00e9?,a,b,c,d,A\n".encode("latin-1"))
     with pytest.raises(UserError, match="MMLU file .* is not UTF-8 text: .* byte offset 3 "):
         mmlu.read_csv(path)
+
+
+# ---------------------------------------------------------------------------- found by tests/test_fuzz.py
+
+
+def test_a_cell_longer_than_csvs_default_limit_is_read(tmp_path):
+    from memft.data.sources import read_file
+
+    long = "word " * 40_000  # 200 KB: over csv's default field limit of 128 KiB
+    rows = read_file(data_file(tmp_path, "d.tsv", f"sentence\tlabel\n{long}\t1\nshort\t0\n".encode()))
+    assert rows == [{"sentence": long, "label": 1}, {"sentence": "short", "label": 0}]
+
+
+def test_a_broken_csv_row_names_the_file_and_line(tmp_path):
+    from memft.data.sources import read_file
+
+    path = data_file(tmp_path, "d.csv", b'sentence,label\n"ok",1\n"a\x00b",0\n')
+    with pytest.raises(UserError, match=r"(line 3: not a valid CSV row|NUL)"):
+        read_file(path)
+
+
+@pytest.mark.parametrize("name", [{"lora": 1}, ["lora"], 3])
+def test_a_strategy_name_that_is_not_a_string_is_one_problem(tmp_path, name):
+    path = recipe(tmp_path, json.dumps({"strategies": [{"name": name}]}))
+    assert any("strategies.0.name" in p for p in problems(path))
+
+
+def test_memft_recipes_lists_a_recipe_it_cannot_decode(tmp_path, monkeypatch):
+    import memft.paths
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "latin.yaml").write_bytes("description: caf\u00e9\n".encode("latin-1"))
+    (recipes / "list.yaml").write_text("- a\n- b\n")
+    monkeypatch.setattr(memft.paths, "RECIPES_DIR", recipes)
+    result = CliRunner().invoke(app, ["recipes"])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert "latin.yaml" in result.output and "list.yaml" in result.output
+
+
+@pytest.mark.parametrize("body", [b"{not json", "{\"model_type\": \"llama\"}".encode("utf-16-le"), b"[1, 2]"])
+def test_a_damaged_config_json_is_one_sentence(tmp_path, body):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_bytes(body)
+    result = CliRunner().invoke(app, ["eval", "mmlu", "--model", str(tmp_path / "m"), "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "config.json" in " ".join(result.output.split())
+
+
+def test_a_damaged_recipe_yaml_in_a_run_directory_is_one_sentence(tmp_path):
+    run = tmp_path / "run"
+    tiny = ["data.max_samples=8", "data.max_length=128", "data.eval_split=null", "train.max_steps=1",
+            "train.batch_size=2", "log.progress=false", "output.plot=false"]
+    assert CliRunner().invoke(app, ["train", "recipes/lora.yaml", "-o", str(run), *tiny]).exit_code == 0
+    for body in ("model: [unclosed\n", "- just\n- a list\n", "model: {name: 3, nme: x}\n"):
+        (run / "recipe.yaml").write_text(body)
+        for args in (["eval", "mmlu", "--model", str(run), "--data", str(tmp_path)],
+                     ["export", str(run), str(tmp_path / "out")]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+            assert "recipe.yaml" in " ".join(result.output.split())

@@ -160,8 +160,14 @@ def read_delimited(file: Path, delimiter: str, header: str = "auto") -> list[dic
     an integer become ints, so label columns read the same as from JSON.
     """
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    # csv's default cap of 128 KiB per cell refuses long documents; a cell may be as long as the file
+    csv.field_size_limit(max(csv.field_size_limit(), min(file.stat().st_size + 1, 2**31 - 1)))
     with open_text(file, "data file") as f:  # a BOM is dropped, so the first column is not `\ufeffsentence`
-        table = [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        try:
+            table = [row for row in reader if row]
+        except csv.Error as exc:
+            raise UserError(f"{file}, line {reader.line_num}: not a valid {file.suffix[1:].upper()} row ({exc})") from None
     if not table:
         return []
     has_header = header == "yes" or (header == "auto" and not looks_like_data(table[0]))

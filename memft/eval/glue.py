@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from memft.errors import UserError
-from memft.textio import open_text
 from memft.eval import loglik
+from memft.textio import open_text
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memft.errors import UserError
-from memft.textio import open_text
 from memft.eval import loglik
+from memft.textio import open_text
 
 LETTERS = "ABCD"
 CATEGORY = {  # the harness's tags (tasks/mmlu/default/mmlu_<subject>.yaml)

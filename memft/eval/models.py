@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from memft.data.formats import pad_token_id
 from memft.errors import UserError
 from memft.models import load_model, load_tokenizer, resolve_device
-from memft.recipe import ModelConfig, Recipe
+from memft.models.load import read_config_file
+from memft.recipe import ModelConfig
 from memft.train import checkpoint
-from memft.train.loop import RECIPE_FILE, Trainer, restore_strategies
+from memft.train.loop import RECIPE_FILE, Trainer, restore_strategies, saved_recipe
 
 
 @dataclass
@@ -47,7 +45,7 @@ def load(ref: str, *, dtype: str | None = None, device: str = "auto", trust_remo
     run = Path(ref)
     if (run / RECIPE_FILE).is_file():
         return _from_run(run, dtype, device)
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    config = read_config_file(run / "config.json") if (run / "config.json").is_file() else {}
     classifier = any("ForSequenceClassification" in a for a in config.get("architectures") or [])
     task = "sequence_classification" if classifier else "causal_lm"
     cfg = ModelConfig(name=ref, task=task, dtype=dtype or "float32", device=device, trust_remote_code=trust_remote_code)
@@ -59,7 +57,7 @@ def load(ref: str, *, dtype: str | None = None, device: str = "auto", trust_remo
 
 
 def _from_run(run: Path, dtype: str | None, device: str) -> EvalModel:
-    recipe = Recipe.model_validate(yaml.safe_load((run / RECIPE_FILE).read_text()))
+    recipe = saved_recipe(run)
     ckpt = checkpoint.latest(run)
     if ckpt is None:
         raise UserError(f"{run} has no complete checkpoint to evaluate (was it run with `output.checkpoints=false`?)")

@@ -38,6 +38,7 @@ from torch import nn
 from memft.errors import UserError
 from memft.paths import CONFIGS_DIR
 from memft.recipe import ModelConfig
+from memft.textio import read_text
 
 META_KEY = "_memft"
 """Key of memft's own metadata inside a built-in config.json (removed before building the config)."""
@@ -117,17 +118,21 @@ def _builtins() -> dict[str, _Builtin]:
         return found
     for path in sorted(CONFIGS_DIR.iterdir()):
         if path.is_dir() and (path / "config.json").is_file():
-            found[path.name] = _Builtin(path.name, path, _read_json(path / "config.json").get(META_KEY, {}))
+            found[path.name] = _Builtin(path.name, path, read_config_file(path / "config.json").get(META_KEY, {}))
         elif path.suffix == ".json" and path.is_file():
-            found[path.stem] = _Builtin(path.stem, path, _read_json(path).get(META_KEY, {}))
+            found[path.stem] = _Builtin(path.stem, path, read_config_file(path).get(META_KEY, {}))
     return found
 
 
-def _read_json(path: Path) -> dict:
+def read_config_file(path: Path) -> dict:
+    """A config.json as a dict (decoded by its BOM, else UTF-8); a file that is not a JSON object is a UserError."""
     try:
-        return json.loads(path.read_text())
+        tree = json.loads(read_text(path, "model config"))
     except json.JSONDecodeError as exc:
         raise UserError(f"`{path}` is not valid JSON: {exc}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"`{path}` is not a model config: it holds a JSON {type(tree).__name__}, not an object")
+    return tree
 
 
 def list_builtin() -> list[tuple[str, str]]:
@@ -136,19 +141,19 @@ def list_builtin() -> list[tuple[str, str]]:
     for name, b in _builtins().items():
         description = b.meta.get("description")
         if not description:
-            cfg = _read_json(b.config_file)
+            cfg = read_config_file(b.config_file)
             kind = "pretrained" if b.pretrained else "config only, random init"
             description = f"{cfg.get('model_type', '?')} ({cfg.get('num_hidden_layers', '?')} layers, {kind})"
         rows.append((name, description))
     return rows
 
 
-def _find_builtin(name: str) -> _Builtin | None:
+def find_builtin(name: str) -> _Builtin | None:
     """A built-in by name, or a local config.json file (random init, like a config-only built-in)."""
     found = _builtins().get(name.removesuffix(".json"))
     path = Path(name).expanduser()
     if found is None and path.suffix == ".json" and path.is_file():
-        found = _Builtin(str(path.resolve()), path, _read_json(path).get(META_KEY, {}))
+        found = _Builtin(str(path.resolve()), path, read_config_file(path).get(META_KEY, {}))
     return found
 
 
@@ -184,7 +189,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_model_path(name: str) -> bool:
     """A name meant as a local path (a hub id is `name` or `org/name`)."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".json")
 
@@ -217,7 +222,7 @@ def load_tokenizer(cfg: ModelConfig):
 
     name = cfg.tokenizer or cfg.name
     what = "tokenizer" if cfg.tokenizer else "the tokenizer of model"
-    builtin = _find_builtin(name)
+    builtin = find_builtin(name)
     if builtin is not None:
         return AutoTokenizer.from_pretrained(_tokenizer_dir(builtin), local_files_only=True)
 
@@ -229,7 +234,7 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         if path.is_dir():
             return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
-        if _looks_like_path(name):
+        if looks_like_model_path(name):
             raise _no_such_path(name, "model.tokenizer" if cfg.tokenizer else "model.name")
         return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -322,12 +327,12 @@ def resolve_config(cfg: ModelConfig, *, num_labels: int | None = None, pad_token
         num_labels = num_labels or cfg.num_labels
         if num_labels is None:
             raise UserError("`model.task: sequence_classification` needs the number of classes; set `model.num_labels`")
-    builtin = _find_builtin(cfg.name)
+    builtin = find_builtin(cfg.name)
     path = Path(cfg.name).expanduser()
     hub_kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     shipped = fallback(cfg.name) if fallback is not None and builtin is None and not path.exists() else None
     if builtin is not None:
-        tree = _read_json(builtin.config_file)
+        tree = read_config_file(builtin.config_file)
         tree.pop(META_KEY, None)
         if builtin.pretrained:
             config = _config_from_dict(tree, builtin.name, "its config.json")
@@ -340,7 +345,7 @@ def resolve_config(cfg: ModelConfig, *, num_labels: int | None = None, pad_token
             kind = "built-in" if builtin.path.parent == CONFIGS_DIR else "local config"
             source, weights = f"{kind} {builtin.name} (random init, seed {cfg.seed})", None
     elif shipped is not None:
-        tree = _read_json(shipped)
+        tree = read_config_file(shipped)
         tree.pop(META_KEY, None)
         config = _config_from_dict(tree, cfg.name, "its shipped config")
         _apply_pretrained_overrides(config, cfg.config_overrides, cfg.name)
@@ -349,7 +354,7 @@ def resolve_config(cfg: ModelConfig, *, num_labels: int | None = None, pad_token
         if path.is_dir():
             where, hub_kwargs["local_files_only"] = str(path.resolve()), True
             source = f"local {where}"
-        elif _looks_like_path(cfg.name):
+        elif looks_like_model_path(cfg.name):
             raise _no_such_path(cfg.name, "model.name")
         else:
             where, source = cfg.name, f"hub {cfg.name}"

@@ -208,6 +208,8 @@ class Trainer:
         self.notes: list[str] = []
         self.stop_signal: str | None = None
         """Set by SIGINT / SIGTERM during `train()`: stop at the next step boundary."""
+        self.activation_bytes: int | None = None
+        """Bytes autograd saved for backward in this process's first training forward (None before it)."""
 
     # ------------------------------------------------------------------ setup
     def setup(self, *, for_training: bool = True) -> Trainer:
@@ -250,7 +252,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, r.train, self.total_steps)
         self.step, self.micro = 0, 0
         self._prepare_run_dir()
-        self._save_labels()
         return self
 
     def setup_for_scoring(self) -> Trainer:
@@ -329,10 +330,10 @@ class Trainer:
         elif (self.run_dir / METRICS_FILE).exists():
             (self.run_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts over
         saved_recipe.write_text(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
+        self._save_labels()
 
     def _saved_recipe(self) -> dict | None:
-        path = self.run_dir / RECIPE_FILE
-        return yaml.safe_load(path.read_text()) if path.exists() else None
+        return saved_recipe_tree(self.run_dir) if (self.run_dir / RECIPE_FILE).exists() else None
 
     def _resume_candidates(self, notes: list[str]) -> list[Path]:
         """The usable checkpoints a start would resume from, newest first (empty: start fresh). Reads only.
@@ -424,7 +425,7 @@ class Trainer:
             return json.loads((self.run_dir / SUMMARY_FILE).read_text())  # already finished: nothing to do
         # SIGINT / SIGTERM ask to stop at the next step boundary, which saves the last step (see _stop_on_signals)
         with self._stop_on_signals(), (self.run_dir / METRICS_FILE).open("a") as metrics:
-            timer, activation_bytes, evaluation = StepTimer(self.device), None, {}
+            timer, evaluation = StepTimer(self.device), {}
             losses, step_times, step_tokens, step_samples = [], [], [], []
             started = time.perf_counter()
             if self.step == 0 and self.eval_batcher:
@@ -432,41 +433,10 @@ class Trainer:
             while self.step < self.total_steps:
                 if self.stop_signal:
                     self._stop_at_step_boundary()
-                self.model.train()
                 timer.start()
                 window = [self._next_batch() for _ in range(r.train.grad_accum)]
                 window = [self._on_step_start(b) for b in window]
-                targets = sum(self._count_targets(b) for b in window)
-                step_loss, step_aux = 0.0, None
-                for i, batch in enumerate(window):
-                    # the activation meter watches the first forward of this process only: bytes per micro-batch
-                    meter = SavedTensorMeter(self.model) if activation_bytes is None else nullcontext()
-                    with meter, self.autocast:
-                        out = self._loss(batch)
-                    # normalise by the targets of the whole accumulation window, not per micro-batch
-                    loss = out.loss_sum / max(targets, 1)
-                    loss.backward()
-                    if activation_bytes is None:
-                        activation_bytes = meter.bytes
-                    step_loss += loss.item()  # a host-device sync point
-                    if out.aux_loss is not None:  # the load-balancing term, unweighted, averaged over micro-batches
-                        step_aux = (step_aux or 0.0) + out.aux_loss.item() / len(window)
-                    del out, loss  # free the graph's outputs before the next micro-batch
-                if not math.isfinite(step_loss):
-                    raise RunFailed(self._nonfinite_message(step_loss))
-                for s in self.strategies:
-                    s.after_backward(self.step)
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                grad_norm = clip_gradients(grads + [g for s in self.strategies for g in s.outside_grads()],
-                                           r.train.max_grad_norm)
-                lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                for s in self.strategies:
-                    s.after_optimizer_step(self.step)
-                # flush the gradients as soon as we can, no need for this memory anymore
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
+                record = self._optimizer_step(window)
 
                 tokens = sum(count_tokens(b) for b in window)
                 samples = sum(b["input_ids"].size(0) for b in window)
@@ -474,11 +444,10 @@ class Trainer:
                 step_times.append(rates["step_time_s"])
                 step_tokens.append(tokens)
                 step_samples.append(samples)
-                losses.append(step_loss)
+                losses.append(record["loss"])
                 if self.step % r.log.every == 0 or self.step == self.total_steps:
-                    self._log(metrics, {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                                        **({"aux_loss": step_aux} if step_aux is not None else {}), **rates,
-                                        **peak_memory(self.device), **self._strategy_metrics()})
+                    self._log(metrics, {"step": self.step, **record, **rates, **peak_memory(self.device),
+                                        **self._strategy_metrics()})
                 last = self.step == self.total_steps
                 if self.eval_batcher and (last or (r.train.eval_every and self.step % r.train.eval_every == 0)):
                     evaluation = self.evaluate()
@@ -486,23 +455,62 @@ class Trainer:
                 if r.output.checkpoints and (last or (r.output.save_every and self.step % r.output.save_every == 0)):
                     self.save()
                 if progress:
-                    progress(self.step, self.total_steps, step_loss, peak_memory(self.device)["peak_mem_bytes"])
+                    progress(self.step, self.total_steps, record["loss"], peak_memory(self.device)["peak_mem_bytes"])
             if self.stop_signal:  # asked during the last step: it is saved, stop before the summary
                 self._stop_at_step_boundary()
-            if not losses and self.eval_batcher:  # resumed at the last step: nothing trained, still report
-                evaluation = self.evaluate()
-            summary = self._summary(losses, step_times, step_tokens, step_samples, activation_bytes, evaluation,
-                                    time.perf_counter() - started)
-            if r.eval:
-                from memft.eval.run import evaluate_run
+        if not losses and self.eval_batcher:  # resumed at the last step: nothing trained, still report
+            evaluation = self.evaluate()
+        summary = self._summary(losses, step_times, step_tokens, step_samples, self.activation_bytes, evaluation,
+                                time.perf_counter() - started)
+        if r.eval:
+            from memft.eval.run import evaluate_run
 
-                summary["eval"] = evaluate_run(self)
-            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-            if r.output.plot:
-                from memft.train.plot import plot_metrics
+            summary["eval"] = evaluate_run(self)
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        if r.output.plot:
+            from memft.train.plot import plot_metrics
 
-                plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE, title=self.run_dir.name)
-            return summary
+            plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE, title=self.run_dir.name)
+        return summary
+
+    def _optimizer_step(self, window: list[dict]) -> dict:
+        """Forward and backward over the accumulation window, then one optimizer step; returns what is logged
+        of it (`loss`, `lr`, `grad_norm`, `aux_loss` for MoE runs with the load-balancing loss)."""
+        r = self.recipe
+        self.model.train()
+        targets = sum(self._count_targets(b) for b in window)
+        step_loss, step_aux = 0.0, None
+        for batch in window:
+            # the activation meter watches the first forward of this process only: its bytes are per micro-batch
+            meter = SavedTensorMeter(self.model) if self.activation_bytes is None else nullcontext()
+            with meter, self.autocast:
+                out = self._loss(batch)
+            # normalise by the targets of the whole accumulation window, not per micro-batch
+            loss = out.loss_sum / max(targets, 1)
+            loss.backward()
+            if self.activation_bytes is None:
+                self.activation_bytes = meter.bytes
+            step_loss += loss.item()  # a host-device sync point
+            if out.aux_loss is not None:  # the load-balancing term, unweighted, averaged over the micro-batches
+                step_aux = (step_aux or 0.0) + out.aux_loss.item() / len(window)
+            del out, loss  # free the graph's outputs before the next micro-batch
+        if not math.isfinite(step_loss):
+            raise RunFailed(self._nonfinite_message(step_loss))
+        for s in self.strategies:
+            s.after_backward(self.step)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = clip_gradients(grads + [g for s in self.strategies for g in s.outside_grads()],
+                                   r.train.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        for s in self.strategies:
+            s.after_optimizer_step(self.step)
+        # flush the gradients as soon as we can, no need for this memory anymore
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                **({"aux_loss": step_aux} if step_aux is not None else {})}
 
     @contextmanager
     def _stop_on_signals(self):
@@ -665,6 +673,34 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def saved_recipe_tree(run_dir: Path) -> dict:
+    """The recipe a run saved in its directory, as a dict; a missing or damaged file is a UserError."""
+    path = Path(run_dir) / RECIPE_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a memft run directory (no {RECIPE_FILE}); pass the `output.dir` of a run")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}); restore it from the recipe the run was "
+                        "started with") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path} is damaged (not a mapping); restore it from the recipe the run was started with")
+    return tree
+
+
+def saved_recipe(run_dir: Path) -> Recipe:
+    """The validated recipe of a run directory (`memft eval --model RUN`, `memft export RUN`)."""
+    from pydantic import ValidationError
+
+    from memft.recipe import describe_errors
+
+    try:
+        return Recipe.model_validate(saved_recipe_tree(run_dir))
+    except ValidationError as exc:
+        raise UserError(f"{Path(run_dir) / RECIPE_FILE} is not a recipe this memft reads: "
+                        + "; ".join(describe_errors(exc, {}))) from None
 
 
 def absolute_local_paths(recipe: Recipe) -> None:
