@@ -299,3 +299,40 @@ def test_mutated_data_dry_run_or_exit_2(tmp_path, kind):
         if (why := _problem(result)) is not None:
             failures.append(f"case {case} ({source.name}: {what}): {why}")
     assert not failures, f"{len(failures)} of 14 cases broke the promise:\n\n" + "\n\n".join(failures)
+
+
+# ---------------------------------------------------------------------- hostile command lines
+
+
+def _command_lines(tmp: Path) -> list[list]:
+    """Arguments a careless user passes to the other commands: missing, wrong-kind and nonsense paths and values."""
+    (tmp / "file.txt").write_text("x")
+    (tmp / "empty").mkdir()
+    lora = REPO / "recipes" / "lora.yaml"
+    junk = [tmp / "nope", tmp / "file.txt", tmp / "empty"]
+    lines = [["eval", "mmlu", "--model", p] for p in junk]
+    lines += [["eval", "mmlu", "--model", "stories260K", "--data", p] for p in junk]
+    lines += [["eval", "glue", "--task", "sst2", "--model", "stories260K", "--data", p] for p in junk]
+    lines += [["eval", "glue", "--task", "nosuch", "--model", "stories260K", "--data", tmp],
+              ["eval", "mmlu", "--model", "stories260K", "--shots", "9"],
+              ["eval", "mmlu", "--model", "stories260K", "--device", "tpu"],
+              ["eval", "mmlu", "--model", "stories260K", "--json", tmp / "file.txt" / "x.json"]]
+    lines += [["export", p, tmp / f"out{i}"] for i, p in enumerate(junk)]
+    lines += [["profile", lora, "model.name=tiny-llama", *extra] for extra in
+              (["--gpu-memory", "lots"], ["--gpu-memory", "-5GiB"], ["--device", "tpu"], ["--json", tmp / "empty"],
+               ["train.batch_size=100000000"], ["model.name=nosuch/model"])]
+    lines += [["bench", lora, "--variants", v] for v in ("", ";;", "nosuch", "lora,train.lr=abc")]
+    lines += [["train", lora, *extra] for extra in
+              (["noequals"], ["=3"], ["strategies.5.params.r=3"], ["train.lr.x=3"], ["-o", tmp / "file.txt"],
+               ["--dry-run", "model.tokenizer=" + str(tmp / "empty")], ["--dry-run", f"data.eval_split={tmp}/file.txt"],
+               ["--dry-run", "data.source=nosuch/dataset"])]
+    return lines + [["validate", p] for p in junk]
+
+
+def test_hostile_command_lines_exit_0_or_2(tmp_path):
+    failures = []
+    for args in _command_lines(tmp_path):
+        result = _invoke(args)
+        if (why := _problem(result)) is not None:
+            failures.append(f"memft {' '.join(map(str, args))}: {why}")
+    assert not failures, f"{len(failures)} command lines broke the promise:\n\n" + "\n\n".join(failures)

@@ -261,3 +261,9 @@ def test_profile_device_is_cuda_or_cpu():
     assert "cannot profile for device `tpu`: memft trains on `cuda` or `cpu`" in text
     with pytest.raises(UserError, match="`cuda` or `cpu`"):
         predict.profile(recipe("tiny-llama", "[{name: full}]"), "cuda:0")
+
+
+def test_a_micro_batch_too_large_to_model_is_one_sentence_not_an_allocation():
+    result, text = _profile_cli("train.batch_size=100000000")  # 1e8 x 384 tokens: a 300 GB synthetic batch
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot profile a micro-batch of 100,000,000 x" in text and "`train.batch_size`" in text

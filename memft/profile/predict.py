@@ -247,6 +247,8 @@ def synthetic_batch(recipe: Recipe, vocab: int, batch: int, seq: int, generator:
 
 PROFILE_DEVICES = ("cuda", "cpu")
 """What `profile` predicts for: the devices memft trains on."""
+MAX_PROFILE_TOKENS = 2**26
+"""Tokens per micro-batch `profile` models (64 x 1M); beyond, its synthetic batch alone would not fit in memory."""
 
 
 def profile(recipe: Recipe, device: str | None = None) -> Profile:
@@ -263,6 +265,10 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
     autocast = autocast_context(recipe, target) if target.type == "cpu" else _cpu_twin_autocast(recipe, target)
     seq = recipe.data.max_length
     batch = recipe.train.batch_size
+    if batch * seq > MAX_PROFILE_TOKENS:
+        raise UserError(f"cannot profile a micro-batch of {batch:,} x {seq:,} tokens (`train.batch_size` x "
+                        f"`data.max_length`): memft models up to {MAX_PROFILE_TOKENS:,} tokens per micro-batch; "
+                        "lower one of them (gradient accumulation, `train.grad_accum`, does not add memory)")
     real_batch = synthetic_batch(recipe, config.vocab_size, batch, seq, torch.Generator().manual_seed(0))
     for s in strategies:
         real_batch = s.on_step_start(0, real_batch)
