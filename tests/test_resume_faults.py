@@ -68,7 +68,8 @@ def test_blown_up_weights_are_not_checkpointed(tmp_path):
 def test_after_a_blow_up_a_lower_lr_resumes_from_the_finite_checkpoint(tmp_path):
     run, common = tmp_path / "run", ["data.max_length=128", "output.save_every=2"]
     trainer(run, "train.max_steps=2", *common).train()
-    with pytest.raises(RunFailed, match=r"step-000002, is finite.*train\.lr") as failed:
+    with pytest.raises(RunFailed, match=r"last good checkpoint is .*step-000002: rerun with a lower `train\.lr`") \
+            as failed:
         trainer(run, "train.lr=1.0e6", "train.max_steps=6", *common).train()
     assert "start over" not in str(failed.value)
     assert step_dirs(run) == ["step-000002"]

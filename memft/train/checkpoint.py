@@ -87,7 +87,8 @@ class NonFiniteState(ValueError):
 
     def __init__(self, names: list[str]):
         self.names = names
-        super().__init__(f"non-finite values (nan or inf) in {_name_list(names)}")
+        super().__init__(f"non-finite values (nan or inf) in {len(names)} tensor{'s' if len(names) != 1 else ''} "
+                         f"({_name_list(names, shown=2)})")
 
 
 class CheckpointWriteFailed(RunFailed):

@@ -612,27 +612,25 @@ class Trainer:
         file.flush()
 
     def _nonfinite_message(self, value: float) -> str:
-        last = self._newest_finite_checkpoint()
-        kept = f"the last good checkpoint is {last}" if last else "no good checkpoint had been written yet"
-        return (f"the loss became {value} at step {self.step + 1}; stopping ({kept}). Lower `train.lr`, "
-                "enable `train.max_grad_norm`, or use float32 weights." + self._same_start_warning(last, self.step))
+        return f"the loss became {value} at step {self.step + 1}; stopping. " + self._way_out(self.step)
 
     def _nonfinite_state_message(self, exc: checkpoint.NonFiniteState) -> str:
-        last, lr = self._newest_finite_checkpoint(), self.recipe.train.lr
-        kept = (f"the newest checkpoint on disk, {last}, is finite and `output.resume: auto` continues from it"
-                if last else "no checkpoint had been written yet, so a rerun starts over")
         return (f"step {self.step} left {exc}, so checkpoint {checkpoint.step_dir_name(self.step)} was not written "
-                f"and the run stops; {kept}. Rerun with a lower `train.lr` than {lr:g} (e.g. `train.lr={lr / 100:g}`), "
-                "or enable `train.max_grad_norm`." + self._same_start_warning(last, self.step - 1))
+                "and the run stops. " + self._way_out(self.step - 1))
 
-    def _same_start_warning(self, last: Path | None, started_from: int) -> str:
-        """A resume from the very state the failed step began with recomputes the same gradients on the same batch,
-        whatever the learning rate: say so rather than promise a way out that loops."""
-        if last is None or last.name != checkpoint.step_dir_name(started_from):
-            return ""
-        return (f" But {last.name} is the state the failed step began from, so resuming from it will most likely "
-                "fail the same way at any `train.lr`; if it does, start over with a lower `train.lr` in another "
-                f"`output.dir` (or delete {self.run_dir / checkpoint.CHECKPOINTS_DIR} to start over in this one).")
+    def _way_out(self, started_from: int) -> str:
+        """What to do after a blow-up in the step that began from step `started_from`'s state, truthfully: a resume
+        from that very state recomputes the same gradients on the same batch, whatever the learning rate."""
+        t, last = self.recipe.train, self._newest_finite_checkpoint()
+        lower = f"a lower `train.lr` (now {t.lr:g})" + ("" if t.max_grad_norm else " or `train.max_grad_norm: 1.0`")
+        over = (f"start over with {lower} in another `output.dir` (or delete "
+                f"{self.run_dir / checkpoint.CHECKPOINTS_DIR} to start over in this one)")
+        if last is None:
+            return f"No finite checkpoint had been written: {over}."
+        if last.name == checkpoint.step_dir_name(started_from):
+            return (f"The newest finite checkpoint, {last.name}, is the state the failed step began from, so a resume "
+                    f"from it will most likely fail the same way at any learning rate: {over}.")
+        return f"The last good checkpoint is {last}: rerun with {lower}, and `output.resume: auto` continues from it."
 
     def _newest_finite_checkpoint(self) -> Path | None:
         """The newest usable checkpoint whose values are all finite (an older memft could save NaN weights)."""
