@@ -1,0 +1,351 @@
+"""LoRA on fused MoE experts without a delta weight: `x W^T + s (x A^T) B^T`, never `W + s B A`.
+
+transformers 5 keeps a MoE layer's routed experts as fused 3-D parameters (`MixtralExperts`,
+`Qwen2MoeExperts`, `Qwen3MoeExperts`, `OlmoeExperts`): `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I),
+used as `F.linear(x, W[e])`. peft's `target_parameters` LoRA forms `W_e + s B_e A_e` for every expert and
+autograd saves it for backward, an (out, in) matrix per expert. Here, for the tokens routed to expert e:
+
+    [g, u] = x Wgu_e^T + s (x Agu_e^T) Bgu_e^T      (gate/up pre-activations, (n, 2I))
+    h      = act(g) * u                             ((n, I))
+    y      = h Wd_e^T + s (h Ad_e^T) Bd_e^T         ((n, H))
+    out[t] += w_te * y                              (w: the routing weight of that (token, expert) slot)
+
+which is exactly what the experts module computes, plus the LoRA terms.
+
+Grouping. The (token, choice) slots are sorted by expert (a stable argsort of the flattened top-k index),
+so each expert's tokens are one contiguous slice and each projection is one matmul per expert.
+
+What backward keeps (`_ExpertLora`, a hand-written backward; plain autograd would keep the gathered
+inputs per slot, `act(g)`, `y` and the base matmuls' inputs):
+
+- `x` itself, (T, H), once per token, not its k gathered copies: backward gathers the rows again;
+- the slot order (S = T*k int64) and the routing weights (T, k);
+- the gate/up pre-activations `[g, u]` (S, 2I) in the compute dtype: `act` needs `g`, and `h = act(g) * u`
+  is recomputed from them in backward (elementwise, no matmul);
+- the rank-r products `x Agu^T` and `h Ad^T`, (S, r) each;
+- with adapter dropout, `dropout(x)` (T, H) and a 1-byte mask for `h` (S, I).
+
+Per slot that is `2I + 2r` values plus `H / k`; frozen experts under eager transformers keep `[g, u]`,
+`act(g)` and `y`, i.e. `3I + H`. The routing weights' gradient needs `y . dout`, computed without `y` as
+`(dout Wd_e) . h + s (dout Bd_e) . (h Ad_e^T)`, both of which backward forms anyway.
+
+Base weights are read one expert at a time through `expert_weight` (a plain 3-D tensor, or any object
+with `expert(e, dtype) -> Tensor (out, in)`, e.g. 4-bit storage that dequantizes one expert), so a whole
+layer is never materialised in another precision. Their gradient is computed only when they are plain
+tensors that require grad (they are frozen under LoRA).
+
+Precision. Everything runs in the compute dtype: autocast's dtype when autocast is on for the input's
+device, else the input's dtype. LoRA factors (float32 parameters) are cast per expert; their gradients
+are accumulated in their own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memft.errors import UserError
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+"""The fused 3-D parameters of a transformers 5 experts module, (E, out, in) each."""
+
+
+@runtime_checkable
+class ExpertWeights(Protocol):
+    """Storage of one fused projection of E experts that hands out one expert's weight at a time."""
+
+    def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's weight, (out, in) as in `F.linear`, in `dtype`, on the device the experts run on."""
+        ...
+
+
+BaseWeights = torch.Tensor | ExpertWeights
+
+
+def expert_weight(base: BaseWeights, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert e's (out, in) weight in `dtype`, from a plain (E, out, in) tensor or an `ExpertWeights`."""
+    if isinstance(base, torch.Tensor):
+        return base[e].to(dtype)
+    return base.expert(e, dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's for x's device when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """The slots sorted by expert and how many slots each expert gets.
+
+    Slots are the flattened (token, choice) pairs; slot `i` belongs to token `i // k`. An index
+    `>= num_experts` (transformers' expert-parallel sentinel) sorts to the tail and is computed by no expert.
+    """
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    return order, counts.tolist()  # a host-device sync point: the loop needs the slice sizes
+
+
+def _slices(counts: list[int]):
+    """`(expert, slice of the sorted slots)` for every expert that got at least one slot."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
+class _ExpertLora(torch.autograd.Function):
+    """The routed experts with LoRA on gate_up and down; saves only what the module docstring lists."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, top_k_weights, top_k_index, gate_up, down,
+                gate_up_A, gate_up_B, down_A, down_B, scaling, act_fn, h_dropout, dtype):
+        T, k = top_k_index.shape
+        num_experts = gate_up_A.shape[0]
+        order, counts = _route(top_k_index, num_experts)
+        token_of = order // k
+        weights = top_k_weights.reshape(-1)[order].to(dtype)
+        xc, xlc = x.to(dtype), (x if x_lora is None else x_lora).to(dtype)
+        S, inter, rank = T * k, down_A.shape[2], gate_up_A.shape[1]
+        gate_up_out = x.new_empty(S, 2 * inter, dtype=dtype)
+        x_a = x.new_zeros(S, rank, dtype=dtype)
+        h_a = x.new_zeros(S, rank, dtype=dtype)
+        h_mask = None
+        if h_dropout > 0:  # one mask row per slot: the adapter of each expert sees its own dropout
+            h_mask = torch.empty(S, inter, dtype=torch.bool, device=x.device).bernoulli_(1 - h_dropout)
+        y_sorted = x.new_zeros(S, x.shape[1], dtype=dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            for e, sl in _slices(counts):
+                rows = token_of[sl]
+                x_a[sl] = xlc[rows] @ gate_up_A[e].to(dtype).T
+                gate_up_out[sl] = (F.linear(xc[rows], expert_weight(gate_up, e, dtype))
+                                   + scaling * x_a[sl] @ gate_up_B[e].to(dtype).T)
+                gate, up = gate_up_out[sl].chunk(2, dim=-1)
+                h = act_fn(gate) * up
+                h_a[sl] = _dropped(h, h_mask, sl, h_dropout) @ down_A[e].to(dtype).T
+                y = F.linear(h, expert_weight(down, e, dtype)) + scaling * h_a[sl] @ down_B[e].to(dtype).T
+                y_sorted[sl] = y * weights[sl, None]
+        ctx.save_for_backward(x, x_lora, top_k_weights, order, gate_up_out, x_a, h_a, h_mask,
+                              gate_up_A, gate_up_B, down_A, down_B)
+        ctx.bases = (gate_up, down)  # parameters or storage objects: held by the model, not activations
+        ctx.counts, ctx.scaling, ctx.act_fn, ctx.h_dropout, ctx.dtype = counts, scaling, act_fn, h_dropout, dtype
+        # back to (token, choice) order, then sum a token's k choices (deterministic, unlike index_add_)
+        out = x.new_zeros(S, x.shape[1], dtype=dtype)
+        out[order] = y_sorted
+        return out.view(T, k, -1).sum(dim=1).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x, x_lora, top_k_weights, order, gate_up_out, x_a, h_a, h_mask,
+         gate_up_A, gate_up_B, down_A, down_B) = ctx.saved_tensors
+        gate_up, down = ctx.bases
+        s, dtype, p = ctx.scaling, ctx.dtype, ctx.h_dropout
+        needs = ctx.needs_input_grad
+        k = top_k_weights.shape[1]
+        token_of = order // k
+        weights = top_k_weights.reshape(-1)[order].to(dtype)
+        xc, xlc = x.to(dtype), (x if x_lora is None else x_lora).to(dtype)
+        dout = grad_out.to(dtype)
+
+        grads = {name: (torch.zeros_like(t) if needs[i] else None) for i, name, t in (
+            (6, "gate_up_A", gate_up_A), (7, "gate_up_B", gate_up_B), (8, "down_A", down_A), (9, "down_B", down_B))}
+        # base weights get a gradient only when they are plain tensors that require one (never under LoRA)
+        d_gate_up = torch.zeros_like(gate_up) if needs[4] else None
+        d_down = torch.zeros_like(down) if needs[5] else None
+        dx = torch.zeros_like(xc) if needs[0] else None
+        dx_lora = torch.zeros_like(xc) if (needs[0] or needs[1]) else None
+        d_weights = torch.zeros(order.shape[0], dtype=dtype, device=x.device) if needs[2] else None
+
+        with torch.autocast(x.device.type, enabled=False):
+            for e, sl in _slices(ctx.counts):
+                rows = token_of[sl]
+                w = weights[sl, None]
+                gate, up = gate_up_out[sl].chunk(2, dim=-1)
+                with torch.enable_grad():  # act's derivative, whatever act is
+                    gate = gate.detach().requires_grad_()
+                    act = ctx.act_fn(gate)
+                h = act.detach() * up
+                h_in = _dropped(h, h_mask, sl, p)
+                w_down = expert_weight(down, e, dtype)
+
+                # down: y = h Wd^T + s (h Ad^T) Bd^T; the slot's output is w * y
+                g_y = dout[rows]  # gradient of y before the routing weight
+                g_y_B = g_y @ down_B[e].to(dtype)  # (n, r)
+                g_h_base = g_y @ w_down  # (n, I)
+                if d_weights is not None:  # dL/dw = g_y . y, without keeping y
+                    d_weights[sl] = (g_h_base * h).sum(-1) + s * (g_y_B * h_a[sl]).sum(-1)
+                if grads["down_B"] is not None:
+                    grads["down_B"][e] = (s * (g_y * w).T @ h_a[sl]).to(down_B.dtype)
+                if grads["down_A"] is not None:
+                    grads["down_A"][e] = (s * (g_y_B * w).T @ h_in).to(down_A.dtype)
+                if d_down is not None:
+                    d_down[e] = ((g_y * w).T @ h).to(d_down.dtype)
+                g_h = w * (g_h_base + s * _dropped(g_y_B @ down_A[e].to(dtype), h_mask, sl, p))
+
+                # gate/up: h = act(g) * u
+                (g_gate,) = torch.autograd.grad(act, gate, g_h * up)
+                g_gu = torch.cat([g_gate, g_h * act.detach()], dim=-1)  # (n, 2I)
+
+                # gate_up: [g, u] = x Wgu^T + s (x Agu^T) Bgu^T
+                g_gu_B = g_gu @ gate_up_B[e].to(dtype)  # (n, r)
+                if grads["gate_up_B"] is not None:
+                    grads["gate_up_B"][e] = (s * g_gu.T @ x_a[sl]).to(gate_up_B.dtype)
+                if grads["gate_up_A"] is not None:
+                    grads["gate_up_A"][e] = (s * g_gu_B.T @ xlc[rows]).to(gate_up_A.dtype)
+                if d_gate_up is not None:
+                    d_gate_up[e] = (g_gu.T @ xc[rows]).to(d_gate_up.dtype)
+                if dx is not None:
+                    dx.index_add_(0, rows, g_gu @ expert_weight(gate_up, e, dtype))
+                if dx_lora is not None:
+                    dx_lora.index_add_(0, rows, s * g_gu_B @ gate_up_A[e].to(dtype))
+
+        d_top_k = None
+        if d_weights is not None:
+            d_top_k = torch.zeros_like(d_weights)
+            d_top_k[order] = d_weights
+            d_top_k = d_top_k.view_as(top_k_weights).to(top_k_weights.dtype)
+        d_x_lora = None
+        if x_lora is None:  # the adapters read x itself
+            dx = None if dx is None else (dx + dx_lora).to(x.dtype)
+        else:
+            dx = None if dx is None else dx.to(x.dtype)
+            d_x_lora = dx_lora.to(x_lora.dtype) if needs[1] else None
+        return (dx, d_x_lora, d_top_k, None, d_gate_up, d_down,
+                grads["gate_up_A"], grads["gate_up_B"], grads["down_A"], grads["down_B"], None, None, None, None)
+
+
+def _dropped(t: torch.Tensor, mask: torch.Tensor | None, sl: slice, p: float) -> torch.Tensor:
+    """`t` with the slots' dropout mask applied (inverted dropout), or `t` when there is no dropout."""
+    if mask is None:
+        return t
+    return t * mask[sl] / (1 - p)
+
+
+def expert_lora(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                gate_up: BaseWeights, down: BaseWeights,
+                gate_up_A: torch.Tensor, gate_up_B: torch.Tensor, down_A: torch.Tensor, down_B: torch.Tensor,
+                scaling: float, act_fn: Callable[[torch.Tensor], torch.Tensor],
+                dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """The routed experts' output (T, H) with LoRA on both projections (see the module docstring).
+
+    Args:
+        hidden_states: (T, H) tokens. top_k_index, top_k_weights: (T, k) chosen experts and their weights.
+        gate_up, down: the base weights, (E, 2I, H) and (E, H, I) tensors or `ExpertWeights`.
+        gate_up_A (E, r, H), gate_up_B (E, 2I, r), down_A (E, r, I), down_B (E, H, r): the LoRA factors.
+        scaling: `alpha / r` (rsLoRA: `alpha / sqrt(r)`). act_fn: the experts' activation.
+        dropout: dropout on the adapters' inputs (x for gate_up, h for down), only while `training`.
+    """
+    p = dropout if training else 0.0
+    x_lora = F.dropout(hidden_states, p, training=True) if p > 0 else None
+    return _ExpertLora.apply(hidden_states, x_lora, top_k_weights, top_k_index, gate_up, down,
+                             gate_up_A, gate_up_B, down_A, down_B, scaling, act_fn, p,
+                             compute_dtype(hidden_states))
+
+
+def _check_layout(experts: nn.Module) -> None:
+    """Refuse experts whose fused weights are laid out otherwise than `F.linear(x, W[e])` with [gate; up]."""
+    layout = {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True,
+              "has_post_expert_norm": False}
+    odd = [f"{name}={getattr(experts, name)}" for name, usual in layout.items()
+           if getattr(experts, name, usual) != usual]
+    if odd:
+        raise UserError(f"memft's expert LoRA does not support the experts layout of {type(experts).__name__} "
+                        f"({', '.join(odd)}); it supports Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE experts")
+
+
+class LoraExperts(nn.Module):
+    """A transformers experts module with LoRA on every expert's gate_up and down projections.
+
+    The wrapped module's fused weights are kept (frozen) under their own names, so the state dict of the
+    base weights is unchanged; the adapters are `gate_up_lora_A` (E, r, H), `gate_up_lora_B` (E, 2I, r),
+    `down_lora_A` (E, r, I), `down_lora_B` (E, H, r), float32 (float64 for float64 experts). peft's init: A kaiming-uniform, B zero, so a
+    fresh wrapper computes exactly what the wrapped module does.
+
+    `gate_up` / `down` replace the base weights with other storage (an `ExpertWeights`, e.g. 4-bit).
+    """
+
+    def __init__(self, experts: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 gate_up: ExpertWeights | None = None, down: ExpertWeights | None = None):
+        super().__init__()
+        _check_layout(experts)
+        self.num_experts = experts.num_experts
+        self.hidden_dim = experts.hidden_dim
+        self.intermediate_dim = experts.intermediate_dim
+        self.act_fn = experts.act_fn
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self._storage = {"gate_up_proj": gate_up, "down_proj": down}  # None: the fused parameter itself
+        for name in EXPERT_PARAMS:  # keep the fused parameters under their names, frozen
+            param = getattr(experts, name, None)
+            if self._storage[name] is None and isinstance(param, nn.Parameter):
+                param.requires_grad_(False)
+                self.register_parameter(name, param)
+        base = next(iter([*experts.parameters(), *experts.buffers()]), torch.empty(0))
+        # trainable factors are float32 for half-precision experts and float64 for float64 ones
+        factory = dict(device=base.device, dtype=torch.promote_types(base.dtype, torch.float32))
+        E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
+        self.gate_up_lora_A = nn.Parameter(_kaiming_uniform((E, r, H), factory))
+        self.gate_up_lora_B = nn.Parameter(torch.zeros(E, 2 * I, r, **factory))
+        self.down_lora_A = nn.Parameter(_kaiming_uniform((E, r, I), factory))
+        self.down_lora_B = nn.Parameter(torch.zeros(E, H, r, **factory))
+
+    @property
+    def gate_up_base(self) -> BaseWeights:
+        return self._storage["gate_up_proj"] if self._storage["gate_up_proj"] is not None else self.gate_up_proj
+
+    @property
+    def down_base(self) -> BaseWeights:
+        return self._storage["down_proj"] if self._storage["down_proj"] is not None else self.down_proj
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return expert_lora(hidden_states, top_k_index, top_k_weights, self.gate_up_base, self.down_base,
+                           self.gate_up_lora_A, self.gate_up_lora_B, self.down_lora_A, self.down_lora_B,
+                           self.scaling, self.act_fn, dropout=self.dropout, training=self.training)
+
+    @torch.no_grad()
+    def merge(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """`{"gate_up_proj": W + s B A, "down_proj": ...}`, (E, out, in) each, in `dtype` (default: the base
+        weights' dtype, float32 for other storage); a plain experts module with these computes this one."""
+        merged = {}
+        for name, base, A, B in (("gate_up_proj", self.gate_up_base, self.gate_up_lora_A, self.gate_up_lora_B),
+                                 ("down_proj", self.down_base, self.down_lora_A, self.down_lora_B)):
+            out_dtype = dtype or (base.dtype if isinstance(base, torch.Tensor) else torch.float32)
+            work = A.dtype  # float32 at least: a bf16 merge rounds once, at the end
+            merged[name] = torch.stack([(expert_weight(base, e, work) + self.scaling * B[e] @ A[e]).to(out_dtype)
+                                        for e in range(self.num_experts)])
+        return merged
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def _kaiming_uniform(shape: tuple[int, int, int], factory: dict) -> torch.Tensor:
+    """(E, r, in) with each expert's A as peft inits it (`kaiming_uniform_(a=sqrt(5))`: U(+-1/sqrt(in)))."""
+    bound = 1 / math.sqrt(shape[-1])
+    return torch.empty(shape, **factory).uniform_(-bound, bound)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers 5 experts module: 3-D `gate_up_proj` and `down_proj` parameters."""
+    return all(isinstance(getattr(module, name, None), torch.Tensor) and getattr(module, name).dim() == 3
+               for name in EXPERT_PARAMS) and not isinstance(module, LoraExperts)
+
+
+def wrap_experts(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False) -> list[str]:
+    """Replace every fused experts module of `model` by a `LoraExperts` around it; returns their names."""
+    targets = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, LoraExperts(module, r, alpha, dropout=dropout, rslora=rslora))
+    return [name for name, _ in targets]
