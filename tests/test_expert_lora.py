@@ -284,3 +284,24 @@ def test_activation_bytes_stay_within_1_1x_of_frozen_experts():
           f"peft target_parameters {peft_path} ({peft_path / frozen:.3f}x)")
     assert ours <= 1.1 * frozen
     assert ours < peft_path
+
+
+def test_autocast_runs_the_experts_in_bfloat16_and_returns_the_input_dtype():
+    index, leaves = random_problem(T=6, k=2, dtype=torch.float32)
+    args = {name: t.detach().requires_grad_() for name, t in leaves.items()}
+    names = ("top_k_weights", "gate_up", "down", "gate_up_A", "gate_up_B", "down_A", "down_B")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = expert_lora(args["x"], index, *(args[n] for n in names), scaling=0.7, act_fn=F.silu)
+    out.sum().backward()
+    ref = naive_experts(leaves["x"].detach(), index, *(leaves[n].detach() for n in names), 0.7, F.silu)
+    assert out.dtype == torch.float32 and args["gate_up_A"].grad.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_an_unsupported_experts_layout_is_refused_in_one_sentence():
+    from memft.errors import UserError
+
+    experts = tiny_moe("tiny-mixtral.json").model.layers[0].mlp.experts
+    experts.is_transposed = True
+    with pytest.raises(UserError, match="is_transposed=True"):
+        LoraExperts(experts, r=2, alpha=2)
