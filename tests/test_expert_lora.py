@@ -305,3 +305,18 @@ def test_an_unsupported_experts_layout_is_refused_in_one_sentence():
     experts.is_transposed = True
     with pytest.raises(UserError, match="is_transposed=True"):
         LoraExperts(experts, r=2, alpha=2)
+
+
+def test_storage_modules_are_registered_so_they_follow_the_model():
+    class ModuleStorage(nn.Module):
+        def __init__(self, fused):
+            super().__init__()
+            self.register_buffer("fused", fused.detach().clone())
+
+        def expert(self, e, dtype):
+            return self.fused[e].to(dtype)
+
+    experts = tiny_moe("tiny-mixtral.json").model.layers[0].mlp.experts
+    lora = LoraExperts(experts, r=2, alpha=2, gate_up=ModuleStorage(experts.gate_up_proj))
+    assert "gate_up_proj_storage.fused" in lora.state_dict() and "down_proj" in lora.state_dict()
+    assert lora.to(torch.float32).gate_up_base.fused.dtype == torch.float32

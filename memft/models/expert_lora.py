@@ -283,6 +283,9 @@ class LoraExperts(nn.Module):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self._storage = {"gate_up_proj": gate_up, "down_proj": down}  # None: the fused parameter itself
+        for name, storage in self._storage.items():  # storage modules follow .to() and the state dict
+            if isinstance(storage, nn.Module):
+                self.add_module(f"{name}_storage", storage)
         for name in EXPERT_PARAMS:  # keep the fused parameters under their names, frozen
             param = getattr(experts, name, None)
             if self._storage[name] is None and isinstance(param, nn.Parameter):
