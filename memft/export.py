@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from memft import registry
 from memft.data.formats import pad_token_id
 from memft.errors import UserError
 from memft.models import load_model, load_tokenizer
+from memft.models.expert_lora import LoraExperts, is_fused_experts
+from memft.models.peft_interop import NotRepresentable, write_peft_adapter
 from memft.outputs import check_writable_dir
 from memft.recipe import StrategySpec
 from memft.registry import BuildContext
@@ -20,8 +24,9 @@ from memft.train.loop import RECIPE_FILE, saved_recipe
 def export_run(run_dir: Path, out_dir: Path) -> Path:
     """Rebuild the run's model, load its newest checkpoint's trainable weights, merge adapters, save.
 
-    A QLoRA run is exported on the full-precision base: its adapters are merged into unquantized
-    weights (merging into 4-bit weights would round them away).
+    A QLoRA run is exported on the full-precision base: its adapters, the fused experts' ones included,
+    are merged into unquantized weights (merging into 4-bit weights would round them away). The adapters
+    are also written in peft's layout under OUT/adapter when peft can hold them exactly.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / RECIPE_FILE).exists():
@@ -45,18 +50,60 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     loaded = load_model(recipe.model, num_labels=recipe.model.num_labels, pad_token_id=pad_token_id(tokenizer))
     model = loaded.model
     ctx = BuildContext(recipe=recipe, device=model.device, is_moe=loaded.is_moe)
+    originals = experts_by_weight(model)  # before the strategies wrap them
     for s in registry.compose(recipe):
         model = s.apply(model, ctx)
     weights = load_file(str(ckpt / checkpoint.TRAINABLE_FILE))
     missing, unexpected = _load_by_name(model, weights)
     if missing or unexpected:
         raise UserError(f"checkpoint {ckpt} does not match the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_adapter(model, out_dir / ADAPTER_DIR)
+    merge_expert_adapters(model, originals)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+ADAPTER_DIR = "adapter"
+"""Under OUT: the run's adapters for `peft.PeftModel.from_pretrained(base, OUT/adapter)`."""
+
+
+def experts_by_weight(model: nn.Module) -> dict[int, nn.Module]:
+    """Every fused experts module of `model`, keyed by its `gate_up_proj` parameter's id.
+
+    A `LoraExperts` keeps the wrapped module's parameters themselves, not the module, so this (taken before
+    the strategies wrap the experts) is how `merge_expert_adapters` finds the module to put back."""
+    return {id(m.gate_up_proj): m for m in model.modules() if is_fused_experts(m)}
+
+
+@torch.no_grad()
+def merge_expert_adapters(model: nn.Module, originals: dict[int, nn.Module]) -> int:
+    """Replace every `LoraExperts` by the experts module it wraps, holding `W + s B A`; returns how many.
+
+    `originals` is `experts_by_weight(model)` from before the wrapping."""
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraExperts)]
+    for name, wrapper in wrapped:
+        original = originals.get(id(getattr(wrapper, "gate_up_proj", None)))
+        if original is None:
+            raise RuntimeError(f"{name}: the experts module this adapter wraps was not recorded before wrapping")
+        for param, merged in wrapper.merge().items():  # in the base weights' dtype
+            getattr(original, param).copy_(merged)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, original)
+    return len(wrapped)
+
+
+def _write_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    """The adapters in peft's layout, when peft can hold them exactly (else none: never a lossy adapter)."""
+    if not (hasattr(model, "peft_config") or any(isinstance(m, LoraExperts) for m in model.modules())):
+        return
+    try:
+        write_peft_adapter(model, adapter_dir)
+    except NotRepresentable:
+        pass
 
 
 def _lora_params(spec: StrategySpec) -> dict:
