@@ -86,14 +86,20 @@ def merge_expert_adapters(model: nn.Module, originals: dict[int, nn.Module]) -> 
     `originals` is `experts_by_weight(model)` from before the wrapping."""
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraExperts)]
     for name, wrapper in wrapped:
-        original = originals.get(id(getattr(wrapper, "gate_up_proj", None)))
+        original = originals.get(id(_plain_weight(wrapper.gate_up_base)))
         if original is None:
             raise RuntimeError(f"{name}: the experts module this adapter wraps was not recorded before wrapping")
-        for param, merged in wrapper.merge().items():  # in the base weights' dtype
+        # in the original's dtype: merge()'s default for provider storage is float32
+        for param, merged in wrapper.merge(original.gate_up_proj.dtype).items():
             getattr(original, param).copy_(merged)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, original)
     return len(wrapped)
+
+
+def _plain_weight(base) -> torch.Tensor | None:
+    """The fused parameter behind a wrapper's base weights: itself, or what a dense provider holds."""
+    return base if isinstance(base, torch.Tensor) else getattr(base, "weight", None)
 
 
 def _write_adapter(model: nn.Module, adapter_dir: Path) -> None:

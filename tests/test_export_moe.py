@@ -186,3 +186,19 @@ def test_memft_export_of_an_expert_lora_run_reloads_with_the_trained_logits(tmp_
     base = load("tiny-mixtral", dtype="float64").model  # the run's base: built-ins are seeded
     adapted = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")
     torch.testing.assert_close(logits(adapted), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_merge_through_a_dense_weight_provider():
+    from memft.models.nf4_experts import DenseExperts
+
+    model = tiny_moe("tiny-qwen2-moe.json", layers=1)
+    originals = experts_by_weight(model)
+    experts = model.model.layers[0].mlp.experts
+    wrapper = LoraExperts(experts, r=2, alpha=4.0, gate_up=DenseExperts(experts.gate_up_proj),
+                          down=DenseExperts(experts.down_proj))
+    model.model.layers[0].mlp.experts = wrapper
+    randomise_lora_B(model)
+    expected = logits(model)
+    merge_expert_adapters(model, originals)
+    assert model.model.layers[0].mlp.experts is experts
+    torch.testing.assert_close(logits(model), expected, rtol=1e-10, atol=1e-10)
