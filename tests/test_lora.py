@@ -10,13 +10,21 @@ from memft.train.loop import Trainer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def adapted(params: str, strategy: str = "lora") -> tuple[set[str], list[str], dict]:
+def adapted(params: str, strategy: str = "lora", model: str = "tiny-mixtral") -> tuple[set[str], list[str], dict]:
     r = load(REPO / "recipes" / "bench_moe.yaml",
-             [f"strategies=[{{name: {strategy}, params: {params}}}]", "data.max_samples=16"])
+             [f"strategies=[{{name: {strategy}, params: {params}}}]", f"model.name={model}", "data.max_samples=16"])
     t = Trainer(r, run_dir="unused").setup(for_training=False)
-    names = {n.split(".lora_")[0].split("layers.0.")[-1] for n, p in t.model.named_parameters()
-             if p.requires_grad and ".lora_" in n and "layers.0." in n}
+    names = {adapted_name(n).split("layers.0.")[-1] for n, p in t.model.named_parameters()
+             if p.requires_grad and "lora_" in n and "layers.0." in n}
     return names, t.notes, t.params
+
+
+def adapted_name(param: str) -> str:
+    """The weight a LoRA factor adapts: `...q_proj.lora_A.default.weight` (peft) -> `...q_proj`,
+    `...experts.gate_up_lora_A` (memft's expert LoRA) -> `...experts.gate_up_proj`."""
+    if ".lora_" in param:
+        return param.split(".lora_")[0]
+    return param.split("_lora_")[0] + "_proj"
 
 
 @pytest.mark.parametrize("strategy", ["lora", "qlora"])
@@ -26,18 +34,66 @@ def test_target_experts_false_adapts_only_linear_layers(strategy):
     assert any("NOT adapted" in n for n in notes)
 
 
-def test_target_experts_true_adapts_fused_experts_and_reports_it():
-    names, notes, params = adapted("{target_experts: true}")
-    assert any(n.startswith("mlp.experts") for n in names)
-    assert any("ARE adapted" in n for n in notes)
-    frozen_experts = params["expert_params"]
-    assert 0 < frozen_experts < params["total_params"]
+@pytest.mark.parametrize("strategy", ["lora", "qlora"])
+def test_target_experts_true_adapts_fused_experts_with_memft_expert_lora_and_reports_it(strategy):
+    names, notes, params = adapted("{target_experts: true}", strategy)
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= names
+    assert any("ARE adapted (memft expert LoRA, no delta weight" in n for n in notes)
+    if strategy == "lora":  # 4-bit experts are buffers of NF4Experts holders, which count_params does not see yet
+        assert 0 < params["expert_params"] < params["total_params"]
 
 
-def test_default_note_matches_what_peft_built():
+@pytest.mark.parametrize("strategy", ["lora", "qlora"])
+def test_peft_never_gets_the_experts_or_the_router(strategy):
+    from memft.models.expert_lora import LoraExperts
+
+    r = load(REPO / "recipes" / "bench_moe.yaml",
+             [f"strategies=[{{name: {strategy}, params: {{target_experts: true}}}}]", "data.max_samples=16"])
+    t = Trainer(r, run_dir="unused").setup(for_training=False)
+    config = t.model.peft_config["default"]
+    assert not config.target_parameters and config.target_modules == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    experts = [m for m in t.model.modules() if isinstance(m, LoraExperts)]
+    assert len(experts) == t.model.config.num_hidden_layers
+    assert not any(type(m).__name__ == "ParamWrapper" for m in t.model.modules())
+    assert not any(p.requires_grad for n, p in t.model.named_parameters() if "mlp.gate" in n)
+
+
+def test_default_on_moe_with_all_linear_adapts_the_experts_but_not_the_router():
+    """Before memft's expert LoRA, the default followed peft 0.21's `all-linear`: fused experts AND the router,
+    through `target_parameters`. Now: the experts (memft's LoraExperts), the router only with `target_router`."""
     names, notes, _ = adapted("{}")
-    covered = any(n.startswith("mlp.experts") for n in names)
-    assert any(("ARE adapted" if covered else "NOT adapted") in n for n in notes)
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= names and "mlp.gate" not in " ".join(names)
+    assert any("ARE adapted" in n for n in notes) and any("router weights are frozen" in n for n in notes)
+    names, _, _ = adapted("{target_modules: [q_proj]}")  # a list of names: the experts only when asked
+    assert names == {"self_attn.q_proj"}
+
+
+def test_target_router_trains_the_router_weight_in_full():
+    r = load(REPO / "recipes" / "bench_moe.yaml",
+             ["strategies=[{name: lora, params: {target_router: true}}]", "data.max_samples=16"])
+    t = Trainer(r, run_dir="unused").setup(for_training=False)
+    routers = {n: p for n, p in t.model.named_parameters() if ".mlp.gate." in n}
+    assert routers and all(p.requires_grad and n.endswith("mlp.gate.weight") for n, p in routers.items())
+    assert any("router weights train in full" in n for n in t.notes)
+
+
+@pytest.mark.parametrize(("choice", "shared", "routed"), [("true", True, True), ("false", False, False),
+                                                         ("shared", True, False), ("null", True, True)])
+def test_target_experts_choices_on_a_shared_expert_model(choice, shared, routed):
+    names, notes, _ = adapted(f"{{target_experts: {choice}}}", model="tiny-qwen2-moe")
+    shared_names = {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+                    "mlp.shared_expert_gate"}
+    assert (shared_names <= names) == shared and not (shared_names & names) == (not shared)
+    assert ({"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= names) == routed
+    assert {"self_attn.q_proj", "self_attn.v_proj"} <= names
+    assert any(f"shared expert's linear layers are {'' if shared else 'NOT '}adapted" in n for n in notes)
+
+
+def test_target_experts_shared_on_a_model_without_one_is_one_sentence():
+    from memft.errors import UserError
+
+    with pytest.raises(UserError, match="`target_experts: shared`: this model has no shared expert"):
+        adapted("{target_experts: shared}")
 
 
 def test_explicit_target_modules():
@@ -150,7 +206,7 @@ def test_an_empty_target_list_fails_validation_unless_only_experts_are_adapted()
     with pytest.raises(RecipeError, match="`strategies.0.params`: `target_modules: \\[\\]` adapts nothing"):
         load(REPO / "recipes" / "lora.yaml", ["strategies=[{name: lora, params: {target_modules: []}}]"])
     names, _, _ = adapted("{target_modules: [], target_experts: true}")
-    assert names and all(n.startswith("mlp.experts") for n in names)
+    assert names == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}  # no peft model at all
 
 
 @pytest.mark.parametrize("strategy", ["lora", "qlora"])

@@ -224,9 +224,14 @@ def test_aux_loss_is_logged_beside_the_loss(tmp_path):
 
 
 def test_routers_are_found_through_peft_adapters():
-    t = build("tiny-mixtral", "[{name: lora, params: {r: 4, target_modules: all-linear}}]")
-    for layer in layer_stack(t.model):
-        assert type(layer.mlp.gate).__name__ == "ParamWrapper"  # peft 0.21 adapts the router weight
+    """memft's `lora` no longer gives peft the router (`target_router` trains it in full), but a peft model may
+    still wrap it: peft 0.21 adapts a router weight through `target_parameters` (a `ParamWrapper`)."""
+    from peft import LoraConfig, get_peft_model
+
+    t = build("tiny-mixtral", "[{name: full}]")
+    model = get_peft_model(t.model, LoraConfig(r=4, target_modules=None, target_parameters=["mlp.gate.weight"]))
+    for layer in layer_stack(model):
+        assert type(layer.mlp.gate).__name__ == "ParamWrapper"
         router = router_of(layer)
         assert router is not layer.mlp.gate and hasattr(router, "top_k")
 

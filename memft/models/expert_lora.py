@@ -343,12 +343,25 @@ def is_fused_experts(module: nn.Module) -> bool:
                for name in EXPERT_PARAMS) and not isinstance(module, LoraExperts)
 
 
+def stored_experts(module: nn.Module) -> dict[str, ExpertWeights] | None:
+    """`{"gate_up": ..., "down": ...}` for an experts module whose fused weights were replaced by other storage
+    (e.g. `NF4Experts` holders, by `memft.models.nf4_experts.quantize_experts`), else None."""
+    storage = {name: getattr(module, f"{name}_proj", None) for name in ("gate_up", "down")}
+    if hasattr(module, "num_experts") and all(isinstance(s, nn.Module) and isinstance(s, ExpertWeights)
+                                              for s in storage.values()):
+        return storage
+    return None
+
+
 def wrap_experts(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False) -> list[str]:
-    """Replace every fused experts module of `model` by a `LoraExperts` around it; returns their names."""
-    targets = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]
+    """Replace every experts module of `model` (fused 3-D weights, or their 4-bit storage) by a `LoraExperts`
+    around it; returns their names."""
+    targets = [(name, module) for name, module in model.named_modules()
+               if not isinstance(module, LoraExperts) and (is_fused_experts(module) or stored_experts(module))]
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, LoraExperts(module, r, alpha, dropout=dropout, rslora=rslora))
+        setattr(parent, attr, LoraExperts(module, r, alpha, dropout=dropout, rslora=rslora,
+                                          **(stored_experts(module) or {})))
     return [name for name, _ in targets]

@@ -113,6 +113,8 @@ class NF4Experts(nn.Module):
                             "use `model.dtype: float32` or `bfloat16` for 4-bit experts")
         holder = cls(*param.shape, quant_type=quant_type, double_quant=double_quant,
                      compute_dtype=compute_dtype or param.dtype, device=param.device)
+        if param.is_meta:  # `memft profile`'s skeleton: the buffers' shapes are all it needs
+            return holder
         with torch.no_grad():
             for e in range(param.shape[0]):
                 packed, state = bnb_functional.quantize_4bit(

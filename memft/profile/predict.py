@@ -29,6 +29,7 @@ from memft.models.load import (
     resolve_config,
     resolve_device,
 )
+from memft.models.nf4_experts import NF4Experts, nf4_expert_bytes
 from memft.outputs import check_writable_file, write_text
 from memft.paths import CONFIGS_DIR
 from memft.profile import activations
@@ -157,7 +158,15 @@ def double_quantized(strategies: list, recipe: Recipe) -> bool:
 def state_bytes(model: nn.Module, quantized: set[int], recipe: Recipe, double_quant: bool) -> dict:
     """Weights by kind (`quantized`: ids of the 4-bit ones), gradients and optimizer state, as the run stores them."""
     weights: dict[str, int] = {}
+    # 4-bit fused experts are buffers of NF4Experts holders: counted once as `nf4`, not as their uint8/float32 parts
+    holders = [m for m in model.modules() if isinstance(m, NF4Experts)]
+    if holders:
+        weights["nf4"] = sum(nf4_expert_bytes(h.num_experts, h.out_features, h.in_features, h.double_quant)
+                             for h in holders)
+    held = {id(b) for h in holders for b in h.buffers()}
     for t in [*model.parameters(), *model.buffers()]:  # each tensor once, shared ones included
+        if id(t) in held:
+            continue
         if id(t) in quantized:
             weights["nf4"] = weights.get("nf4", 0) + nf4_bytes(t.numel(), double_quant)
         else:
@@ -173,7 +182,9 @@ def state_bytes(model: nn.Module, quantized: set[int], recipe: Recipe, double_qu
     else:
         optimizer = sum(2 * p.numel() * p.element_size() + 4 for p in trainable)  # exp_avg, exp_avg_sq, step
     return {"weights": weights, "gradients": gradients, "optimizer_state": optimizer,
-            "params": sum(t.numel() for t in model.parameters()), "trainable_params": sum(p.numel() for p in trainable)}
+            "params": sum(t.numel() for t in model.parameters()) + sum(h.num_experts * h.out_features * h.in_features
+                                                                       for h in holders),
+            "trainable_params": sum(p.numel() for p in trainable)}
 
 
 def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):

@@ -1,30 +1,37 @@
-"""`lora` and `qlora`: low-rank adapters through peft, on a full-precision or a 4-bit NF4 base.
+"""`lora` and `qlora`: low-rank adapters on a frozen base, full precision or 4-bit NF4.
 
 LoRA (Hu et al. 2021) freezes the base and learns `W + (alpha / r) * B @ A` on the target layers.
-QLoRA (Dettmers et al. 2023) does the same on a base whose `nn.Linear` weights are stored in 4-bit
-NormalFloat through bitsandbytes, computing in `compute_dtype`.
+QLoRA (Dettmers et al. 2023) does the same on a base whose weights are stored in 4-bit NormalFloat
+through bitsandbytes, computing in `compute_dtype`.
 
-Mixture-of-Experts models in transformers 5 keep their experts as fused 3-D parameters
-(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), not `nn.Linear`. Older peft's `all-linear`
-missed them; peft 0.21 resolves `all-linear` on such models to the linear layers *plus* the fused
-experts and the router weight (through `target_parameters`). memft does not guess: `target_experts`
-forces the choice either way, and the plan reports what the adapted model really covers.
+`nn.Linear` layers get peft's adapters. Mixture-of-Experts models in transformers 5 keep their routed
+experts as fused 3-D parameters (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), not `nn.Linear`;
+peft's `target_parameters` LoRA on them saves a full delta weight per expert for backward. memft wraps
+each fused experts module in its own `LoraExperts` instead (`memft/models/expert_lora.py`: per-expert
+rank-r factors, no delta weight), and under QLoRA stores the fused experts in NF4 first
+(`memft/models/nf4_experts.py`). peft never sees the experts or the router: `all-linear` is spelled out
+on MoE models, `target_experts` decides the experts, `target_router` the router, and the plan reports
+what the adapted model really covers.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from memft.errors import UserError
+from memft.models.expert_lora import is_fused_experts, stored_experts, wrap_experts
 from memft.registry import BuildContext, Strategy, StrategyParams, register
 
-EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 HEADS = ("lm_head", "score", "classifier")
 """Output / classification heads: never quantized (a new head must train in full precision)."""
+SHARED_EXPERT = "shared_expert"
+"""Qwen2-MoE's always-on expert (`mlp.shared_expert.{gate,up,down}_proj`) and its gate (`mlp.shared_expert_gate`):
+plain `nn.Linear` layers, which `target_experts` includes or leaves out with the routed experts."""
 
 
 MAX_RANK = 65536
@@ -43,10 +50,13 @@ class LoraParams(StrategyParams):
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     """`all-linear` (every linear layer but the output head) or module-name suffixes, e.g. `[q_proj, v_proj]`;
     each suffix must name at least one linear layer of the model."""
-    target_experts: bool | None = None
-    """MoE only. null: whatever `target_modules` resolves to in peft (0.21's `all-linear` includes the fused
-    experts); true: always adapt the fused expert weights (`experts.gate_up_proj`, `experts.down_proj`) via
-    peft `target_parameters`; false: only `nn.Linear` layers, never the routed experts."""
+    target_experts: bool | Literal["shared"] | None = None
+    """MoE only. true: memft's expert LoRA on every routed expert (`LoraExperts`, no delta weight) plus the
+    shared expert's linear layers (Qwen2-MoE); false: neither (only the other `target_modules`); `shared`: the
+    shared expert's linear layers only, routed experts frozen; null: as true with `target_modules: all-linear`,
+    else as false."""
+    target_router: bool = False
+    """MoE only: train each router's weight in full (it is small, experts x hidden); frozen by default."""
     rslora: bool = False
     """Rank-stabilised scaling `alpha / sqrt(r)` (Kalajdzievski 2023)."""
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -61,7 +71,7 @@ class LoraParams(StrategyParams):
 
     @model_validator(mode="after")
     def _adapts_something(self) -> LoraParams:
-        if self.target_modules == [] and not self.target_experts:
+        if self.target_modules == [] and not self.target_experts and not self.target_router:
             raise ValueError("`target_modules: []` adapts nothing; name module suffixes such as `[q_proj, v_proj]`, "
                              "use `all-linear`, or (MoE, experts only) set `target_experts: true`")
         return self
@@ -76,12 +86,70 @@ class QLoraParams(LoraParams):
     """dtype of the de-quantized matmuls; `auto` follows `model.dtype` (float32 on the CPU)."""
 
 
-def _linear_layer_names(model: nn.Module) -> list[str]:
-    """Suffixes of every `nn.Linear` (4-bit ones included) except the output and classification heads."""
+def _is_shared_expert(name: str) -> bool:
+    return f".{SHARED_EXPERT}." in f".{name}" or name.endswith(f"{SHARED_EXPERT}_gate")
+
+
+def _linear_layer_names(model: nn.Module, shared: bool = True) -> list[str]:
+    """Suffixes of every `nn.Linear` (4-bit ones included) except the output and classification heads (and, with
+    `shared=False`, the shared expert's)."""
     heads = {id(model.get_output_embeddings())} if hasattr(model, "get_output_embeddings") else set()
     heads |= {id(getattr(model, name)) for name in HEADS if hasattr(model, name)}
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and id(m) not in heads})
+                   if isinstance(m, nn.Linear) and id(m) not in heads and (shared or not _is_shared_expert(name))})
+
+
+def _shared_expert_names(model: nn.Module) -> list[str]:
+    """peft suffixes of the shared expert's linear layers (`shared_expert.gate_proj`, ..., `shared_expert_gate`)."""
+    return sorted({name[name.index(SHARED_EXPERT):] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and _is_shared_expert(name)})
+
+
+def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every routed-experts module: fused 3-D weights, or weights already stored elsewhere."""
+    return [(name, m) for name, m in model.named_modules() if is_fused_experts(m) or stored_experts(m)]
+
+
+@dataclass
+class Coverage:
+    """What the adapters sit on, decided from the params and the model before anything is allocated."""
+
+    linear: Literal["all-linear"] | list[str]
+    """peft's `target_modules`: `all-linear` on dense models, spelled-out suffixes on MoE models."""
+    exclude: list[str]
+    """peft's `exclude_modules` (the shared expert's linear layers when they stay frozen)."""
+    experts: bool = False
+    """The routed experts get memft's `LoraExperts`."""
+    router: bool = False
+    """The routers' weights train in full."""
+    shared: bool | None = None
+    """The shared expert's linear layers are adapted (None: the model has no shared expert)."""
+
+
+def _coverage(model: nn.Module, params: LoraParams, ctx: BuildContext, label: str) -> Coverage:
+    """Resolve `target_modules`, `target_experts` and `target_router` on this model.
+
+    On MoE models peft gets only `nn.Linear` names: its `all-linear` would add the fused experts and the router
+    through `target_parameters` (a delta weight per expert), which memft's expert LoRA replaces.
+
+    Raises:
+        UserError: `target_experts: shared` on a model without a shared expert.
+    """
+    if not ctx.is_moe:
+        return Coverage(params.target_modules, [])
+    all_linear = params.target_modules == "all-linear"
+    choice = all_linear if params.target_experts is None else params.target_experts
+    shared = _shared_expert_names(model)
+    if choice == "shared" and not shared:
+        raise UserError(f"{label} `target_experts: shared`: this model has no shared expert (only Qwen2-MoE-style "
+                        "models have one); use `target_experts: true` or `false`")
+    keep_shared = choice in (True, "shared")
+    if all_linear:
+        linear = _linear_layer_names(model, shared=keep_shared)
+    else:
+        linear = sorted(set(params.target_modules) | (set(shared) if keep_shared else set()))
+    return Coverage(linear=linear, exclude=[] if keep_shared else shared, experts=choice is True,
+                    router=params.target_router, shared=keep_shared if shared else None)
 
 
 def _widths(module: nn.Module) -> tuple[int, int] | None:
@@ -96,31 +164,36 @@ def _widths(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _targeted_widths(model: nn.Module, params: LoraParams, ctx: BuildContext, label: str) -> dict[str, tuple]:
+def _hit(name: str, pattern: str) -> bool:
+    """peft's rule for a list of names: the full name, or a suffix after a dot."""
+    return name == pattern or name.endswith(f".{pattern}")
+
+
+def _targeted_widths(model: nn.Module, params: LoraParams, coverage: Coverage, label: str) -> dict[str, tuple]:
     """{name: (in, out)} of the weights the adapters will sit on, checked before peft allocates anything.
 
     Raises:
-        UserError: a `target_modules` suffix that names no layer LoRA can adapt.
+        UserError: a `target_modules` suffix that names no layer LoRA can adapt; nothing to adapt at all.
     """
     layers = {name: w for name, m in model.named_modules() if (w := _widths(m)) is not None}
-    if params.target_modules == "all-linear":
+    if coverage.linear == "all-linear":
         short = set(_linear_layer_names(model))
         targeted = {n: w for n, w in layers.items() if n.rsplit(".", 1)[-1] in short}
-    else:  # peft's rule for a list: the full name, or a suffix after a dot
-        def hit(name, pattern):
-            return name == pattern or name.endswith(f".{pattern}")
-
-        unmatched = [p for p in params.target_modules if not any(hit(n, p) for n in layers)]
-        if unmatched:
-            raise UserError(
-                f"{label} `target_modules`: {', '.join(map(repr, unmatched))} "
-                f"{'matches' if len(unmatched) == 1 else 'match'} no linear layer of the model; its linear layers "
-                f"are {', '.join(_linear_layer_names(model))} (or use `target_modules: all-linear`)")
-        targeted = {n: w for n, w in layers.items() if any(hit(n, p) for p in params.target_modules)}
-    if params.target_experts and ctx.is_moe:
-        targeted |= {n: (p.shape[-1], p.shape[-2]) for n, p in model.named_parameters()
-                     if p.dim() == 3 and n.endswith(EXPERT_PARAMETERS)}
-    if not targeted:  # `target_modules: []` with `target_experts: true` on a dense model
+    else:
+        if isinstance(params.target_modules, list):
+            unmatched = [p for p in params.target_modules if not any(_hit(n, p) for n in layers)]
+            if unmatched:
+                raise UserError(
+                    f"{label} `target_modules`: {', '.join(map(repr, unmatched))} "
+                    f"{'matches' if len(unmatched) == 1 else 'match'} no linear layer of the model; its linear "
+                    f"layers are {', '.join(_linear_layer_names(model))} (or use `target_modules: all-linear`)")
+        targeted = {n: w for n, w in layers.items() if any(_hit(n, p) for p in coverage.linear)
+                    and not any(_hit(n, p) for p in coverage.exclude)}
+    if coverage.experts:
+        for name, m in _experts_modules(model):
+            targeted[f"{name}.gate_up_proj"] = (m.hidden_dim, 2 * m.intermediate_dim)
+            targeted[f"{name}.down_proj"] = (m.intermediate_dim, m.hidden_dim)
+    if not targeted and not coverage.router:  # `target_modules: []` with `target_experts: true` on a dense model
         raise UserError(f"{label}: nothing to adapt: `target_modules` is empty and the model has no routed experts "
                         "for `target_experts: true`; name module suffixes or use `target_modules: all-linear`")
     return targeted
@@ -132,6 +205,8 @@ def _check_rank(targeted: dict[str, tuple], params: LoraParams, label: str) -> N
 
     A rank above *some* layers' smaller side is allowed: all-linear also adapts narrow layers (Qwen2-MoE's
     `shared_expert_gate` has one output), where a larger rank only costs a little memory."""
+    if not targeted:  # only the routers train
+        return
     name, widths = max(targeted.items(), key=lambda item: min(item[1]))
     if params.r > min(widths):
         raise UserError(
@@ -139,19 +214,16 @@ def _check_rank(targeted: dict[str, tuple], params: LoraParams, label: str) -> N
             f"({widths[0]} -> {widths[1]}), has rank {min(widths)}; use `r` <= {min(widths)}")
 
 
-def _lora_config(model: nn.Module, params: LoraParams, ctx: BuildContext):
+def _lora_config(params: LoraParams, ctx: BuildContext, coverage: Coverage):
     from peft import LoraConfig, TaskType
 
     seq_cls = ctx.recipe.model.task == "sequence_classification"
-    targets = params.target_modules
-    if params.target_experts is False and targets == "all-linear":
-        targets = _linear_layer_names(model)  # spelled out, so peft does not add the fused experts
     return LoraConfig(
         r=params.r,
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
-        target_modules=targets,
-        target_parameters=list(EXPERT_PARAMETERS) if params.target_experts and ctx.is_moe else None,
+        target_modules=coverage.linear,
+        exclude_modules=coverage.exclude or None,
         use_rslora=params.rslora,
         bias=params.bias,
         # SEQ_CLS makes peft train (and save) the new classification head as well
@@ -159,21 +231,54 @@ def _lora_config(model: nn.Module, params: LoraParams, ctx: BuildContext):
     )
 
 
-def _attach(model: nn.Module, params: LoraParams, ctx: BuildContext, label: str) -> nn.Module:
+def _attach(model: nn.Module, params: LoraParams, ctx: BuildContext, label: str,
+            store_experts: Callable[[nn.Module], object] | None = None) -> nn.Module:
+    """Freeze the base, add peft's adapters on the linear targets, (QLoRA: store the experts in 4 bits,
+    `store_experts`), wrap the routed experts in `LoraExperts` and unfreeze the routers, as `params` ask."""
     from peft import get_peft_model
 
-    _check_rank(_targeted_widths(model, params, ctx, label), params, label)
-    peft_model = get_peft_model(model, _lora_config(model, params, ctx))
-    adapted = sorted({n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n})
-    ctx.notes.append(f"{label}: adapters on {len(adapted)} weights (r={params.r}, alpha={params.alpha:g})")
-    if ctx.is_moe:  # report what the adapted model covers, not what we asked for
-        if any(".experts." in name for name in adapted):
-            ctx.notes.append(f"{label}: routed expert weights ARE adapted (fused 3-D parameters, via peft "
-                             "`target_parameters`); `target_experts: false` leaves them frozen")
-        else:
-            ctx.notes.append(f"{label}: routed expert weights are NOT adapted (fused 3-D parameters); "
-                             "set `target_experts: true` to adapt them")
-    return peft_model
+    coverage = _coverage(model, params, ctx, label)
+    _check_rank(_targeted_widths(model, params, coverage, label), params, label)
+    # the base is frozen in its own dtype: no float32 copy of bf16 weights (norms included: transformers'
+    # RMSNorm already computes in float32 inside); only what trains is float32
+    model.requires_grad_(False)
+    if coverage.linear:
+        # peft keeps half-precision adapters in float32 (`autocast_adapter_dtype`), casting x for them
+        model = get_peft_model(model, _lora_config(params, ctx, coverage), autocast_adapter_dtype=True)
+    if store_experts is not None:
+        store_experts(model)
+    wrapped = wrap_experts(model, params.r, params.alpha, params.dropout, params.rslora) if coverage.experts else []
+    routers = _train_routers(model) if coverage.router else 0
+    adapted = sorted({n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n})
+    ctx.notes.append(f"{label}: adapters on {len(adapted) + 2 * len(wrapped)} weights "
+                     f"(r={params.r}, alpha={params.alpha:g})")
+    if ctx.is_moe:
+        ctx.notes += _coverage_notes(label, coverage, len(wrapped), routers)
+    return model
+
+
+def _train_routers(model: nn.Module) -> int:
+    """Unfreeze every MoE router's weight (trained in full, in the model's dtype); returns how many."""
+    from memft.models.blocks import layer_stack
+    from memft.models.moe import router_of
+
+    routers = [r for layer in layer_stack(model) if (r := router_of(layer)) is not None]
+    for router in routers:
+        router.weight.requires_grad_(True)
+    return len(routers)
+
+
+def _coverage_notes(label: str, coverage: Coverage, experts: int, routers: int) -> list[str]:
+    """What the adapted model covers, from what was built (not from what was asked)."""
+    notes = [f"{label}: routed expert weights ARE adapted (memft expert LoRA, no delta weight, {experts} layers); "
+             "`target_experts: false` leaves them frozen" if experts else
+             f"{label}: routed expert weights are NOT adapted (fused 3-D parameters); "
+             "set `target_experts: true` to adapt them"]
+    if coverage.shared is not None:
+        notes.append(f"{label}: the shared expert's linear layers are {'' if coverage.shared else 'NOT '}adapted")
+    notes.append(f"{label}: router weights train in full ({routers} layers)" if routers else
+                 f"{label}: router weights are frozen; `target_router: true` trains them")
+    return notes
 
 
 @register
@@ -181,7 +286,7 @@ class Lora(Strategy):
     name = "lora"
     Params = LoraParams
     order = 20
-    summary = "LoRA adapters (peft) on a frozen base; `target_experts` reaches fused MoE experts."
+    summary = "LoRA adapters on a frozen base (peft on linear layers, memft's expert LoRA on fused MoE experts)."
     trains_base = True
     conflicts = {"qlora": "`qlora` already adds LoRA adapters (on a 4-bit base); list only one of them."}
 
@@ -194,7 +299,7 @@ class QLora(Strategy):
     name = "qlora"
     Params = QLoraParams
     order = 20
-    summary = "QLoRA: LoRA adapters on a 4-bit NF4 base (bitsandbytes; runs on CPU and CUDA)."
+    summary = "QLoRA: LoRA adapters on a 4-bit NF4 base, fused MoE experts included (bitsandbytes; CPU and CUDA)."
     trains_base = True
 
     def check(self, recipe) -> list[str]:
@@ -203,29 +308,35 @@ class QLora(Strategy):
         return []
 
     def load_kwargs(self, recipe) -> dict:
-        import torch
         from transformers import BitsAndBytesConfig
 
-        compute = recipe.model.dtype if self.params.compute_dtype == "auto" else self.params.compute_dtype
         return {
             "quantization_config": BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type=self.params.quant_type,
                 bnb_4bit_use_double_quant=self.params.double_quant,
-                bnb_4bit_compute_dtype=getattr(torch, compute),
+                bnb_4bit_compute_dtype=self.compute_dtype(recipe),
                 llm_int8_skip_modules=list(HEADS),  # transformers' own default misses BERT's `classifier`
             )
         }
 
-    def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
-        from peft import prepare_model_for_kbit_training
+    def compute_dtype(self, recipe) -> torch.dtype:
+        return getattr(torch, recipe.model.dtype if self.params.compute_dtype == "auto" else self.params.compute_dtype)
 
-        # freezes the base and upcasts norms for stable training; checkpointing is the loop's job
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
+        from memft.models.nf4_experts import quantize_experts
+
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 # bitsandbytes >= 0.50.2 repacks 4-bit weights in place for its AVX512-BF16 CPU kernel on the first
                 # no-grad forward in eval mode, and asserts on widths that are not multiples of 32: keep one layout
                 # (and one numeric path) for training and evaluation, as on CPUs without that instruction set
                 module.support_avx512bf16_for_cpu = False
-        return _attach(model, self.params, ctx, "qlora")
+        p = self.params
+
+        def store_experts(m: nn.Module) -> None:
+            # bitsandbytes quantized the nn.Linear layers (the shared expert's too) while loading; the fused experts
+            # it cannot see go to NF4 here, before `LoraExperts` wraps them and reads them one expert at a time
+            quantize_experts(m, p.quant_type, p.double_quant, self.compute_dtype(ctx.recipe))
+
+        return _attach(model, p, ctx, "qlora", store_experts)
