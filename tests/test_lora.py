@@ -232,3 +232,15 @@ def test_a_rank_no_layer_can_use_is_refused_before_peft_allocates(strategy, monk
 def test_the_largest_usable_rank_still_builds():
     t = lora_setup("{r: 64}")  # k_proj and v_proj (64 -> 32) get more rank than they can use; allowed
     assert any("r=64" in n for n in t.notes)
+
+
+def test_target_experts_false_in_a_mixed_stack_keeps_the_dense_mlp_and_leaves_out_the_shared_expert():
+    r = load(REPO / "recipes" / "bench_moe.yaml",
+             ["model.name=tiny-qwen2-moe", "model.config_overrides={mlp_only_layers: [0]}", "data.max_samples=16",
+              "strategies=[{name: lora, params: {target_experts: false}}]"])
+    t = Trainer(r, run_dir="unused").setup(for_training=False)
+    names = {adapted_name(n).split("model.layers.")[-1] for n, p in t.model.named_parameters() if p.requires_grad}
+    assert {"0.mlp.down_proj", "0.mlp.gate_proj", "0.mlp.up_proj"} <= names  # the dense layer's MLP: same suffixes
+    assert not any("shared_expert" in n or "experts" in n for n in names)
+    assert t.model.peft_config["default"].exclude_modules == {"shared_expert.down_proj", "shared_expert.gate_proj",
+                                                              "shared_expert.up_proj", "shared_expert_gate"}

@@ -139,7 +139,9 @@ def test_cli_profile_fit_advice_and_json(tmp_path):
 
 
 def test_advice_offers_leaving_the_experts_out_on_moe():
-    r = recipe("tiny-mixtral", "[{name: lora, params: {r: 4}}]")
+    # memft's expert LoRA saves fewer activations than frozen eager experts (0.8x on tiny-mixtral), so leaving the
+    # experts out pays only where their factors' state outweighs that: from r=8 here (at r=4 it does not)
+    r = recipe("tiny-mixtral", "[{name: lora, params: {r: 8}}]")
     changes = {c.label: c for c in advice.candidates(r, moe=True)}
     assert "target_experts: False" in changes["lora without the routed experts"].overrides[0]
     assert "lora without the routed experts" not in {c.label for c in advice.candidates(r, moe=False)}

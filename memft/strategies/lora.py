@@ -148,7 +148,10 @@ def _coverage(model: nn.Module, params: LoraParams, ctx: BuildContext, label: st
         linear = _linear_layer_names(model, shared=keep_shared)
     else:
         linear = sorted(set(params.target_modules) | (set(shared) if keep_shared else set()))
-    return Coverage(linear=linear, exclude=[] if keep_shared else shared, experts=choice is True,
+    # exclude the shared expert only where a suffix would reach it (a dense MLP's `down_proj` in a mixed stack)
+    reached = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_shared_expert(n)
+               and any(_hit(n, t) for t in linear)]
+    return Coverage(linear=linear, exclude=shared if reached and not keep_shared else [], experts=choice is True,
                     router=params.target_router, shared=keep_shared if shared else None)
 
 
@@ -303,9 +306,14 @@ class QLora(Strategy):
     trains_base = True
 
     def check(self, recipe) -> list[str]:
+        problems = []
         if recipe.model.dtype == "float64":
-            return ["bitsandbytes 4-bit layers do not compute in float64; use `model.dtype: float32` with `qlora`"]
-        return []
+            problems.append("bitsandbytes 4-bit layers do not compute in float64; use `model.dtype: float32` with "
+                            "`qlora`")
+        if any(s.name == "meft" and (s.params or {}).get("key_init") == "ffn" for s in recipe.strategies):
+            problems.append("meft `key_init: ffn` samples its keys from the FFN's full-precision weights, which "
+                            "`qlora` stores in 4 bits; use `key_init: random` with `qlora`")
+        return problems
 
     def load_kwargs(self, recipe) -> dict:
         from transformers import BitsAndBytesConfig
