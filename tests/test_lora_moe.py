@@ -73,7 +73,8 @@ def naive_reference(t: Trainer, batch: dict):
                 A = leaf(f"{name}.{proj}_lora_A", getattr(module, f"{proj}_lora_A"))
                 B = leaf(f"{name}.{proj}_lora_B", getattr(module, f"{proj}_lora_B"))
                 w = dense(base).to(A.dtype)
-                weights[f"{name}.{proj}_proj"] = (w + module.scaling * B @ A).to(plain_names[f"{name}.{proj}_proj"].dtype)
+                plain_dtype = plain_names[f"{name}.{proj}_proj"].dtype
+                weights[f"{name}.{proj}_proj"] = (w + module.scaling * B @ A).to(plain_dtype)
         elif hasattr(module, "lora_A") and "default" in module.lora_A:
             A = leaf(f"{name}.lora_A.default.weight", module.lora_A["default"].weight)
             B = leaf(f"{name}.lora_B.default.weight", module.lora_B["default"].weight)
@@ -204,7 +205,8 @@ def test_qwen3_30b_a3b_qlora_weights_are_under_20_gib_on_the_meta_device():
 def test_a_bf16_moe_keeps_its_frozen_base_in_bf16_and_trains_in_bf16(strategy, tmp_path):
     r = load(REPO / "recipes" / "lora.yaml", ["model.name=tiny-mixtral", "model.dtype=bfloat16",
                                               f"strategies=[{{name: {strategy}, params: {{r: 4, alpha: 8}}}}]",
-                                              *SMALL, "data.max_length=128", "data.max_samples=4", "train.max_steps=4", "train.lr=2.0e-2",
+                                              *SMALL, "data.max_length=128", "data.max_samples=4",
+                                              "train.max_steps=4", "train.lr=2.0e-2",
                                               "train.autocast='off'", "output.checkpoints=false",
                                               "train.warmup_steps=0", "train.schedule=constant"])
     t = Trainer(r, run_dir=tmp_path).setup()
