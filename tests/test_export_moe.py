@@ -157,8 +157,6 @@ output: {{dir: {run}, plot: false}}
 """
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lora strategy to wrap fused experts in LoraExperts (issue 16); "
-                   "remove this mark when it does")
 def test_memft_export_of_an_expert_lora_run_reloads_with_the_trained_logits(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

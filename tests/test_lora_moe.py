@@ -182,6 +182,16 @@ def test_a_4bit_moe_stores_exactly_the_nf4_accounting():
     assert states["weights"]["nf4"] >= sum(h.nbytes for h in holders)
 
 
+def test_4bit_experts_count_as_the_weights_they_stand_for():
+    from memft.models import count_params
+
+    full, quantized = build("tiny-mixtral", "lora", "{r: 4}", dtype="float32"), build("tiny-mixtral", "qlora",
+                                                                                          "{r: 4}", dtype="float32")
+    before, after = count_params(full.model), count_params(quantized.model)
+    assert after["expert_params"] == before["expert_params"] > 0
+    assert after["total_params"] == before["total_params"]
+
+
 def test_qwen3_30b_a3b_qlora_weights_are_under_20_gib_on_the_meta_device():
     r = load(REPO / "recipes" / "qlora.yaml", ["model.name=Qwen/Qwen3-30B-A3B", "model.dtype=bfloat16",
                                                "data.max_length=2048", "train.batch_size=1",

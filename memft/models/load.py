@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from memft.errors import UserError
+from memft.models.nf4_experts import NF4Experts
 from memft.paths import CONFIGS_DIR
 from memft.recipe import ModelConfig
 from memft.textio import read_text
@@ -639,7 +640,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
     Shared (tied) parameters count once. A bitsandbytes 4-bit weight is stored packed (two values
     per uint8, shape `(n/2, 1)`); it counts as the `quant_state.shape` it stands for. `expert_params`
     are the routed experts' weights (a `.experts.` module in the name; Qwen2-MoE's always-on
-    `shared_expert` is not one of them).
+    `shared_expert` is not one of them); 4-bit fused experts (`NF4Experts`, buffers) count as the weights
+    they stand for.
     """
     total = trainable = experts = 0
     for name, p in model.named_parameters():
@@ -649,4 +651,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
         trainable += n if p.requires_grad else 0
         # adapter weights hung on an expert module (peft's lora_A/lora_B) are not expert weights
         experts += n if "experts" in name.split(".") and "lora_" not in name else 0
+    for holder in (m for m in model.modules() if isinstance(m, NF4Experts)):  # 4-bit fused experts are buffers
+        n = holder.num_experts * holder.out_features * holder.in_features
+        total, experts = total + n, experts + n
     return {"total_params": total, "trainable_params": trainable, "expert_params": experts}

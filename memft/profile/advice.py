@@ -66,7 +66,7 @@ def candidates(recipe: Recipe, moe: bool = False) -> list[Change]:
             out.append(Change(f"{name} without the routed experts",
                               with_strategies({**spec, "params": {**spec.get("params", {}), "target_experts": False}},
                                               drop=(name,)),
-                              "adapters on attention and shared layers only (peft keeps a delta per expert)"))
+                              "adapters on attention and shared layers only (no expert factors, their gradients or AdamW state)"))
     if "tokentune" not in names and "revffn" not in names:
         out.append(Change("TokenTune (25% of tokens carry gradients)",
                           with_strategies({"name": "tokentune", "params": {"fraction": 0.25}}),
