@@ -32,9 +32,9 @@ from torch import nn
 from memft.errors import UserError
 
 BLOCKSIZE = 64
-"""Weights per absmax, bitsandbytes' `Linear4bit` default (the same as `memft.profile.predict.NF4_BLOCK`)."""
+"""Weights per absmax, bitsandbytes' `Linear4bit` default."""
 NESTED_BLOCKSIZE = 256
-"""With double quantization the absmax values are 8-bit in blocks of 256 (`predict.DOUBLE_QUANT_BLOCK`)."""
+"""With double quantization the absmax values are 8-bit in blocks of 256."""
 CODE_BYTES, NESTED_CODE_BYTES = 4 * 16, 4 * 256
 """The 16 float32 levels of NF4/FP4 and the 256 float32 levels of the 8-bit map of the absmax values."""
 QUANT_TYPES = ("nf4", "fp4")
@@ -46,9 +46,8 @@ def nf4_expert_bytes(num_experts: int, out_features: int, in_features: int, doub
     """Bytes an `NF4Experts` of this shape stores: packed nibbles, absmax values (8-bit with their own float32
     constants and offset under double quantization) and the two code tables.
 
-    Per expert this is `predict.nf4_bytes(out * in, double_quant)` for one `Linear4bit`, except that the code
-    tables (the same fixed levels for every expert) are kept once per holder instead of once per expert:
-    `E * nf4_bytes(n) - (E - 1) * (64 + 1024 if double_quant else 64)`.
+    A bitsandbytes `Linear4bit` stores what a holder of one expert does (`predict.nf4_bytes` is this with E = 1);
+    the code tables (the same fixed levels for every expert) are kept once per holder, not once per expert.
     """
     numel = out_features * in_features
     blocks = math.ceil(numel / BLOCKSIZE)

@@ -42,10 +42,6 @@ from memft.train.meters import SavedTensorMeter
 SHIPPED = CONFIGS_DIR / "hub"
 """Public config.json files of popular models, by hub id (`configs/hub/<org>/<name>.json`)."""
 
-NF4_BLOCK = 64
-"""bitsandbytes' 4-bit block size: one absmax per 64 weights."""
-DOUBLE_QUANT_BLOCK = 256
-"""With double quantization the absmax values are themselves 8-bit in blocks of 256."""
 RELIABLE_FIT = 0.05
 """A fit whose error on its own twins is above this does not explain every saved tensor."""
 ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256
@@ -141,12 +137,9 @@ def skeleton(recipe: Recipe, config) -> tuple[nn.Module, list, set[int]]:
 
 
 def nf4_bytes(numel: int, double_quant: bool) -> int:
-    """Storage of one 4-bit weight: packed nibbles plus its quantization constants."""
-    blocks = math.ceil(numel / NF4_BLOCK)
-    packed = math.ceil(numel / 2) + 4 * 16  # two weights per byte, and the 16 NF4 levels (float32)
-    if not double_quant:
-        return packed + 4 * blocks
-    return packed + blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 4 * 256 + 4  # + 8-bit absmax's own constants
+    """Storage of one 4-bit weight (a bitsandbytes `Linear4bit`): packed nibbles plus its quantization constants,
+    the same accounting as one expert of an `NF4Experts` holder with its own code tables."""
+    return nf4_expert_bytes(1, numel, 1, double_quant)
 
 
 def double_quantized(strategies: list, recipe: Recipe) -> bool:

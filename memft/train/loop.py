@@ -35,6 +35,7 @@ from memft.errors import RunFailed, UserError
 from memft.models import count_params, list_builtin, load_model, load_tokenizer, resolve_device
 from memft.models.blocks import unwrap
 from memft.models.moe import ROUTER_AUX_ATTR, RouterAux, router_aux_coef
+from memft.outputs import check_writable_dir
 from memft.recipe import Recipe
 from memft.registry import BuildContext, LossOutput, at_least_float32
 from memft.train import checkpoint
@@ -727,20 +728,8 @@ def absolute_local_paths(recipe: Recipe) -> None:
 
 
 def check_output_dir(run_dir: Path) -> None:
-    """A `UserError` unless `run_dir` is a folder memft can write, or one it can create.
-
-    The permission check uses `os.access`, so it says nothing for root, who may write anywhere.
-    """
-    fix = "choose another `output.dir` (or `-o DIR`)"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"`output.dir` {run_dir} is a file, not a directory; {fix}")
-    nearest = run_dir
-    while not nearest.exists() and nearest != nearest.parent:  # the run dir is created in the nearest existing one
-        nearest = nearest.parent
-    if not nearest.is_dir():
-        raise UserError(f"`output.dir` {run_dir} cannot be created: {nearest} is a file; {fix}")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise UserError(f"`output.dir` {run_dir} is not writable (permission denied on {nearest}); {fix}")
+    """A `UserError` unless `run_dir` is a folder memft can write, or one it can create (see `memft.outputs`)."""
+    check_writable_dir(run_dir, "`output.dir`")
 
 
 def autocast_context(recipe: Recipe, device: torch.device):
