@@ -291,7 +291,8 @@ def _profile_table(p) -> Table:
     for kind, n in p.weights.items():
         table.add_row(f"weights ({kind})", _fmt_bytes(n), f"{p.params:,} parameters" if kind == "nf4" or
                       len(p.weights) == 1 else "")
-    table.add_row("gradients", _fmt_bytes(p.gradients), f"{p.trainable_params:,} trainable parameters")
+    table.add_row("gradients", _fmt_bytes(p.gradients), f"{p.trainable_params:,} trainable parameters"
+                  + ("; one layer's at a time (optimizer step in backward)" if p.optimizer_in_backward else ""))
     table.add_row(f"optimizer state ({p.optimizer})", _fmt_bytes(p.optimizer_state), "")
     table.add_row("activations", _fmt_bytes(p.activations),
                   f"{_fmt_bytes(p.per_layer)} per layer x {p.layers}, {_fmt_bytes(p.logits)} logits and loss")

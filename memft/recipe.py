@@ -204,11 +204,31 @@ class TrainConfig(Section):
     at its last step (null: only those)."""
     eval_batches: int | None = Field(default=20, ge=1)
     """Micro-batches of held-out data per evaluation; null: all of it."""
+    optimizer_in_backward: bool = False
+    """Update each parameter the moment backward completes its gradient, and free the gradient at once, so the
+    model's gradients never exist together (`adamw` or `adamw_8bit`, the same updates). Needs `grad_accum: 1` and
+    `max_grad_norm: null`: both need every gradient before the first update."""
 
     @field_validator("router_aux_loss", mode="before")
     @classmethod
     def _yaml_switch(cls, value):
         return {True: "on", False: "off"}[value] if isinstance(value, bool) else value  # YAML 1.1 reads `on` as true
+
+    @model_validator(mode="after")
+    def _step_in_backward_needs_one_pass(self) -> TrainConfig:
+        if not self.optimizer_in_backward:
+            return self
+        if self.grad_accum > 1:
+            raise ValueError(
+                "`optimizer_in_backward: true` updates each weight during the micro-batch's backward, so gradients "
+                f"cannot accumulate over `grad_accum: {self.grad_accum}` micro-batches; set `train.grad_accum: 1` "
+                "(and raise `train.batch_size`), or `train.optimizer_in_backward: false`")
+        if self.max_grad_norm is not None:
+            raise ValueError(
+                "`optimizer_in_backward: true` updates each weight before the global gradient norm is known, so "
+                f"clipping to `max_grad_norm: {self.max_grad_norm}` cannot apply; set `train.max_grad_norm: null` "
+                "(the norm is still logged as `grad_norm`), or `train.optimizer_in_backward: false`")
+        return self
 
 
 class OutputConfig(Section):

@@ -118,6 +118,10 @@ class Strategy:
     """Non-empty when the trained weights only make sense in the strategy's rewired model (RevFFN's two-stream
     stack): says what, and `memft export` refuses to write a plain transformers model from them."""
 
+    step_in_backward: ClassVar[str] = ""
+    """Why `train.optimizer_in_backward` cannot run with this strategy (its gradients are changed or completed
+    after backward, or the combination is untested); empty when it can."""
+
     def __init__(self, params: StrategyParams):
         self.params = params
 
@@ -289,6 +293,9 @@ def check_specs(specs: list[dict], recipe: Recipe | None, lines: dict[tuple, int
     if recipe is not None:
         for s in instances:
             problems += [f"`strategies` ({s.name}): {p}" for p in s.check(recipe)]
+            if recipe.train.optimizer_in_backward and s.step_in_backward:
+                problems.append(f"`strategies` ({s.name}): `train.optimizer_in_backward` cannot be used with "
+                                f"`{s.name}`: {s.step_in_backward}; set `train.optimizer_in_backward: false`")
     return problems
 
 

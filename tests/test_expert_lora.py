@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import memft.models.expert_lora as expert_lora_module
 from memft.models.expert_lora import LoraExperts, expert_lora, is_fused_experts, wrap_experts
 from memft.train.meters import SavedTensorMeter
 
@@ -320,3 +321,207 @@ def test_storage_modules_are_registered_so_they_follow_the_model():
     lora = LoraExperts(experts, r=2, alpha=2, gate_up=ModuleStorage(experts.gate_up_proj))
     assert "gate_up_proj_storage.fused" in lora.state_dict() and "down_proj" in lora.state_dict()
     assert lora.to(torch.float32).gate_up_base.fused.dtype == torch.float32
+
+
+# --- the grouped path (one torch._grouped_mm per projection) against the per-expert loop ------------------------
+
+# an index with idle experts (1 and 3 get no slot) and uneven counts; float32 rows of 16 bytes (H 8, I 4, r 4)
+UNEVEN = torch.tensor([[0, 2], [0, 4], [4, 0], [0, 4], [0, 5], [2, 5], [5, 0]])
+ALIGNED = dict(E=6, H=8, I=4, r=4, dtype=torch.float32)
+
+
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """Counts the calls to `torch._grouped_mm`, so a test knows which path ran."""
+    calls = []
+    real = torch._grouped_mm
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].dim())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
+    return calls
+
+
+def on_path(monkeypatch, mode, fn, *args, **kwargs):
+    monkeypatch.setattr(expert_lora_module, "GROUPED", mode)
+    return fn(*args, **kwargs)
+
+
+def assert_all_close(got, ref, rtol=1e-5, atol=1e-6):
+    (out, grads), (ref_out, ref_grads) = got, ref
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("act", [F.silu, F.gelu])
+def test_grouped_path_equals_the_loop_and_the_dense_reference(monkeypatch, grouped_calls, act):
+    _, leaves = random_problem(T=7, k=2, index=UNEVEN, **ALIGNED)  # every leaf, base weights too, needs grad
+    loop = on_path(monkeypatch, "never", outputs_and_grads, expert_lora, UNEVEN, leaves, act=act)
+    assert grouped_calls == []
+    grouped = on_path(monkeypatch, "always", outputs_and_grads, expert_lora, UNEVEN, leaves, act=act)
+    assert 3 in grouped_calls and 2 in grouped_calls  # the 2-D x 3-D products and the 2-D x 2-D weight gradients
+    assert set(grouped[1]) == {"x", "top_k_weights", "gate_up", "down", "gate_up_A", "gate_up_B", "down_A", "down_B"}
+    assert_all_close(grouped, loop)
+    assert_all_close(grouped, outputs_and_grads(naive_experts, UNEVEN, leaves, act=act), atol=1e-5)
+    for name in ("gate_up_A", "gate_up_B", "down_A", "down_B", "gate_up", "down"):  # idle experts: zero, not unset
+        assert grouped[1][name][[1, 3]].eq(0).all(), name
+
+
+def test_grouped_path_with_frozen_bases_top1_and_the_expert_parallel_sentinel(monkeypatch):
+    index = torch.tensor([[3], [6], [0], [3], [6]])  # 6 = num_experts: a slot no expert computes
+    _, leaves = random_problem(T=5, k=1, index=index, **ALIGNED)
+    for name in ("gate_up", "down"):
+        leaves[name].requires_grad_(False)
+    loop, grouped = (on_path(monkeypatch, mode, outputs_and_grads, expert_lora, index, leaves)
+                     for mode in ("never", "always"))
+    assert set(grouped[1]) == {"x", "top_k_weights", "gate_up_A", "gate_up_B", "down_A", "down_B"}
+    assert_all_close(grouped, loop)
+    assert grouped[0][[1, 4]].eq(0).all()
+
+
+def naive_dropout_experts(x, x_lora, h_mask, p, top_k_index, top_k_weights, gate_up, down, gate_up_A, gate_up_B,
+                          down_A, down_B, s, act):
+    """`naive_experts` with the adapters reading `x_lora` (dropped x) and `h * mask / (1 - p)`; `h_mask` has one
+    row per slot in expert-sorted order, as `expert_lora` draws it."""
+    k = top_k_index.shape[1]
+    position = torch.argsort(torch.argsort(top_k_index.reshape(-1), stable=True))  # slot -> its sorted row
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros_like(x[t])
+        for j in range(k):
+            e = int(top_k_index[t, j])
+            gate, up = (F.linear(x[t], gate_up[e]) + s * F.linear(x_lora[t], gate_up_B[e] @ gate_up_A[e])).chunk(2)
+            h = act(gate) * up
+            h_in = h * h_mask[position[t * k + j]] / (1 - p)
+            acc = acc + top_k_weights[t, j] * (F.linear(h, down[e]) + s * F.linear(h_in, down_B[e] @ down_A[e]))
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def test_grouped_path_with_adapter_dropout_equals_the_loop_and_the_reference(monkeypatch):
+    p = 0.3
+    _, leaves = random_problem(T=7, k=2, index=UNEVEN, **ALIGNED)
+
+    def ours(x, index, *args):
+        torch.manual_seed(5)  # the same masks on every path
+        return expert_lora(x, index, *args[:-2], scaling=args[-2], act_fn=args[-1], dropout=p, training=True)
+
+    def reference(x, index, *args):
+        torch.manual_seed(5)  # replay expert_lora's draws: dropout on x, then one bernoulli mask row per slot
+        x_lora = F.dropout(x, p, training=True)
+        h_mask = torch.empty(index.numel(), ALIGNED["I"], dtype=torch.bool).bernoulli_(1 - p)
+        return naive_dropout_experts(x, x_lora, h_mask, p, index, *args)
+
+    loop, grouped = (on_path(monkeypatch, mode, outputs_and_grads, ours, UNEVEN, leaves)
+                     for mode in ("never", "always"))
+    assert_all_close(grouped, loop)
+    assert_all_close(grouped, outputs_and_grads(reference, UNEVEN, leaves), atol=1e-5)
+    assert not torch.allclose(grouped[0], outputs_and_grads(expert_lora, UNEVEN, leaves)[0])  # dropout did act
+
+
+def test_grouped_path_under_bfloat16_autocast_equals_the_loop(monkeypatch, grouped_calls):
+    # bfloat16 base weights (so no whole-layer cast), float32 input and factors; bf16 rows of 16 bytes
+    _, leaves = random_problem(T=7, k=2, index=UNEVEN, E=6, H=16, I=8, r=8, dtype=torch.float32)
+    for name in ("gate_up", "down"):
+        leaves[name] = leaves[name].detach().to(torch.bfloat16).requires_grad_()
+
+    def autocast(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return expert_lora(*args[:-2], scaling=args[-2], act_fn=args[-1])
+
+    loop = on_path(monkeypatch, "never", outputs_and_grads, autocast, UNEVEN, leaves)
+    grouped = on_path(monkeypatch, "always", outputs_and_grads, autocast, UNEVEN, leaves)
+    assert grouped_calls and grouped[0].dtype == torch.float32 and grouped[1]["gate_up"].dtype == torch.bfloat16
+    assert_all_close(grouped, loop)
+    ref_leaves = {name: t.detach().double() for name, t in leaves.items()}
+    ref = naive_experts(ref_leaves["x"], UNEVEN, *(ref_leaves[n] for n in list(leaves)[1:]), 0.7, F.silu)
+    torch.testing.assert_close(grouped[0].double(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_both_paths_save_the_same_tensors_for_backward(monkeypatch):
+    _, leaves = random_problem(T=7, k=2, index=UNEVEN, **ALIGNED)
+    args = [leaves[n] for n in ("x", "top_k_weights", "gate_up", "down", "gate_up_A", "gate_up_B", "down_A",
+                                "down_B")]
+
+    def saved(mode):
+        monkeypatch.setattr(expert_lora_module, "GROUPED", mode)
+        layouts = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: layouts.append((t.shape, t.dtype)) or t, lambda t: t):
+            torch.manual_seed(0)
+            expert_lora(args[0], UNEVEN, *args[1:], scaling=0.7, act_fn=F.silu, dropout=0.2, training=True)
+        return layouts
+
+    loop = saved("never")
+    assert len(loop) > 8 and saved("always") == loop
+
+
+def test_the_path_follows_dtype_storage_sizes_and_the_device_default(monkeypatch, grouped_calls):
+    from memft.models.expert_lora import _grouped_reason
+
+    def reason(**problem):
+        index, leaves = random_problem(T=4, k=2, **{**ALIGNED, **problem})
+        x, names = leaves["x"], ("gate_up_A", "gate_up_B", "down_A", "down_B")
+        return _grouped_reason(x, x.dtype, (leaves["gate_up"], leaves["down"]), tuple(leaves[n] for n in names))
+
+    assert reason() is None
+    assert "float64" in reason(dtype=torch.float64)  # the float64 references always take the loop
+    assert "hidden 6" in reason(H=6)
+    assert "rank 3" in reason(r=3)
+    index, leaves = random_problem(T=4, k=2, **ALIGNED)
+    storage = Float32Storage(leaves["gate_up"]), Float32Storage(leaves["down"])
+    factors = tuple(leaves[n] for n in ("gate_up_A", "gate_up_B", "down_A", "down_B"))
+    assert "stored otherwise" in _grouped_reason(leaves["x"], torch.float32, storage, factors)
+    assert "compute dtype" in _grouped_reason(leaves["x"], torch.bfloat16, (leaves["gate_up"], leaves["down"]),
+                                              factors)
+    # "auto" on CPU keeps the loop (measured faster there); "always" refuses what cannot be grouped
+    on_path(monkeypatch, "auto", outputs_and_grads, expert_lora, index, leaves)
+    assert grouped_calls == []
+    index, leaves = random_problem(T=4, k=2)
+    with pytest.raises(RuntimeError, match="float64"):
+        on_path(monkeypatch, "always", outputs_and_grads, expert_lora, index, leaves)
+
+
+def test_the_probe_refuses_an_op_that_raises_or_computes_otherwise(monkeypatch):
+    from memft.models.expert_lora import _grouped_mm_works
+
+    real = torch._grouped_mm
+    cases = {"raises": lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("strides should be multiple of 16 bytes")),
+             "off by one": lambda *a, **kw: real(*a, **kw) + 1, "exact": real}
+    for case, op in cases.items():
+        monkeypatch.setattr(torch, "_grouped_mm", op)
+        _grouped_mm_works.cache_clear()
+        assert _grouped_mm_works(torch.device("cpu"), torch.float32) == (case == "exact"), case
+    _grouped_mm_works.cache_clear()
+
+
+def test_a_wrapped_tiny_mixtral_trains_the_same_on_both_paths(monkeypatch):
+    model = tiny_moe("tiny-mixtral.json", dtype=torch.float32)  # H 64, I 128, r 4: 16-byte float32 rows
+    wrap_experts(model, r=4, alpha=8)
+    loras = [m for m in model.modules() if isinstance(m, LoraExperts)]
+    for m in loras:
+        nn.init.normal_(m.gate_up_lora_B, std=0.5)
+        nn.init.normal_(m.down_lora_B, std=0.5)
+    trainable = [p for m in loras for p in m.parameters() if p.requires_grad]
+    batch = padded_batch()
+
+    def loss_and_grads(mode):
+        monkeypatch.setattr(expert_lora_module, "GROUPED", mode)
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {str(i): p.grad.clone() for i, p in enumerate(trainable)}
+
+    assert_all_close(loss_and_grads("always"), loss_and_grads("never"))
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_no_routed_slot_at_all_gives_zeros_on_both_paths(monkeypatch, mode):
+    for index in (torch.full((2, 2), 6), torch.zeros(0, 2, dtype=torch.long)):  # only the sentinel; no tokens
+        _, leaves = random_problem(T=index.shape[0], k=2, index=index, **ALIGNED)
+        out, grads = on_path(monkeypatch, mode, outputs_and_grads, expert_lora, index, leaves)
+        assert out.shape == (index.shape[0], ALIGNED["H"]) and not out.any()
+        assert not any(g.any() for g in grads.values())

@@ -13,7 +13,16 @@ autograd saves it for backward, an (out, in) matrix per expert. Here, for the to
 which is exactly what the experts module computes, plus the LoRA terms.
 
 Grouping. The (token, choice) slots are sorted by expert (a stable argsort of the flattened top-k index),
-so each expert's tokens are one contiguous slice and each projection is one matmul per expert.
+so each expert's tokens are one contiguous slice. Each projection, forward and backward, is then either one
+`torch._grouped_mm` over all experts (offsets: the cumulative expert counts; the (E, out, in) weights and
+factors enter as they are or as transposed views, never copies; weight gradients use its 2-D x 2-D form)
+or one matmul per expert in a Python loop. Both compute the same products in the same order (on CPU,
+bitwise the same). The grouped call is used where it runs (`GROUPED`, `_grouped_reason`): plain base
+tensors already in the compute dtype (never a cast of a whole layer, never 4-bit storage), float32,
+bfloat16 or float16 on a device where a probe of the op gives exact numbers (once per device and dtype),
+hidden, intermediate and rank rows of a multiple of 16 bytes; by default on CUDA only (`GROUPED_DEVICES`).
+Everything else, float64 included, takes the loop. Both paths save the same tensors; the grouped one's
+transient buffers span all slots rather than one expert's.
 
 What backward keeps (`_ExpertLora`, a hand-written backward; plain autograd would keep the gathered
 inputs per slot, `act(g)`, `y` and the base matmuls' inputs):
@@ -41,9 +50,11 @@ are accumulated in their own dtype.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +113,97 @@ def _slices(counts: list[int]):
         start += n
 
 
+GROUPED: Literal["auto", "never", "always"] = "auto"
+"""How the experts' matmuls run: "auto" one `torch._grouped_mm` per projection where `_grouped_reason` allows
+it and the device is in `GROUPED_DEVICES`, else one matmul per expert; "never" always the per-expert loop;
+"always" grouped on any device, raising where it cannot run (a switch for tests and benchmarks)."""
+
+GROUPED_DEVICES = ("cuda",)
+"""Device types where "auto" groups. Not CPU: there `torch._grouped_mm` is a loop of the same matmuls, and the
+whole-layer elementwise steps around it made forward+backward about 6% slower than the per-expert loop (float32,
+one thread, T 2048, H 256, I 512, E 8, k 2, r 16)."""
+
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs on `device` in `dtype` and gives the per-group products exactly.
+
+    Small integers, so every product is exact in any of the dtypes; repeated offsets (an empty group), a row
+    past the last offset, a transposed 3-D operand and the 2-D x 2-D form, as the experts use them.
+    """
+    ints = lambda n, m, *shape: (torch.arange(math.prod(shape)) % n - m).view(shape).to(device, dtype)  # noqa: E731
+    a, b, c = ints(5, 2, 10, 8), ints(7, 3, 3, 8, 8), ints(3, 1, 10, 8)
+    offs = torch.tensor([3, 3, 9], dtype=torch.int32, device=device)
+    groups = [slice(0, 3), slice(3, 3), slice(3, 9)]
+    try:
+        with torch.autocast(device.type, enabled=False):
+            out = torch._grouped_mm(a, b.mT, offs=offs)[:9]
+            wgrad = torch._grouped_mm(a.T, c, offs=offs)
+            return (torch.equal(out, torch.cat([a[g] @ b[e].T for e, g in enumerate(groups)]))
+                    and all(torch.equal(wgrad[e], a[g].T @ c[g]) for e, g in enumerate(groups) if g.stop > g.start))
+    except Exception:  # noqa: BLE001 - any failure of the op means: not here
+        return False
+
+
+def _row_aligned(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """A 3-D operand as `torch._grouped_mm` takes it: one of its last two dims contiguous, the other's stride a
+    multiple of 16 bytes, the data 16-byte aligned (checked on the tensor as the call sees it, after a cast)."""
+    if t.dtype != dtype:
+        return True  # cast to a fresh contiguous tensor; the sizes are checked separately
+    align = 16 // t.element_size()
+    rows, cols = t.stride(-2), t.stride(-1)
+    return t.data_ptr() % 16 == 0 and ((cols == 1 and rows % align == 0) or (rows == 1 and cols % align == 0))
+
+
+def _grouped_reason(x: torch.Tensor, dtype: torch.dtype, bases: tuple[BaseWeights, BaseWeights],
+                    factors: tuple[torch.Tensor, ...]) -> str | None:
+    """None when one grouped matmul per projection can run and gives the loop's numbers, else why not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    if not all(isinstance(b, torch.Tensor) for b in bases):
+        return "the base weights are stored otherwise than as plain tensors (read one expert at a time)"
+    if any(b.dtype != dtype for b in bases):
+        return f"the base weights are not in the compute dtype {dtype} (a grouped call would cast whole layers)"
+    if dtype not in _GROUPED_DTYPES:
+        return f"torch._grouped_mm does not take {dtype}"
+    gate_up_A, _, down_A, _ = factors
+    sizes = {"hidden": gate_up_A.shape[2], "intermediate": down_A.shape[2], "rank": gate_up_A.shape[1]}
+    odd = [f"{name} {n}" for name, n in sizes.items() if n * dtype.itemsize % 16]
+    if odd:
+        return f"rows of {', '.join(odd)} {dtype} values are not a multiple of 16 bytes"
+    if not all(_row_aligned(t, dtype) for t in (*bases, *factors)):
+        return "a weight or factor is laid out otherwise than torch._grouped_mm takes it"
+    if not _grouped_mm_works(x.device, dtype):
+        return f"torch._grouped_mm does not run (exactly) on {x.device} in {dtype}"
+    return None
+
+
+def _use_grouped(x: torch.Tensor, dtype: torch.dtype, bases: tuple[BaseWeights, BaseWeights],
+                 factors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether this call takes the grouped path, following `GROUPED`."""
+    if GROUPED == "never" or (GROUPED == "auto" and x.device.type not in GROUPED_DEVICES):
+        return False
+    reason = _grouped_reason(x, dtype, bases, factors)
+    if reason is not None and GROUPED == "always":
+        raise RuntimeError(f"expert LoRA: GROUPED is 'always' but {reason}")
+    return reason is None
+
+
+def _grouped_mm(counts: list[int], device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`torch._grouped_mm` over the sorted slots' expert groups (offsets repeat for experts with no slot)."""
+    offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
+    return functools.partial(torch._grouped_mm, offs=offs)
+
+
+def _zero_idle(grad: torch.Tensor | None, counts: list[int]) -> None:
+    """Zero the 2-D x 2-D grouped gradient of experts that got no slot (an empty sum the op may leave unset)."""
+    idle = [e for e, n in enumerate(counts) if not n]
+    if grad is not None and idle:
+        grad[idle] = 0
+
+
 class _ExpertLora(torch.autograd.Function):
     """The routed experts with LoRA on gate_up and down; saves only what the module docstring lists."""
 
@@ -123,24 +225,40 @@ class _ExpertLora(torch.autograd.Function):
             h_mask = torch.empty(S, inter, dtype=torch.bool, device=x.device).bernoulli_(1 - h_dropout)
         y_sorted = x.new_zeros(S, x.shape[1], dtype=dtype)
         with torch.autocast(x.device.type, enabled=False):
-            for e, sl in _slices(counts):
+            grouped = _use_grouped(x, dtype, (gate_up, down), (gate_up_A, gate_up_B, down_A, down_B))
+            if grouped:  # the loop's lines below, for all experts at once
+                gmm = _grouped_mm(counts, x.device)
+                sl = slice(0, sum(counts))  # the slots after these hold the expert-parallel sentinel
                 rows = token_of[sl]
-                x_a[sl] = xlc[rows] @ gate_up_A[e].to(dtype).T
-                gate_up_out[sl] = (F.linear(xc[rows], expert_weight(gate_up, e, dtype))
-                                   + scaling * x_a[sl] @ gate_up_B[e].to(dtype).T)
+                x_rows = xc[rows]
+                x_a[sl] = gmm(x_rows if x_lora is None else xlc[rows], gate_up_A.to(dtype).mT)
+                gate_up_out[sl] = gmm(x_rows, gate_up.mT) + gmm(scaling * x_a[sl], gate_up_B.to(dtype).mT)
                 gate, up = gate_up_out[sl].chunk(2, dim=-1)
                 h = act_fn(gate) * up
-                h_a[sl] = _dropped(h, h_mask, sl, h_dropout) @ down_A[e].to(dtype).T
-                y = F.linear(h, expert_weight(down, e, dtype)) + scaling * h_a[sl] @ down_B[e].to(dtype).T
+                h_a[sl] = gmm(_dropped(h, h_mask, sl, h_dropout), down_A.to(dtype).mT)
+                y = gmm(h, down.mT) + gmm(scaling * h_a[sl], down_B.to(dtype).mT)
                 y_sorted[sl] = y * weights[sl, None]
+                del x_rows, gate, up, h, y
+            else:
+                for e, sl in _slices(counts):
+                    rows = token_of[sl]
+                    x_a[sl] = xlc[rows] @ gate_up_A[e].to(dtype).T
+                    gate_up_out[sl] = (F.linear(xc[rows], expert_weight(gate_up, e, dtype))
+                                       + scaling * x_a[sl] @ gate_up_B[e].to(dtype).T)
+                    gate, up = gate_up_out[sl].chunk(2, dim=-1)
+                    h = act_fn(gate) * up
+                    h_a[sl] = _dropped(h, h_mask, sl, h_dropout) @ down_A[e].to(dtype).T
+                    y = F.linear(h, expert_weight(down, e, dtype)) + scaling * h_a[sl] @ down_B[e].to(dtype).T
+                    y_sorted[sl] = y * weights[sl, None]
         ctx.save_for_backward(x, x_lora, top_k_weights, order, gate_up_out, x_a, h_a, h_mask,
                               gate_up_A, gate_up_B, down_A, down_B)
         ctx.bases = (gate_up, down)  # parameters or storage objects: held by the model, not activations
         ctx.counts, ctx.scaling, ctx.act_fn, ctx.h_dropout, ctx.dtype = counts, scaling, act_fn, h_dropout, dtype
+        ctx.grouped = grouped
         # back to (token, choice) order, then sum a token's k choices (deterministic, unlike index_add_)
         out = x.new_zeros(S, x.shape[1], dtype=dtype)
         out[order] = y_sorted
-        return out.view(T, k, -1).sum(dim=1).to(x.dtype)
+        return out.view(T, k, x.shape[1]).sum(dim=1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -165,47 +283,92 @@ class _ExpertLora(torch.autograd.Function):
         d_weights = torch.zeros(order.shape[0], dtype=dtype, device=x.device) if needs[2] else None
 
         with torch.autocast(x.device.type, enabled=False):
-            for e, sl in _slices(ctx.counts):
+            if ctx.grouped:  # the loop's lines below, for all experts at once; weight gradients are 2-D x 2-D
+                gmm = _grouped_mm(ctx.counts, x.device)
+                sl = slice(0, sum(ctx.counts))
                 rows = token_of[sl]
                 w = weights[sl, None]
                 gate, up = gate_up_out[sl].chunk(2, dim=-1)
-                with torch.enable_grad():  # act's derivative, whatever act is
+                with torch.enable_grad():
                     gate = gate.detach().requires_grad_()
                     act = ctx.act_fn(gate)
                 h = act.detach() * up
                 h_in = _dropped(h, h_mask, sl, p)
-                w_down = expert_weight(down, e, dtype)
 
-                # down: y = h Wd^T + s (h Ad^T) Bd^T; the slot's output is w * y
-                g_y = dout[rows]  # gradient of y before the routing weight
-                g_y_B = g_y @ down_B[e].to(dtype)  # (n, r)
-                g_h_base = g_y @ w_down  # (n, I)
-                if d_weights is not None:  # dL/dw = g_y . y, without keeping y
+                g_y = dout[rows]
+                g_y_B = gmm(g_y, down_B.to(dtype))
+                g_h_base = gmm(g_y, down)
+                if d_weights is not None:
                     d_weights[sl] = (g_h_base * h).sum(-1) + s * (g_y_B * h_a[sl]).sum(-1)
                 if grads["down_B"] is not None:
-                    grads["down_B"][e] = (s * (g_y * w).T @ h_a[sl]).to(down_B.dtype)
+                    grads["down_B"].copy_(gmm(s * (g_y * w).T, h_a[sl]))
                 if grads["down_A"] is not None:
-                    grads["down_A"][e] = (s * (g_y_B * w).T @ h_in).to(down_A.dtype)
+                    grads["down_A"].copy_(gmm(s * (g_y_B * w).T, h_in))
                 if d_down is not None:
-                    d_down[e] = ((g_y * w).T @ h).to(d_down.dtype)
-                g_h = w * (g_h_base + s * _dropped(g_y_B @ down_A[e].to(dtype), h_mask, sl, p))
+                    d_down.copy_(gmm((g_y * w).T, h))
+                g_h = w * (g_h_base + s * _dropped(gmm(g_y_B, down_A.to(dtype)), h_mask, sl, p))
+                del g_y, g_y_B, g_h_base, h_in
 
-                # gate/up: h = act(g) * u
                 (g_gate,) = torch.autograd.grad(act, gate, g_h * up)
-                g_gu = torch.cat([g_gate, g_h * act.detach()], dim=-1)  # (n, 2I)
+                g_gu = torch.cat([g_gate, g_h * act.detach()], dim=-1)
+                del g_gate, g_h, act, h
 
-                # gate_up: [g, u] = x Wgu^T + s (x Agu^T) Bgu^T
-                g_gu_B = g_gu @ gate_up_B[e].to(dtype)  # (n, r)
+                g_gu_B = gmm(g_gu, gate_up_B.to(dtype))
+                x_rows = xc[rows]
                 if grads["gate_up_B"] is not None:
-                    grads["gate_up_B"][e] = (s * g_gu.T @ x_a[sl]).to(gate_up_B.dtype)
+                    grads["gate_up_B"].copy_(gmm(s * g_gu.T, x_a[sl]))
                 if grads["gate_up_A"] is not None:
-                    grads["gate_up_A"][e] = (s * g_gu_B.T @ xlc[rows]).to(gate_up_A.dtype)
+                    grads["gate_up_A"].copy_(gmm(s * g_gu_B.T, x_rows if x_lora is None else xlc[rows]))
                 if d_gate_up is not None:
-                    d_gate_up[e] = (g_gu.T @ xc[rows]).to(d_gate_up.dtype)
+                    d_gate_up.copy_(gmm(g_gu.T, x_rows))
                 if dx is not None:
-                    dx.index_add_(0, rows, g_gu @ expert_weight(gate_up, e, dtype))
+                    dx.index_add_(0, rows, gmm(g_gu, gate_up))
                 if dx_lora is not None:
-                    dx_lora.index_add_(0, rows, s * g_gu_B @ gate_up_A[e].to(dtype))
+                    dx_lora.index_add_(0, rows, gmm(s * g_gu_B, gate_up_A.to(dtype)))
+                for grad in (*grads.values(), d_gate_up, d_down):
+                    _zero_idle(grad, ctx.counts)
+            else:
+                for e, sl in _slices(ctx.counts):
+                    rows = token_of[sl]
+                    w = weights[sl, None]
+                    gate, up = gate_up_out[sl].chunk(2, dim=-1)
+                    with torch.enable_grad():  # act's derivative, whatever act is
+                        gate = gate.detach().requires_grad_()
+                        act = ctx.act_fn(gate)
+                    h = act.detach() * up
+                    h_in = _dropped(h, h_mask, sl, p)
+                    w_down = expert_weight(down, e, dtype)
+
+                    # down: y = h Wd^T + s (h Ad^T) Bd^T; the slot's output is w * y
+                    g_y = dout[rows]  # gradient of y before the routing weight
+                    g_y_B = g_y @ down_B[e].to(dtype)  # (n, r)
+                    g_h_base = g_y @ w_down  # (n, I)
+                    if d_weights is not None:  # dL/dw = g_y . y, without keeping y
+                        d_weights[sl] = (g_h_base * h).sum(-1) + s * (g_y_B * h_a[sl]).sum(-1)
+                    if grads["down_B"] is not None:
+                        grads["down_B"][e] = (s * (g_y * w).T @ h_a[sl]).to(down_B.dtype)
+                    if grads["down_A"] is not None:
+                        grads["down_A"][e] = (s * (g_y_B * w).T @ h_in).to(down_A.dtype)
+                    if d_down is not None:
+                        d_down[e] = ((g_y * w).T @ h).to(d_down.dtype)
+                    g_h = w * (g_h_base + s * _dropped(g_y_B @ down_A[e].to(dtype), h_mask, sl, p))
+
+                    # gate/up: h = act(g) * u
+                    (g_gate,) = torch.autograd.grad(act, gate, g_h * up)
+                    g_gu = torch.cat([g_gate, g_h * act.detach()], dim=-1)  # (n, 2I)
+
+                    # gate_up: [g, u] = x Wgu^T + s (x Agu^T) Bgu^T
+                    g_gu_B = g_gu @ gate_up_B[e].to(dtype)  # (n, r)
+                    if grads["gate_up_B"] is not None:
+                        grads["gate_up_B"][e] = (s * g_gu.T @ x_a[sl]).to(gate_up_B.dtype)
+                    if grads["gate_up_A"] is not None:
+                        grads["gate_up_A"][e] = (s * g_gu_B.T @ xlc[rows]).to(gate_up_A.dtype)
+                    if d_gate_up is not None:
+                        d_gate_up[e] = (g_gu.T @ xc[rows]).to(d_gate_up.dtype)
+                    if dx is not None:
+                        dx.index_add_(0, rows, g_gu @ expert_weight(gate_up, e, dtype))
+                    if dx_lora is not None:
+                        dx_lora.index_add_(0, rows, s * g_gu_B @ gate_up_A[e].to(dtype))
 
         d_top_k = None
         if d_weights is not None:
@@ -266,8 +429,8 @@ class LoraExperts(nn.Module):
 
     The wrapped module's fused weights are kept (frozen) under their own names, so the state dict of the
     base weights is unchanged; the adapters are `gate_up_lora_A` (E, r, H), `gate_up_lora_B` (E, 2I, r),
-    `down_lora_A` (E, r, I), `down_lora_B` (E, H, r), float32 (float64 for float64 experts). peft's init: A kaiming-uniform, B zero, so a
-    fresh wrapper computes exactly what the wrapped module does.
+    `down_lora_A` (E, r, I), `down_lora_B` (E, H, r), float32 (float64 for float64 experts). peft's init:
+    A kaiming-uniform, B zero, so a fresh wrapper computes exactly what the wrapped module does.
 
     `gate_up` / `down` replace the base weights with other storage (an `ExpertWeights`, e.g. 4-bit).
     """

@@ -14,17 +14,22 @@ the built-in whose tokenizer it uses); it is removed before transformers sees th
 Sparse upcycling (`model.upcycle`): the loaded dense Llama-family causal LM is turned into a Mixtral MoE
 (`memft.models.upcycle`) before `load_model` returns it, so the rest of memft sees an MoE.
 
-QLoRA: with a `BitsAndBytesConfig`, transformers replaces every `nn.Linear` except the output head
-(LM head or classification `score`) with a bitsandbytes `Linear4bit`. Fused MoE expert weights
-(transformers 5 stores each layer's experts as 3-D `nn.Parameter`s, not `nn.Linear`) and routers
-(`...TopKRouter`, also a bare parameter) stay in full precision.
+QLoRA: with a 4-bit `BitsAndBytesConfig`, transformers replaces every `nn.Linear` except the output head
+(LM head or classification `score`) with a bitsandbytes `Linear4bit`, quantizing each weight as it is loaded.
+Fused MoE expert weights (transformers 5 stores each layer's experts as 3-D `nn.Parameter`s, not `nn.Linear`)
+are stored in 4 bits the same way, one weight at a time, as `NF4Experts` (`experts_quantized_on_load`): at most
+one layer's `gate_up_proj` or `down_proj` exists in full precision while loading. Routers (`...TopKRouter`, a
+bare 2-D parameter) stay in full precision.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from pickle import UnpicklingError
@@ -36,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from memft.errors import UserError
-from memft.models.nf4_experts import NF4Experts
+from memft.models.nf4_experts import EXPERT_WEIGHTS, NF4Experts, fused_experts, store_experts_weight
 from memft.paths import CONFIGS_DIR
 from memft.recipe import ModelConfig
 from memft.textio import read_text
@@ -407,14 +412,17 @@ def build_model(config, cfg: ModelConfig, *, weights: Any = None, hub_kwargs: di
         # load those weights in the target dtype, or quantized, through the path a checkpoint takes.
         model = model_class.from_config(config, **{**kwargs, "dtype": torch.float32})
         if kwargs["dtype"] != torch.float32 or quantization_config is not None:
-            model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), **load_kwargs)
+            with experts_quantized_on_load(quantization_config):
+                model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
+                                                    **load_kwargs)
         return model
     try:
         # weights_only: a pickled pytorch_model.bin may hold only tensors, never code to run.
         # ignore_mismatched_sizes: report every wrong shape ourselves instead of transformers' traceback.
-        model, report = model_class.from_pretrained(weights, config=config, output_loading_info=True,
-                                                    weights_only=True, ignore_mismatched_sizes=True,
-                                                    **load_kwargs, **(hub_kwargs or {}))
+        with experts_quantized_on_load(quantization_config):
+            model, report = model_class.from_pretrained(weights, config=config, output_loading_info=True,
+                                                        weights_only=True, ignore_mismatched_sizes=True,
+                                                        **load_kwargs, **(hub_kwargs or {}))
     except OSError as exc:
         raise UserError(f"could not load the weights of `{cfg.name}`: {_first_line(exc)}") from None
     except Exception as exc:
@@ -423,6 +431,94 @@ def build_model(config, cfg: ModelConfig, *, weights: Any = None, hub_kwargs: di
         raise UserError(reason) from None
     _check_loading_report(report, weights, new_head=_new_classification_head(cfg.task, config, model))
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# 4-bit fused experts while loading
+
+
+@contextmanager
+def experts_quantized_on_load(quantization_config: Any) -> Iterator[None]:
+    """While open, a 4-bit `BitsAndBytesConfig` given to `from_pretrained` also stores each fused experts weight in
+    4 bits (`NF4Experts`) as soon as transformers has built it (after fusing per-expert checkpoint keys, cast to the
+    load dtype, on the target device), before the next one is read: at most one experts weight exists in full
+    precision at a time, instead of all of them until `quantize_experts` runs after loading.
+
+    transformers 5.24 takes no quantizer instance: `from_pretrained` builds one from the config's quant method, so
+    memft's subclass stands in for bitsandbytes' 4-bit one (`AUTO_QUANTIZER_MAPPING`) for the call only. The model
+    keeps a plain `BitsAndBytesConfig`; without one (or for 8 bits) nothing changes.
+    """
+    if quantization_config is None or not getattr(quantization_config, "load_in_4bit", False):
+        yield
+        return
+    from transformers.quantizers import auto
+
+    key = "bitsandbytes_4bit"
+    previous = auto.AUTO_QUANTIZER_MAPPING[key]
+    auto.AUTO_QUANTIZER_MAPPING[key] = _experts_quantizer()
+    try:
+        yield
+    finally:
+        auto.AUTO_QUANTIZER_MAPPING[key] = previous
+
+
+@functools.cache
+def _experts_quantizer() -> type:
+    """transformers' 4-bit bitsandbytes quantizer, extended to the fused experts weights bitsandbytes cannot see."""
+    from transformers.core_model_loading import ConversionOps
+    from transformers.integrations.bitsandbytes import Bnb4bitQuantize
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    class ExpertsQuantize(ConversionOps):
+        """transformers' quantize op for one loaded weight: fused experts become `NF4Experts`, linears `Params4bit`."""
+
+        def __init__(self, hf_quantizer):
+            self.hf_quantizer = hf_quantizer
+            self.linear = Bnb4bitQuantize(hf_quantizer)
+
+        def convert(self, input_dict: dict, model=None, missing_keys=None, **kwargs) -> dict:
+            q = self.hf_quantizer
+            rest = {k: v for k, v in input_dict.items() if k not in q.expert_weights}
+            result = self.linear.convert(rest, model=model, missing_keys=missing_keys, **kwargs) if rest else {}
+            config = q.quantization_config
+            for key in input_dict.keys() - rest.keys():
+                value = input_dict[key]
+                value = value[0] if isinstance(value, list) else value
+                module_name, _, weight_name = key.rpartition(".")
+                module = model.get_submodule(module_name)
+                if value.shape != getattr(module, weight_name).shape:
+                    # left in full precision for transformers to report as mismatched (memft's report raises)
+                    q.expert_weights.discard(key)
+                    result[key] = value
+                    continue
+                holder = store_experts_weight(module, weight_name, value, config.bnb_4bit_quant_type,
+                                              config.bnb_4bit_use_double_quant, config.bnb_4bit_compute_dtype)
+                # the holder is the loaded weight: transformers must neither initialise nor report it as missing
+                holder._is_hf_initialized = True
+                if missing_keys is not None:
+                    missing_keys.discard(key)
+            return result
+
+    class NF4ExpertsQuantizer(Bnb4BitHfQuantizer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.expert_weights: set[str] = set()
+            """The fused experts weights quantized while loading, e.g. `model.layers.0.mlp.experts.gate_up_proj`."""
+
+        def _process_model_before_weight_loading(self, model, device_map, **kwargs):
+            super()._process_model_before_weight_loading(model, device_map, **kwargs)
+            # decided on the empty model, before any weight is replaced (a layout memft cannot store raises here);
+            # a checkpoint saved 4-bit holds its experts in full precision: they load so, `quantize_experts` follows
+            self.expert_weights = set() if self.pre_quantized else {
+                f"{name}.{w}" for name, _ in fused_experts(model) for w in EXPERT_WEIGHTS}
+
+        def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+            return param_name in self.expert_weights or super().param_needs_quantization(model, param_name, **kwargs)
+
+        def get_quantize_ops(self):
+            return ExpertsQuantize(self)
+
+    return NF4ExpertsQuantizer
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ Every caller reads expert weights through a provider with one interface, quantiz
 
 `quantize_experts(model, ...)` replaces both parameters of every fused experts module by `NF4Experts` holders
 and gives the module a forward that is transformers' eager experts loop reading `W[e]` through the providers.
+QLoRA loading (`memft.models.load.experts_quantized_on_load`) does the same per weight as each one is loaded
+(`store_experts_weight`), so `quantize_experts` then finds nothing left to quantize.
 Routers, shared experts (ordinary `nn.Linear`, which bitsandbytes quantizes itself) and everything else are
 left as they are; frozen weights keep the model's dtype.
 """
@@ -38,6 +40,8 @@ NESTED_BLOCKSIZE = 256
 CODE_BYTES, NESTED_CODE_BYTES = 4 * 16, 4 * 256
 """The 16 float32 levels of NF4/FP4 and the 256 float32 levels of the 8-bit map of the absmax values."""
 QUANT_TYPES = ("nf4", "fp4")
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+"""The two fused weights of an experts module, (E, 2I, H) and (E, H, I)."""
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes bitsandbytes quantizes from and dequantizes to."""
 
@@ -276,18 +280,31 @@ def quantize_experts(model: nn.Module, quant_type: str = "nf4", double_quant: bo
     """Store every fused experts module's two weights in 4 bits and give it a forward that reads them one expert
     at a time. Returns the names of the modules quantized (none for a dense model).
 
+    A model whose experts are already 4-bit (`memft.models.load` quantizes them while loading) has no fused
+    parameters left: nothing is quantized twice.
+
     Args:
         compute_dtype: the dtype `expert()` returns by default (the weight's own dtype when None); the forward
             computes in the dtype of its input.
     """
     names = []
     for name, module in fused_experts(model):
-        for weight_name in ("gate_up_proj", "down_proj"):
-            holder = NF4Experts.from_parameter(getattr(module, weight_name), quant_type, double_quant, compute_dtype)
-            delattr(module, weight_name)  # frees the full-precision parameter
-            setattr(module, weight_name, holder)
-        # an instance attribute wins over the class's forward, and over transformers' `experts_implementation`
-        # dispatch (grouped_mm / batched_mm index the whole 3-D weight)
-        module.forward = types.MethodType(experts_forward, module)
+        for weight_name in EXPERT_WEIGHTS:
+            store_experts_weight(module, weight_name, getattr(module, weight_name), quant_type, double_quant,
+                                 compute_dtype)
         names.append(name)
     return names
+
+
+def store_experts_weight(module: nn.Module, weight_name: str, weight: torch.Tensor, quant_type: str = "nf4",
+                         double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> NF4Experts:
+    """Quantize `weight` (E, out, in) into an `NF4Experts` that replaces the experts module's `weight_name`
+    parameter, and give the module the forward that reads it (a still full-precision other weight reads as is).
+    `quantize_experts` calls it for each weight of a loaded model; loading calls it as each weight arrives."""
+    holder = NF4Experts.from_parameter(weight, quant_type, double_quant, compute_dtype)
+    delattr(module, weight_name)  # frees the full-precision parameter (a meta one while loading)
+    setattr(module, weight_name, holder)
+    # an instance attribute wins over the class's forward, and over transformers' `experts_implementation`
+    # dispatch (grouped_mm / batched_mm index the whole 3-D weight)
+    module.forward = types.MethodType(experts_forward, module)
+    return holder

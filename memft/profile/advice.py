@@ -48,7 +48,7 @@ def candidates(recipe: Recipe, moe: bool = False) -> list[Change]:
     if not t.gradient_checkpointing and "revffn" not in names:
         out.append(Change("gradient checkpointing", ["train.gradient_checkpointing=true"],
                           "1.3x step time measured on an H100 (each layer's forward runs twice)"))
-    if t.optimizer == "adamw" and any(s in names for s in ("full", "lora")):
+    if t.optimizer == "adamw" and any(s in names for s in ("full", "lora", "qlora")):
         out.append(Change("8-bit AdamW", ["train.optimizer=adamw_8bit"],
                           "about the same speed; optimizer state 4x smaller"))
     if "full" in names:

@@ -21,6 +21,7 @@ from torch import nn
 
 from memft import registry
 from memft.errors import UserError
+from memft.models.blocks import layer_stack
 from memft.models.load import (
     auto_class,
     build_model,
@@ -36,6 +37,8 @@ from memft.profile import activations
 from memft.recipe import Recipe
 from memft.registry import BuildContext, MemoryEstimate
 from memft.strategies.lora import HEADS
+from memft.train.chunked_loss import linear_head
+from memft.train.chunked_loss import transient_bytes as chunked_transient
 from memft.train.loop import Trainer, apply_strategies, autocast_context, step_loss
 from memft.train.meters import SavedTensorMeter
 
@@ -70,6 +73,7 @@ class Profile:
     gradient_checkpointing: bool
     optimizer: str
     moe: bool
+    optimizer_in_backward: bool
     params: int
     trainable_params: int
     weights: dict[str, int]
@@ -82,7 +86,8 @@ class Profile:
     """The part of `activations` that belongs to the logits and the loss."""
     layers: int
     backward_transient: int
-    """What the loss's backward allocates on top: two float32 logit-sized gradients (log-softmax's and its input's)."""
+    """What the loss's backward allocates on top (`loss_transient`): one chunk's logits and the hidden states' gradient
+    under the chunked loss, else two float32 logit-sized gradients (log-softmax's and its input's)."""
     head_gradient: int
     """The output head's weight gradient, the first one backward creates (0 when the head is frozen)."""
     strategy_device: dict[str, int] = field(default_factory=dict)
@@ -112,7 +117,9 @@ class Profile:
         (`zero_grad(set_to_none=True)`), so the fullest moment is the larger of the two ends; with gradient
         accumulation the gradients stay beside every later micro-batch's activations."""
         start = self.activations + self.backward_transient + self.head_gradient
-        backward = start + self.gradients if self.grad_accum > 1 else max(start, self.gradients)
+        # with the optimizer step in backward, `gradients` is one layer's, alive beside what backward has not freed
+        alongside = self.grad_accum > 1 or self.optimizer_in_backward
+        backward = start + self.gradients if alongside else max(start, self.gradients)
         return (self.weight_bytes + self.optimizer_state + sum(self.strategy_device.values()) + backward
                 + self.per_layer)
 
@@ -166,18 +173,37 @@ def state_bytes(model: nn.Module, quantized: set[int], recipe: Recipe, double_qu
             kind = str(t.dtype).removeprefix("torch.")
             weights[kind] = weights.get(kind, 0) + t.numel() * t.element_size()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    in_backward = recipe.train.optimizer_in_backward
+    gradients = gradients_in_backward(model, trainable) if in_backward else sum(grad_bytes(p) for p in trainable)
     if recipe.train.optimizer == "adamw_8bit":
         big = [p for p in trainable if p.numel() >= ADAM8_MIN_SIZE]
+        maps = 2 * 4 * 256 * (len(big) if in_backward else min(len(big), 1))  # two quantization maps per optimizer
         optimizer = (sum(2 * p.numel() + 2 * 4 * math.ceil(p.numel() / ADAM8_BLOCK) for p in big)
-                     + sum(2 * 4 * p.numel() for p in trainable if p.numel() < ADAM8_MIN_SIZE)
-                     + (2 * 4 * 256 if big else 0))  # the two quantization maps, shared by all parameters
+                     + sum(2 * 4 * p.numel() for p in trainable if p.numel() < ADAM8_MIN_SIZE) + maps)
     else:
         optimizer = sum(2 * p.numel() * p.element_size() + 4 for p in trainable)  # exp_avg, exp_avg_sq, step
     return {"weights": weights, "gradients": gradients, "optimizer_state": optimizer,
             "params": sum(t.numel() for t in model.parameters()) + sum(h.num_experts * h.out_features * h.in_features
                                                                        for h in holders),
             "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def grad_bytes(p: torch.Tensor) -> int:
+    return p.numel() * p.element_size()
+
+
+def gradients_in_backward(model: nn.Module, trainable: list) -> int:
+    """The most gradient bytes alive at once when each parameter is stepped and its gradient freed as soon as backward
+    completes it (`train.optimizer_in_backward`): one decoder layer's (a layer's backward may hand over all its weight
+    gradients together, as memft's expert LoRA does), or the largest parameter outside the layers."""
+    ids = {id(p) for p in trainable}
+    inside, layers = set(), []
+    for layer in layer_stack(model):
+        mine = [p for p in layer.parameters() if id(p) in ids]
+        inside |= {id(p) for p in mine}
+        layers.append(sum(grad_bytes(p) for p in mine))
+    outside = [grad_bytes(p) for p in trainable if id(p) not in inside]
+    return max([*layers, *outside, 0])
 
 
 def twin_measure(recipe: Recipe, autocast, seed: int = 0, vary: bool = True):
@@ -291,10 +317,10 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         fit = bound
         notes.append(f"{', '.join(sorted(names))}: activations shown without token selection, an upper bound "
                      "(the fit with selection is not reliable yet)")
-    transient = 2 * batch * seq * widths.vocab * 4 if recipe.model.task == "causal_lm" else 0
     head = model.get_output_embeddings() if recipe.model.task == "causal_lm" else None
     trained_head = head is not None and head.weight.requires_grad
     head_gradient = head.weight.numel() * head.weight.element_size() if trained_head else 0
+    transient = loss_transient(recipe, model, strategies, autocast, batch * seq, widths, trained_head)
 
     extra = MemoryEstimate()
     for s in strategies:
@@ -303,12 +329,28 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         model=recipe.model.name, source=resolved.source, device=str(target), dtype=recipe.model.dtype,
         batch_size=batch, seq_len=seq, grad_accum=recipe.train.grad_accum,
         strategies=[s.name for s in strategies], gradient_checkpointing=recipe.train.gradient_checkpointing,
-        optimizer=recipe.train.optimizer, moe=is_moe(config), params=states["params"],
+        optimizer=recipe.train.optimizer, moe=is_moe(config),
+        optimizer_in_backward=recipe.train.optimizer_in_backward, params=states["params"],
         trainable_params=states["trainable_params"],
         weights=states["weights"], gradients=states["gradients"], optimizer_state=states["optimizer_state"],
         activations=int(round(total)), logits=int(round(logits)), layers=config.num_hidden_layers,
         backward_transient=transient, head_gradient=head_gradient, strategy_device=extra.device, host=extra.host,
         fit_residual=fit.residual, twins=fit.twins, notes=notes + extra.notes)
+
+
+def loss_transient(recipe: Recipe, model: nn.Module, strategies: list, autocast, tokens: int, widths,
+                   trained_head: bool) -> int:
+    """What the causal-LM loss's backward allocates on top of the saved activations: with memft's chunked loss (the
+    default, `memft.train.chunked_loss`) one chunk's logits and the hidden states' gradient; else two float32
+    logit-sized gradients, for a head the chunked loss does not take over or a strategy with a loss of its own
+    (TokenTune's selected rows, RevFFN's distillation: an upper bound for TokenTune, which projects fewer rows)."""
+    if recipe.model.task != "causal_lm":
+        return 0
+    head = linear_head(model)
+    if head is None or any(type(s).loss is not registry.Strategy.loss for s in strategies):
+        return 2 * tokens * widths.vocab * 4
+    dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else getattr(torch, recipe.model.dtype)
+    return chunked_transient(tokens, widths.vocab, head.in_features, dtype, head.weight.dtype, trained_head)
 
 
 def _cpu_twin_autocast(recipe: Recipe, target: torch.device):
@@ -380,7 +422,8 @@ def measure(recipe: Recipe) -> dict:
             t.optimizer.zero_grad(set_to_none=True)
             peaks.append((backward_peak, torch.cuda.max_memory_allocated(t.device) if cuda else None))
         states = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
-                  for state in t.optimizer.state.values() for v in state.values() if torch.is_tensor(v)}
+                  for o in getattr(t.optimizer, "inner", [t.optimizer])  # StepInBackward: one per parameter
+                  for state in o.state.values() for v in state.values() if torch.is_tensor(v)}
         return {"activation_bytes": saved, "weight_bytes": stored_bytes(t.model), "gradient_bytes": grads,
                 "optimizer_bytes": sum(states.values()),
                 "cuda_peak_bytes": max(p for _, p in peaks) if cuda else None,

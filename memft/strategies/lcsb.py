@@ -103,6 +103,8 @@ class Lcsb(Strategy):
     # last: the gate wraps each layer as the other strategies left it (adapters, RevFFN/TokenTune wrappers)
     order = 60
     summary = "Layer-cyclic selective backprop: each step back-propagates through 1 of `groups` layer groups."
+    step_in_backward = ("its momentum updates give unselected layers a zero gradient after backward "
+                        "(`after_backward`), when a step in backward has no gradient left to fill")
 
     def __init__(self, params: LcsbParams):
         super().__init__(params)

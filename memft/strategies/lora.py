@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from memft.errors import UserError
-from memft.models.expert_lora import is_fused_experts, stored_experts, wrap_experts
+from memft.models.expert_lora import EXPERT_PARAMS, ExpertWeights, is_fused_experts, stored_experts, wrap_experts
 from memft.registry import BuildContext, Strategy, StrategyParams, register
 
 HEADS = ("lm_head", "score", "classifier")
@@ -151,12 +151,16 @@ def _coverage(model: nn.Module, params: LoraParams, ctx: BuildContext, label: st
     # exclude the shared expert only where a suffix would reach it (a dense MLP's `down_proj` in a mixed stack)
     reached = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_shared_expert(n)
                and any(_hit(n, t) for t in linear)]
-    return Coverage(linear=linear, exclude=shared if reached and not keep_shared else [], experts=choice is True,
-                    router=params.target_router, shared=keep_shared if shared else None)
+    # experts stored in 4 bits while loading are modules named like linear layers (`experts.down_proj`): not peft's
+    stored = sorted(f"{name}.{w}" for name, m in _experts_modules(model) if stored_experts(m) for w in EXPERT_PARAMS)
+    return Coverage(linear=linear, exclude=(shared if reached and not keep_shared else []) + stored,
+                    experts=choice is True, router=params.target_router, shared=keep_shared if shared else None)
 
 
 def _widths(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a layer LoRA can adapt (linear, 4-bit linear, embedding, convolution), else None."""
+    if isinstance(module, ExpertWeights):  # 4-bit fused experts: adapted by `LoraExperts`, not as a layer
+        return None
     if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
         return module.in_features, module.out_features  # also bitsandbytes' Linear4bit, whose weight is packed
     if isinstance(module, nn.Embedding):

@@ -40,8 +40,9 @@ from memft.recipe import Recipe
 from memft.registry import BuildContext, LossOutput, at_least_float32
 from memft.train import checkpoint
 from memft.train import lock as run_lock
+from memft.train.chunked_loss import hidden_states, linear_cross_entropy, linear_head
 from memft.train.meters import SavedTensorMeter, StepTimer, peak_memory
-from memft.train.optim import build_optimizer, build_scheduler, clip_gradients
+from memft.train.optim import StepInBackward, build_optimizer, build_scheduler, clip_gradients
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -65,12 +66,15 @@ def default_loss(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
 
 def _cross_entropy(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
+    labels = batch["labels"]
     if task == "causal_lm":
-        # position t predicts token t+1; -100 marks padding and prompt tokens
-        logits, labels = logits[:, :-1], batch["labels"][:, 1:]
-    else:
-        labels = batch["labels"]
+        # position t predicts token t+1; -100 marks padding and prompt tokens. Shifting the labels, not the
+        # logits, spares a copy of the logits and a zero-filled gradient of their full shape.
+        labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if (head := linear_head(model)) is not None:  # never forms the B x S x V logits
+            loss_sum, count = linear_cross_entropy(hidden_states(model, head, inputs), head, labels)
+            return LossOutput(loss_sum, count)
+    logits = model(**inputs).logits
     loss_sum = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
     return LossOutput(loss_sum, int((labels != -100).sum()), logits=logits)
@@ -499,9 +503,12 @@ class Trainer:
             raise RunFailed(self._nonfinite_message(step_loss))
         for s in self.strategies:
             s.after_backward(self.step)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = clip_gradients(grads + [g for s in self.strategies for g in s.outside_grads()],
-                                   r.train.max_grad_norm)
+        if isinstance(self.optimizer, StepInBackward):  # already stepped, gradient by gradient
+            grad_norm = self.optimizer.grad_norm()
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = clip_gradients(grads + [g for s in self.strategies for g in s.outside_grads()],
+                                       r.train.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

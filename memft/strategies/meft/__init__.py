@@ -102,6 +102,8 @@ class Meft(Strategy):
     Params = MeftParams
     order = 30
     summary = "Wide sparse key-value adapters on every FFN, kept in host memory; a router picks the rows."
+    step_in_backward = ("its host key/value rows are accumulated and stepped by its own host AdamW after backward; "
+                        "the combination is not built yet")
     adds_trainable = True
     conflicts = {
         "revffn": "RevFFN recomputes each FFN from a rebuilt input, and MEFT's key routing is not replayed there "

@@ -99,6 +99,8 @@ class RevFFN(Strategy):
     Params = RevFFNParams
     order = 50
     summary = "Reversible two-stream decoder layers: activations stop growing with depth (with a recovery stage)."
+    step_in_backward = ("its reversible backward and recovery-stage distillation are not tested with a step "
+                        "in backward yet")
     conflicts = {
         "tokentune": "both replace the decoder layers' forward; use `revffn` for depth, `tokentune` for tokens.",
         "lcsb": "LCSB's frozen layers pass gradients through the residual identity, which the reversible "
