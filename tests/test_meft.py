@@ -265,7 +265,8 @@ def test_the_adapter_follows_the_models_dtype_and_checkpoints(dtype, adapter):
     (out.loss_sum / out.count).backward()
     s.after_backward(0)
     s.after_optimizer_step(0)
-    assert out.logits.dtype == getattr(torch, dtype)
+    with torch.no_grad():  # the chunked loss returns no logits: the model's own forward shows their dtype
+        assert t.model(**{k: v for k, v in batch_of().items() if k != "labels"}).logits.dtype == getattr(torch, dtype)
     state = s.tensor_state()
     floats = {v.dtype for k, v in state.items() if not k.endswith("row_steps")}  # weights and AdamW moments
     assert {r.dtype for r in s.routers} == floats == {adapter}
@@ -351,7 +352,8 @@ def test_tokentune_keeps_meft_capped_forward_and_gets_the_naive_gradients():
     batch = tt.on_step_start(0, batch_of())
     out = tt.loss(tt_meft.model, batch)
     with torch.no_grad():
-        logits_err = rel_err(out.logits, alone._loss(batch_of()).logits)
+        plain = alone._loss(batch_of())  # the forward is MEFT's alone: the same loss over every target
+        logits_err = rel_err(out.loss_sum / out.count, plain.loss_sum / plain.count)
     assert s.meters["meft_rerouted_probes"] > 0  # the cap binds
 
     (out.loss_sum / out.count).backward()
@@ -366,7 +368,7 @@ def test_tokentune_keeps_meft_capped_forward_and_gets_the_naive_gradients():
     grad_err = max(rel_err(got, want) for i, (kg, vg) in enumerate(host_grads)
                    for got, want in ((kg, leaves[i][0].grad), (vg, leaves[i][1].grad),
                                      (s.routers[i].grad, a.routers[i].grad)))
-    print(f"tokentune + meft, cap 64: logits vs meft alone {logits_err:.1e}, loss {loss_err:.1e}, "
+    print(f"tokentune + meft, cap 64: forward (loss) vs meft alone {logits_err:.1e}, loss {loss_err:.1e}, "
           f"key / value / router gradients vs the naive reference {grad_err:.1e}")
     assert logits_err <= 1e-10 and loss_err <= 1e-10 and grad_err <= 1e-10
     assert all(kg.abs().sum() > 0 for kg, _ in host_grads)

@@ -59,6 +59,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 
 from memft.errors import UserError
 
@@ -279,7 +280,8 @@ class _ExpertLora(torch.autograd.Function):
         d_gate_up = torch.zeros_like(gate_up) if needs[4] else None
         d_down = torch.zeros_like(down) if needs[5] else None
         dx = torch.zeros_like(xc) if needs[0] else None
-        dx_lora = torch.zeros_like(xc) if (needs[0] or needs[1]) else None
+        # when the adapters read x itself, their part of dx joins the base's in one index_add_ per expert
+        dx_lora = torch.zeros_like(xc) if x_lora is not None and needs[1] else None
         d_weights = torch.zeros(order.shape[0], dtype=dtype, device=x.device) if needs[2] else None
 
         with torch.autocast(x.device.type, enabled=False):
@@ -289,10 +291,8 @@ class _ExpertLora(torch.autograd.Function):
                 rows = token_of[sl]
                 w = weights[sl, None]
                 gate, up = gate_up_out[sl].chunk(2, dim=-1)
-                with torch.enable_grad():
-                    gate = gate.detach().requires_grad_()
-                    act = ctx.act_fn(gate)
-                h = act.detach() * up
+                act, act_backward = _activation(ctx.act_fn, gate)
+                h = act * up
                 h_in = _dropped(h, h_mask, sl, p)
 
                 g_y = dout[rows]
@@ -309,9 +309,8 @@ class _ExpertLora(torch.autograd.Function):
                 g_h = w * (g_h_base + s * _dropped(gmm(g_y_B, down_A.to(dtype)), h_mask, sl, p))
                 del g_y, g_y_B, g_h_base, h_in
 
-                (g_gate,) = torch.autograd.grad(act, gate, g_h * up)
-                g_gu = torch.cat([g_gate, g_h * act.detach()], dim=-1)
-                del g_gate, g_h, act, h
+                g_gu = torch.cat([act_backward(g_h * up), g_h * act], dim=-1)
+                del g_h, act, h, act_backward
 
                 g_gu_B = gmm(g_gu, gate_up_B.to(dtype))
                 x_rows = xc[rows]
@@ -322,7 +321,10 @@ class _ExpertLora(torch.autograd.Function):
                 if d_gate_up is not None:
                     d_gate_up.copy_(gmm(g_gu.T, x_rows))
                 if dx is not None:
-                    dx.index_add_(0, rows, gmm(g_gu, gate_up))
+                    d_rows = gmm(g_gu, gate_up)
+                    if x_lora is None:
+                        d_rows += gmm(s * g_gu_B, gate_up_A.to(dtype))
+                    dx.index_add_(0, rows, d_rows)
                 if dx_lora is not None:
                     dx_lora.index_add_(0, rows, gmm(s * g_gu_B, gate_up_A.to(dtype)))
                 for grad in (*grads.values(), d_gate_up, d_down):
@@ -332,10 +334,8 @@ class _ExpertLora(torch.autograd.Function):
                     rows = token_of[sl]
                     w = weights[sl, None]
                     gate, up = gate_up_out[sl].chunk(2, dim=-1)
-                    with torch.enable_grad():  # act's derivative, whatever act is
-                        gate = gate.detach().requires_grad_()
-                        act = ctx.act_fn(gate)
-                    h = act.detach() * up
+                    act, act_backward = _activation(ctx.act_fn, gate)
+                    h = act * up
                     h_in = _dropped(h, h_mask, sl, p)
                     w_down = expert_weight(down, e, dtype)
 
@@ -354,8 +354,7 @@ class _ExpertLora(torch.autograd.Function):
                     g_h = w * (g_h_base + s * _dropped(g_y_B @ down_A[e].to(dtype), h_mask, sl, p))
 
                     # gate/up: h = act(g) * u
-                    (g_gate,) = torch.autograd.grad(act, gate, g_h * up)
-                    g_gu = torch.cat([g_gate, g_h * act.detach()], dim=-1)  # (n, 2I)
+                    g_gu = torch.cat([act_backward(g_h * up), g_h * act], dim=-1)  # (n, 2I)
 
                     # gate_up: [g, u] = x Wgu^T + s (x Agu^T) Bgu^T
                     g_gu_B = g_gu @ gate_up_B[e].to(dtype)  # (n, r)
@@ -366,7 +365,10 @@ class _ExpertLora(torch.autograd.Function):
                     if d_gate_up is not None:
                         d_gate_up[e] = (g_gu.T @ xc[rows]).to(d_gate_up.dtype)
                     if dx is not None:
-                        dx.index_add_(0, rows, g_gu @ expert_weight(gate_up, e, dtype))
+                        d_rows = g_gu @ expert_weight(gate_up, e, dtype)
+                        if x_lora is None:
+                            d_rows += s * g_gu_B @ gate_up_A[e].to(dtype)
+                        dx.index_add_(0, rows, d_rows)
                     if dx_lora is not None:
                         dx_lora.index_add_(0, rows, s * g_gu_B @ gate_up_A[e].to(dtype))
 
@@ -376,13 +378,23 @@ class _ExpertLora(torch.autograd.Function):
             d_top_k[order] = d_weights
             d_top_k = d_top_k.view_as(top_k_weights).to(top_k_weights.dtype)
         d_x_lora = None
-        if x_lora is None:  # the adapters read x itself
-            dx = None if dx is None else (dx + dx_lora).to(x.dtype)
-        else:
-            dx = None if dx is None else dx.to(x.dtype)
-            d_x_lora = dx_lora.to(x_lora.dtype) if needs[1] else None
+        dx = None if dx is None else dx.to(x.dtype)
+        if dx_lora is not None:
+            d_x_lora = dx_lora.to(x_lora.dtype)
         return (dx, d_x_lora, d_top_k, None, d_gate_up, d_down,
                 grads["gate_up_A"], grads["gate_up_B"], grads["down_A"], grads["down_B"], None, None, None, None)
+
+
+def _activation(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor):
+    """`act(gate)`, and the map from the gradient of the activation to the gradient of `gate`: SiLU's closed form
+    (torch's own `silu_backward` formula, `s (1 + g (1 - s))` with `s = sigmoid(g)`), else act's own autograd."""
+    if isinstance(act_fn, (nn.SiLU, SiLUActivation)):
+        sig = torch.sigmoid(gate)
+        return act_fn(gate), lambda g: g * (sig * (1 + gate * (1 - sig)))
+    with torch.enable_grad():
+        leaf = gate.detach().requires_grad_()
+        act = act_fn(leaf)
+    return act.detach(), lambda g: torch.autograd.grad(act, leaf, g)[0]
 
 
 def _dropped(t: torch.Tensor, mask: torch.Tensor | None, sl: slice, p: float) -> torch.Tensor:
