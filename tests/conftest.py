@@ -20,6 +20,16 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: with tiny tensors on a busy 2-core machine, OpenMP wake-ups cost more than
+    each bitsandbytes call. Use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present (a fresh clone has none)")

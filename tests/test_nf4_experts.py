@@ -40,13 +40,7 @@ weights' norm (measured here 0.093-0.097 over shapes, dtypes and double quantiza
 (uniform-ish levels) is worse, ~0.12."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these tensors are tiny: on a busy 2-core machine OpenMP wake-ups cost 10x the work of each bitsandbytes call
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def tiny_moe(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -43,13 +43,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: on a busy 2-core machine OpenMP wake-ups cost more than each bitsandbytes call
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def qlora_config(dtype: torch.dtype, double_quant: bool = True) -> BitsAndBytesConfig:
