@@ -24,6 +24,7 @@ Usage:
     python benchmarks/lora_moe.py --threads 1           # all three models, 20 timed rounds (~5 min)
     python benchmarks/lora_moe.py --models tiny-mixtral --rounds 30
     python benchmarks/lora_moe.py --no-write            # print only
+    python benchmarks/lora_moe.py --threads 1 --wide    # also tiny-mixtral at 4x the width (per-expert work 16x)
 On a shared machine use `--threads 1`: with two threads, other processes on the cores stall every op's
 threads and the step times scatter by several x; one thread keeps the ratios steady.
 """
@@ -68,6 +69,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/bench_moe.yaml"
 OUT = ROOT / "benchmarks" / "results" / "lora_moe.json"
 MODELS = ("tiny-mixtral", "tiny-olmoe", "tiny-qwen2-moe")
+WIDE = ("tiny-mixtral", {"hidden_size": 256, "intermediate_size": 512})
+"""`--wide`: a model and config overrides where each expert's matmuls are large enough to dominate its fixed
+per-op costs (the tiny models' hidden 64 x intermediate 128 are not)."""
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 R, ALPHA = 8, 16.0  # LoraParams' defaults, as the `lora` / `qlora` rows of `memft bench`
 VARIANTS = [  # (label, strategy, path)
@@ -90,10 +94,11 @@ class Variant:
     times: list[float] = field(default_factory=list)
 
 
-def recipe_for(model: str, strategy: str, target_experts: bool) -> Recipe:
+def recipe_for(model: str, strategy: str, target_experts: bool, overrides: dict | None = None) -> Recipe:
     params = f"{{r: {R}, alpha: {ALPHA:g}, target_experts: {str(target_experts).lower()}}}"
+    config = [f"model.config_overrides={json.dumps(overrides)}"] if overrides else []
     return load(ROOT / RECIPE, [f"model.name={model}", f"strategies=[{{name: {strategy}, params: {params}}}]",
-                                "data.eval_split=null"])
+                                "data.eval_split=null", *config])
 
 
 def build_memft(recipe: Recipe, pad_id: int) -> nn.Module:
@@ -183,8 +188,8 @@ def step(v: Variant, batch: dict, meter: bool = False) -> float:
     return elapsed
 
 
-def bench_model(name: str, rounds: int, warmup: int, log=print) -> dict:
-    base = recipe_for(name, "lora", True)
+def bench_model(name: str, rounds: int, warmup: int, overrides: dict | None = None, log=print) -> dict:
+    base = recipe_for(name, "lora", True, overrides)
     tokenizer = load_tokenizer(base.model)
     pad_id = pad_token_id(tokenizer)
     data = build_data(base.data, tokenizer, seed=base.train.seed)
@@ -194,7 +199,7 @@ def bench_model(name: str, rounds: int, warmup: int, log=print) -> dict:
     variants: list[Variant] = []
     memft_models: dict[str, nn.Module] = {}
     for label, strategy, path in VARIANTS:
-        recipe = recipe_for(name, strategy, path != "frozen")
+        recipe = recipe_for(name, strategy, path != "frozen", overrides)
         try:
             if path == "peft":
                 model = build_peft(recipe, pad_id, memft_models[strategy])
@@ -209,6 +214,8 @@ def bench_model(name: str, rounds: int, warmup: int, log=print) -> dict:
         trainable = [p for p in model.parameters() if p.requires_grad]
         variants.append(Variant(label, strategy, path, recipe, model, build_optimizer([{"params": trainable}],
                                 recipe.train, device), autocast_context(recipe, device)))
+    if overrides:
+        name = f"{name} ({', '.join(f'{k} {v}' for k, v in overrides.items())})"
     log(f"{name}: {len(batches[0]['input_ids'])} x {batches[0]['input_ids'].shape[1]} tokens, "
         f"{warmup} warm-up + {rounds} timed rounds of {len(variants)} variants")
 
@@ -285,14 +292,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20, help="timed rounds (each variant one step per round)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds after the metered step 0")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--wide", action="store_true", help=f"also {WIDE[0]} with {WIDE[1]}")
     ap.add_argument("--no-write", action="store_true", help=f"do not write {OUT.relative_to(ROOT)}")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    runs = [(m.strip(), None) for m in args.models.split(",") if m.strip()] + ([WIDE] if args.wide else [])
+    for name, overrides in runs:
         try:
-            results.append(bench_model(name, args.rounds, args.warmup))
+            results.append(bench_model(name, args.rounds, args.warmup, overrides))
         except Exception as exc:  # noqa: BLE001 - one model failing to build is a result too; the others still run
             results.append({"model": name, "error": str(exc).splitlines()[0][:300]})
             print(f"{name}: FAILED: {results[-1]['error']}", flush=True)

@@ -423,8 +423,10 @@ def test_grouped_path_with_adapter_dropout_equals_the_loop_and_the_reference(mon
     assert not torch.allclose(grouped[0], outputs_and_grads(expert_lora, UNEVEN, leaves)[0])  # dropout did act
 
 
-def test_grouped_path_under_bfloat16_autocast_equals_the_loop(monkeypatch, grouped_calls):
-    # bfloat16 base weights (so no whole-layer cast), float32 input and factors; bf16 rows of 16 bytes
+def test_grouped_path_under_bfloat16_autocast_agrees_with_the_loop(monkeypatch, grouped_calls):
+    # bfloat16 base weights (so no whole-layer cast), float32 input and factors; bf16 rows of 16 bytes.
+    # The loop adds the LoRA product into the base's inside one addmm (one rounding), the grouped path adds two
+    # rounded products, so in bf16 they agree to bf16's rounding, not bitwise.
     _, leaves = random_problem(T=7, k=2, index=UNEVEN, E=6, H=16, I=8, r=8, dtype=torch.float32)
     for name in ("gate_up", "down"):
         leaves[name] = leaves[name].detach().to(torch.bfloat16).requires_grad_()
@@ -436,10 +438,13 @@ def test_grouped_path_under_bfloat16_autocast_equals_the_loop(monkeypatch, group
     loop = on_path(monkeypatch, "never", outputs_and_grads, autocast, UNEVEN, leaves)
     grouped = on_path(monkeypatch, "always", outputs_and_grads, autocast, UNEVEN, leaves)
     assert grouped_calls and grouped[0].dtype == torch.float32 and grouped[1]["gate_up"].dtype == torch.bfloat16
-    assert_all_close(grouped, loop)
-    ref_leaves = {name: t.detach().double() for name, t in leaves.items()}
-    ref = naive_experts(ref_leaves["x"], UNEVEN, *(ref_leaves[n] for n in list(leaves)[1:]), 0.7, F.silu)
-    torch.testing.assert_close(grouped[0].double(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    ref_leaves = {name: t.detach().double().requires_grad_() for name, t in leaves.items()}
+    reference = outputs_and_grads(naive_experts, UNEVEN, ref_leaves, act=F.silu)
+    for got in (loop, grouped):
+        for name, value, ref in (("out", got[0], reference[0]), *((n, got[1][n], reference[1][n]) for n in got[1])):
+            scale = ref.abs().max().item()
+            torch.testing.assert_close(value.double(), ref, rtol=0.03, atol=0.03 * scale, msg=name)
+    assert not torch.equal(loop[0], torch.zeros_like(loop[0]))
 
 
 def test_both_paths_save_the_same_tensors_for_backward(monkeypatch):

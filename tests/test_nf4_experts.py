@@ -269,6 +269,64 @@ def test_forward_dequantizes_one_expert_at_a_time(monkeypatch):
     assert saved_shapes and not weight_shapes & set(saved_shapes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_a_chunk_of_experts_is_each_expert_bitwise(dtype, double_quant, quant_type):
+    # 160 x 128: 320 blocks per expert, so the double quantization's 256-block groups end mid-expert
+    holder = NF4Experts.from_parameter(torch.randn(5, 160, 128).to(dtype), quant_type, double_quant)
+    for start, stop in ((0, 5), (1, 3), (4, 5)):
+        chunk = holder.experts(start, stop, dtype)
+        assert chunk.shape == (stop - start, 160, 128) and chunk.dtype == dtype
+        assert all(torch.equal(chunk[i], holder.expert(start + i, dtype)) for i in range(stop - start))
+    odd = NF4Experts.from_parameter(torch.randn(3, 10, 33), quant_type, double_quant)  # not whole blocks
+    assert all(torch.equal(odd.experts(0, 3, torch.float32)[e], nf4_reference(odd, e)) for e in range(3))
+
+
+def test_reader_dequantizes_bounded_chunks_in_one_call_each(monkeypatch):
+    holder = NF4Experts.from_parameter(torch.randn(5, 64, 32))
+    calls = []
+    real = bnb_functional.dequantize_4bit
+    monkeypatch.setattr(bnb_functional, "dequantize_4bit",
+                        lambda packed, state, *a, **kw: calls.append(state.shape[0]) or real(packed, state, *a, **kw))
+    reader = holder.reader(torch.float32, max_bytes=2 * 64 * 32 * 4)  # two experts per chunk
+    read = {e: reader.expert(e, torch.float32) for e in (0, 1, 3, 4)}  # a pass that skips expert 2
+    assert calls == [2 * 64 * 32, 2 * 64 * 32]  # experts [0, 2) and [3, 5), one call each
+    assert all(torch.equal(w, holder.expert(e, torch.float32)) for e, w in read.items())
+    with pytest.raises(ValueError, match="float32"):
+        reader.expert(4, torch.bfloat16)
+
+
+def test_expert_lora_on_4bit_experts_reads_bounded_chunks(monkeypatch):
+    from memft.models.expert_lora import expert_lora
+
+    E, H, inter, r = 6, 32, 16, 4
+    gate_up, down = (NF4Experts.from_parameter(torch.randn(E, out, inp) * 0.1) for out, inp in
+                     ((2 * inter, H), (H, inter)))
+    x = torch.randn(20, H, requires_grad=True)
+    weights, index = torch.randn(20, E).softmax(-1).topk(2)
+    factors = [torch.randn(E, *shape, requires_grad=True) for shape in ((r, H), (2 * inter, r), (r, inter), (H, r))]
+
+    real = bnb_functional.dequantize_4bit
+
+    def run(chunk_bytes):
+        monkeypatch.setattr(nf4_experts, "CHUNK_BYTES", chunk_bytes)
+        calls = []
+        monkeypatch.setattr(bnb_functional, "dequantize_4bit", lambda p, state, *a, **kw: calls.append(
+            state.shape[0] * 4) or real(p, state, *a, **kw))
+        for t in (x, *factors):
+            t.grad = None
+        out = expert_lora(x, index, weights, gate_up, down, *factors, scaling=2.0, act_fn=torch.nn.SiLU())
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return calls, [out.detach(), *(t.grad.clone() for t in (x, *factors))]
+
+    one_by_one_calls, one_by_one = run(1)  # one expert per call
+    chunked_calls, chunked = run(3 * 2 * inter * H * 4)  # three gate_up experts (six down) per call
+    assert max(one_by_one_calls) == 2 * inter * H * 4 and len(chunked_calls) < len(one_by_one_calls)
+    assert max(chunked_calls) <= 3 * 2 * inter * H * 4
+    assert all(torch.equal(a, b) for a, b in zip(chunked, one_by_one))
+
+
 def test_state_dict_round_trip():
     holder = NF4Experts.from_parameter(torch.randn(4, 32, 48))
     buffer = io.BytesIO()

@@ -16,13 +16,18 @@ Grouping. The (token, choice) slots are sorted by expert (a stable argsort of th
 so each expert's tokens are one contiguous slice. Each projection, forward and backward, is then either one
 `torch._grouped_mm` over all experts (offsets: the cumulative expert counts; the (E, out, in) weights and
 factors enter as they are or as transposed views, never copies; weight gradients use its 2-D x 2-D form)
-or one matmul per expert in a Python loop. Both compute the same products in the same order (on CPU,
-bitwise the same). The grouped call is used where it runs (`GROUPED`, `_grouped_reason`): plain base
+or one matmul per expert in a Python loop. One body serves both: it runs once per slot group, all slots
+(`_AllExperts`) or one expert's (`_OneExpert`), so both compute the same products in the same order; the
+loop adds the LoRA product into the base's inside one `addmm_` (one rounding where the grouped path rounds
+twice: bitwise equal in float32 on CPU in practice, within bf16's rounding in bf16). The B factors enter
+pre-scaled (`s B`, cast once per layer: they are r columns wide), so the scaling costs no pass over the slots,
+and SiLU's backward is torch's fused `silu_backward`. The grouped call is used where it runs (`GROUPED`, `_grouped_reason`): plain base
 tensors already in the compute dtype (never a cast of a whole layer, never 4-bit storage), float32,
 bfloat16 or float16 on a device where a probe of the op gives exact numbers (once per device and dtype),
 hidden, intermediate and rank rows of a multiple of 16 bytes; by default on CUDA only (`GROUPED_DEVICES`).
 Everything else, float64 included, takes the loop. Both paths save the same tensors; the grouped one's
-transient buffers span all slots rather than one expert's.
+transient buffers span all slots rather than one expert's (on CPU the loop's per-expert elementwise steps
+stay in cache, which is why the CPU keeps the loop).
 
 What backward keeps (`_ExpertLora`, a hand-written backward; plain autograd would keep the gathered
 inputs per slot, `act(g)`, `y` and the base matmuls' inputs):
@@ -39,7 +44,8 @@ Per slot that is `2I + 2r` values plus `H / k`; frozen experts under eager trans
 `(dout Wd_e) . h + s (dout Bd_e) . (h Ad_e^T)`, both of which backward forms anyway.
 
 Base weights are read one expert at a time through `expert_weight` (a plain 3-D tensor, or any object
-with `expert(e, dtype) -> Tensor (out, in)`, e.g. 4-bit storage that dequantizes one expert), so a whole
+with `expert(e, dtype) -> Tensor (out, in)`, e.g. 4-bit storage that dequantizes one expert, or a bounded
+chunk of experts per call through its `reader(dtype)`, `_readers`), so a whole
 layer is never materialised in another precision. Their gradient is computed only when they are plain
 tensors that require grad (they are frozen under LoRA).
 
@@ -192,74 +198,133 @@ def _use_grouped(x: torch.Tensor, dtype: torch.dtype, bases: tuple[BaseWeights, 
     return reason is None
 
 
-def _grouped_mm(counts: list[int], device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`torch._grouped_mm` over the sorted slots' expert groups (offsets repeat for experts with no slot)."""
-    offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
-    return functools.partial(torch._grouped_mm, offs=offs)
+class _AllExperts:
+    """The products of all of a layer's slots at once, one `torch._grouped_mm` each (offsets: the cumulative
+    expert counts, repeated for an expert with no slot); weights are plain (E, out, in) tensors."""
+
+    def __init__(self, counts: list[int], device: torch.device):
+        self.counts, self.slots = counts, slice(0, sum(counts))  # the slots after these hold the sentinel
+        offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
+        self.gmm = functools.partial(torch._grouped_mm, offs=offs)
+
+    def linear(self, inp, weight, out=None, accumulate=False):
+        """`inp @ W_e^T` for each expert's rows; written into (or, with `accumulate`, added to) `out` if given."""
+        return _written(self.gmm(inp, weight.mT), out, accumulate)
+
+    def matmul(self, inp, weight, out=None, accumulate=False):
+        """`inp @ W_e` for each expert's rows, as `linear`."""
+        return _written(self.gmm(inp, weight), out, accumulate)
+
+    def outer(self, a, b, into):
+        """`into[e] = a_e^T b_e` for every expert (a weight gradient; zero where an expert got no slot)."""
+        into.copy_(self.gmm(a.T, b))
+        idle = [e for e, n in enumerate(self.counts) if not n]
+        if idle:  # an empty sum the op may leave unset
+            into[idle] = 0
 
 
-def _zero_idle(grad: torch.Tensor | None, counts: list[int]) -> None:
-    """Zero the 2-D x 2-D grouped gradient of experts that got no slot (an empty sum the op may leave unset)."""
-    idle = [e for e, n in enumerate(counts) if not n]
-    if grad is not None and idle:
-        grad[idle] = 0
+class _OneExpert:
+    """The same products for one expert's slots, its weights read one expert at a time (`expert_weight`)."""
+
+    def __init__(self, e: int, slots: slice, dtype: torch.dtype):
+        self.e, self.slots, self.dtype = e, slots, dtype
+
+    def linear(self, inp, weight, out=None, accumulate=False):
+        return _mm(inp, expert_weight(weight, self.e, self.dtype).T, out, accumulate)
+
+    def matmul(self, inp, weight, out=None, accumulate=False):
+        return _mm(inp, expert_weight(weight, self.e, self.dtype), out, accumulate)
+
+    def outer(self, a, b, into):
+        # `into` starts at zero: an expert with no slot keeps it
+        if into.dtype == a.dtype:
+            torch.mm(a.T, b, out=into[self.e])
+        else:
+            into[self.e] = a.T @ b
+
+
+def _written(product: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
+    if out is None:
+        return product
+    return out.add_(product) if accumulate else out.copy_(product)
+
+
+def _mm(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
+    """`inp @ w`, written into `out` (a contiguous row slice) or added to it in one `addmm_`, without a temporary."""
+    if out is None:
+        return inp @ w
+    return out.addmm_(inp, w) if accumulate else torch.mm(inp, w, out=out)
+
+
+def _groups(counts: list[int], dtype: torch.dtype, device: torch.device, grouped: bool):
+    """The slot groups a layer's experts run in: all at once (grouped), or expert by expert."""
+    if grouped:
+        return [_AllExperts(counts, device)]
+    return [_OneExpert(e, sl, dtype) for e, sl in _slices(counts)]
+
+
+def _readers(bases: tuple[BaseWeights, BaseWeights], dtype: torch.dtype) -> tuple[BaseWeights, BaseWeights]:
+    """The base weights for one pass over the experts: storage with a `reader(dtype)` (4-bit: a bounded chunk of
+    experts dequantized per call, `NF4Experts.reader`) gives one for this pass; plain tensors are read as they are."""
+    return tuple(b if isinstance(b, torch.Tensor) or not hasattr(b, "reader") else b.reader(dtype) for b in bases)
+
+
+def _factors(dtype: torch.dtype, scaling: float, gate_up_A, gate_up_B, down_A, down_B):
+    """The LoRA factors in the compute dtype, B with the scaling folded in (small: r rows or columns each)."""
+    return gate_up_A.to(dtype), (scaling * gate_up_B).to(dtype), down_A.to(dtype), (scaling * down_B).to(dtype)
 
 
 class _ExpertLora(torch.autograd.Function):
-    """The routed experts with LoRA on gate_up and down; saves only what the module docstring lists."""
+    """The routed experts with LoRA on gate_up and down; saves only what the module docstring lists.
+
+    One body for both paths: it runs once per slot group (`_groups`), all slots under `torch._grouped_mm`, else
+    one expert's. The B factors enter scaled (`s B`), so `s` costs no pass over the slots; B's gradients are
+    scaled once at the end.
+    """
 
     @staticmethod
     def forward(ctx, x, x_lora, top_k_weights, top_k_index, gate_up, down,
                 gate_up_A, gate_up_B, down_A, down_B, scaling, act_fn, h_dropout, dtype):
         T, k = top_k_index.shape
-        num_experts = gate_up_A.shape[0]
-        order, counts = _route(top_k_index, num_experts)
+        S, H, inter, rank = T * k, x.shape[1], down_A.shape[2], gate_up_A.shape[1]
+        order, counts = _route(top_k_index, gate_up_A.shape[0])
         token_of = order // k
-        weights = top_k_weights.reshape(-1)[order].to(dtype)
+        weights = top_k_weights.reshape(-1)[order, None].to(dtype)
         xc, xlc = x.to(dtype), (x if x_lora is None else x_lora).to(dtype)
-        S, inter, rank = T * k, down_A.shape[2], gate_up_A.shape[1]
         gate_up_out = x.new_empty(S, 2 * inter, dtype=dtype)
         x_a = x.new_zeros(S, rank, dtype=dtype)
         h_a = x.new_zeros(S, rank, dtype=dtype)
         h_mask = None
         if h_dropout > 0:  # one mask row per slot: the adapter of each expert sees its own dropout
             h_mask = torch.empty(S, inter, dtype=torch.bool, device=x.device).bernoulli_(1 - h_dropout)
-        y_sorted = x.new_zeros(S, x.shape[1], dtype=dtype)
+        y_sorted = x.new_zeros(S, H, dtype=dtype)
         with torch.autocast(x.device.type, enabled=False):
             grouped = _use_grouped(x, dtype, (gate_up, down), (gate_up_A, gate_up_B, down_A, down_B))
-            if grouped:  # the loop's lines below, for all experts at once
-                gmm = _grouped_mm(counts, x.device)
-                sl = slice(0, sum(counts))  # the slots after these hold the expert-parallel sentinel
+            A_gu, sB_gu, A_d, sB_d = _factors(dtype, scaling, gate_up_A, gate_up_B, down_A, down_B)
+            gate_up_w, down_w = _readers((gate_up, down), dtype)
+            for g in _groups(counts, dtype, x.device, grouped):
+                sl = g.slots
                 rows = token_of[sl]
                 x_rows = xc[rows]
-                x_a[sl] = gmm(x_rows if x_lora is None else xlc[rows], gate_up_A.to(dtype).mT)
-                gate_up_out[sl] = gmm(x_rows, gate_up.mT) + gmm(scaling * x_a[sl], gate_up_B.to(dtype).mT)
+                g.linear(x_rows if x_lora is None else xlc[rows], A_gu, out=x_a[sl])
+                g.linear(x_rows, gate_up_w, out=gate_up_out[sl])
+                g.linear(x_a[sl], sB_gu, out=gate_up_out[sl], accumulate=True)
                 gate, up = gate_up_out[sl].chunk(2, dim=-1)
                 h = act_fn(gate) * up
-                h_a[sl] = gmm(_dropped(h, h_mask, sl, h_dropout), down_A.to(dtype).mT)
-                y = gmm(h, down.mT) + gmm(scaling * h_a[sl], down_B.to(dtype).mT)
-                y_sorted[sl] = y * weights[sl, None]
-                del x_rows, gate, up, h, y
-            else:
-                for e, sl in _slices(counts):
-                    rows = token_of[sl]
-                    x_a[sl] = xlc[rows] @ gate_up_A[e].to(dtype).T
-                    gate_up_out[sl] = (F.linear(xc[rows], expert_weight(gate_up, e, dtype))
-                                       + scaling * x_a[sl] @ gate_up_B[e].to(dtype).T)
-                    gate, up = gate_up_out[sl].chunk(2, dim=-1)
-                    h = act_fn(gate) * up
-                    h_a[sl] = _dropped(h, h_mask, sl, h_dropout) @ down_A[e].to(dtype).T
-                    y = F.linear(h, expert_weight(down, e, dtype)) + scaling * h_a[sl] @ down_B[e].to(dtype).T
-                    y_sorted[sl] = y * weights[sl, None]
+                g.linear(_dropped(h, h_mask, sl, h_dropout), A_d, out=h_a[sl])
+                g.linear(h, down_w, out=y_sorted[sl])
+                g.linear(h_a[sl], sB_d, out=y_sorted[sl], accumulate=True).mul_(weights[sl])
+                del x_rows, gate, up, h
+            del gate_up_w, down_w
         ctx.save_for_backward(x, x_lora, top_k_weights, order, gate_up_out, x_a, h_a, h_mask,
                               gate_up_A, gate_up_B, down_A, down_B)
         ctx.bases = (gate_up, down)  # parameters or storage objects: held by the model, not activations
         ctx.counts, ctx.scaling, ctx.act_fn, ctx.h_dropout, ctx.dtype = counts, scaling, act_fn, h_dropout, dtype
         ctx.grouped = grouped
         # back to (token, choice) order, then sum a token's k choices (deterministic, unlike index_add_)
-        out = x.new_zeros(S, x.shape[1], dtype=dtype)
+        out = x.new_zeros(S, H, dtype=dtype)
         out[order] = y_sorted
-        return out.view(T, k, x.shape[1]).sum(dim=1).to(x.dtype)
+        return out.view(T, k, H).sum(dim=1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -270,131 +335,102 @@ class _ExpertLora(torch.autograd.Function):
         needs = ctx.needs_input_grad
         k = top_k_weights.shape[1]
         token_of = order // k
-        weights = top_k_weights.reshape(-1)[order].to(dtype)
+        weights = top_k_weights.reshape(-1)[order, None].to(dtype)
         xc, xlc = x.to(dtype), (x if x_lora is None else x_lora).to(dtype)
         dout = grad_out.to(dtype)
 
+        # gradients in the leaves' own dtypes; base weights get one only when they are plain tensors that
+        # require one (never under LoRA)
         grads = {name: (torch.zeros_like(t) if needs[i] else None) for i, name, t in (
-            (6, "gate_up_A", gate_up_A), (7, "gate_up_B", gate_up_B), (8, "down_A", down_A), (9, "down_B", down_B))}
-        # base weights get a gradient only when they are plain tensors that require one (never under LoRA)
-        d_gate_up = torch.zeros_like(gate_up) if needs[4] else None
-        d_down = torch.zeros_like(down) if needs[5] else None
+            (4, "gate_up", gate_up), (5, "down", down), (6, "gate_up_A", gate_up_A), (7, "gate_up_B", gate_up_B),
+            (8, "down_A", down_A), (9, "down_B", down_B))}
         dx = torch.zeros_like(xc) if needs[0] else None
-        # when the adapters read x itself, their part of dx joins the base's in one index_add_ per expert
+        # when the adapters read x itself, their part of dx joins the base's in one index_add_ per group
         dx_lora = torch.zeros_like(xc) if x_lora is not None and needs[1] else None
         d_weights = torch.zeros(order.shape[0], dtype=dtype, device=x.device) if needs[2] else None
 
         with torch.autocast(x.device.type, enabled=False):
-            if ctx.grouped:  # the loop's lines below, for all experts at once; weight gradients are 2-D x 2-D
-                gmm = _grouped_mm(ctx.counts, x.device)
-                sl = slice(0, sum(ctx.counts))
+            A_gu, sB_gu, A_d, sB_d = _factors(dtype, s, gate_up_A, gate_up_B, down_A, down_B)
+            gate_up_w, down_w = _readers((gate_up, down), dtype)
+            for g in _groups(ctx.counts, dtype, x.device, ctx.grouped):
+                sl = g.slots
                 rows = token_of[sl]
-                w = weights[sl, None]
+                w = weights[sl]
                 gate, up = gate_up_out[sl].chunk(2, dim=-1)
-                act, act_backward = _activation(ctx.act_fn, gate)
+                act = ctx.act_fn(gate)
                 h = act * up
                 h_in = _dropped(h, h_mask, sl, p)
 
-                g_y = dout[rows]
-                g_y_B = gmm(g_y, down_B.to(dtype))
-                g_h_base = gmm(g_y, down)
-                if d_weights is not None:
-                    d_weights[sl] = (g_h_base * h).sum(-1) + s * (g_y_B * h_a[sl]).sum(-1)
+                # down: y = h Wd^T + (h Ad^T) (s Bd)^T; the slot's output is w * y
+                g_y = dout[rows]  # the gradient of y before the routing weight
+                g_y_B = g.matmul(g_y, sB_d)  # s g_y Bd, (n, r)
+                g_h = g.matmul(g_y, down_w)  # (n, I), the base's part
+                if d_weights is not None:  # dL/dw = g_y . y, without keeping y
+                    d_weights[sl] = (g_h * h).sum(-1) + (g_y_B * h_a[sl]).sum(-1)
+                g_y.mul_(w)
+                g_y_B.mul_(w)
                 if grads["down_B"] is not None:
-                    grads["down_B"].copy_(gmm(s * (g_y * w).T, h_a[sl]))
+                    g.outer(g_y, h_a[sl], grads["down_B"])
                 if grads["down_A"] is not None:
-                    grads["down_A"].copy_(gmm(s * (g_y_B * w).T, h_in))
-                if d_down is not None:
-                    d_down.copy_(gmm((g_y * w).T, h))
-                g_h = w * (g_h_base + s * _dropped(gmm(g_y_B, down_A.to(dtype)), h_mask, sl, p))
-                del g_y, g_y_B, g_h_base, h_in
+                    g.outer(g_y_B, h_in, grads["down_A"])
+                if grads["down"] is not None:
+                    g.outer(g_y, h, grads["down"])
+                g_h.mul_(w)
+                if h_mask is None:
+                    g.matmul(g_y_B, A_d, out=g_h, accumulate=True)
+                else:
+                    g_h.add_(_dropped(g.matmul(g_y_B, A_d), h_mask, sl, p))
+                del g_y, g_y_B, h, h_in
 
-                g_gu = torch.cat([act_backward(g_h * up), g_h * act], dim=-1)
-                del g_h, act, h, act_backward
+                # gate/up: h = act(g) * u
+                g_gu = torch.empty_like(gate_up_out[sl])
+                torch.mul(g_h, act, out=g_gu[:, up.shape[1]:])
+                g_gu[:, :up.shape[1]] = _activation_backward(ctx.act_fn, g_h.mul_(up), gate)
+                del g_h, act
 
-                g_gu_B = gmm(g_gu, gate_up_B.to(dtype))
+                # gate_up: [g, u] = x Wgu^T + (x Agu^T) (s Bgu)^T
+                g_gu_B = g.matmul(g_gu, sB_gu)  # s g_gu Bgu, (n, r)
                 x_rows = xc[rows]
                 if grads["gate_up_B"] is not None:
-                    grads["gate_up_B"].copy_(gmm(s * g_gu.T, x_a[sl]))
+                    g.outer(g_gu, x_a[sl], grads["gate_up_B"])
                 if grads["gate_up_A"] is not None:
-                    grads["gate_up_A"].copy_(gmm(s * g_gu_B.T, x_rows if x_lora is None else xlc[rows]))
-                if d_gate_up is not None:
-                    d_gate_up.copy_(gmm(g_gu.T, x_rows))
+                    g.outer(g_gu_B, x_rows if x_lora is None else xlc[rows], grads["gate_up_A"])
+                if grads["gate_up"] is not None:
+                    g.outer(g_gu, x_rows, grads["gate_up"])
                 if dx is not None:
-                    d_rows = gmm(g_gu, gate_up)
+                    d_rows = g.matmul(g_gu, gate_up_w)
                     if x_lora is None:
-                        d_rows += gmm(s * g_gu_B, gate_up_A.to(dtype))
+                        g.matmul(g_gu_B, A_gu, out=d_rows, accumulate=True)
                     dx.index_add_(0, rows, d_rows)
                 if dx_lora is not None:
-                    dx_lora.index_add_(0, rows, gmm(s * g_gu_B, gate_up_A.to(dtype)))
-                for grad in (*grads.values(), d_gate_up, d_down):
-                    _zero_idle(grad, ctx.counts)
-            else:
-                for e, sl in _slices(ctx.counts):
-                    rows = token_of[sl]
-                    w = weights[sl, None]
-                    gate, up = gate_up_out[sl].chunk(2, dim=-1)
-                    act, act_backward = _activation(ctx.act_fn, gate)
-                    h = act * up
-                    h_in = _dropped(h, h_mask, sl, p)
-                    w_down = expert_weight(down, e, dtype)
+                    dx_lora.index_add_(0, rows, g.matmul(g_gu_B, A_gu))
+                del g_gu, g_gu_B, x_rows
+            del gate_up_w, down_w
 
-                    # down: y = h Wd^T + s (h Ad^T) Bd^T; the slot's output is w * y
-                    g_y = dout[rows]  # gradient of y before the routing weight
-                    g_y_B = g_y @ down_B[e].to(dtype)  # (n, r)
-                    g_h_base = g_y @ w_down  # (n, I)
-                    if d_weights is not None:  # dL/dw = g_y . y, without keeping y
-                        d_weights[sl] = (g_h_base * h).sum(-1) + s * (g_y_B * h_a[sl]).sum(-1)
-                    if grads["down_B"] is not None:
-                        grads["down_B"][e] = (s * (g_y * w).T @ h_a[sl]).to(down_B.dtype)
-                    if grads["down_A"] is not None:
-                        grads["down_A"][e] = (s * (g_y_B * w).T @ h_in).to(down_A.dtype)
-                    if d_down is not None:
-                        d_down[e] = ((g_y * w).T @ h).to(d_down.dtype)
-                    g_h = w * (g_h_base + s * _dropped(g_y_B @ down_A[e].to(dtype), h_mask, sl, p))
-
-                    # gate/up: h = act(g) * u
-                    g_gu = torch.cat([act_backward(g_h * up), g_h * act], dim=-1)  # (n, 2I)
-
-                    # gate_up: [g, u] = x Wgu^T + s (x Agu^T) Bgu^T
-                    g_gu_B = g_gu @ gate_up_B[e].to(dtype)  # (n, r)
-                    if grads["gate_up_B"] is not None:
-                        grads["gate_up_B"][e] = (s * g_gu.T @ x_a[sl]).to(gate_up_B.dtype)
-                    if grads["gate_up_A"] is not None:
-                        grads["gate_up_A"][e] = (s * g_gu_B.T @ xlc[rows]).to(gate_up_A.dtype)
-                    if d_gate_up is not None:
-                        d_gate_up[e] = (g_gu.T @ xc[rows]).to(d_gate_up.dtype)
-                    if dx is not None:
-                        d_rows = g_gu @ expert_weight(gate_up, e, dtype)
-                        if x_lora is None:
-                            d_rows += s * g_gu_B @ gate_up_A[e].to(dtype)
-                        dx.index_add_(0, rows, d_rows)
-                    if dx_lora is not None:
-                        dx_lora.index_add_(0, rows, s * g_gu_B @ gate_up_A[e].to(dtype))
-
+        for name in ("gate_up_B", "down_B"):  # the B factors entered as s B
+            if grads[name] is not None:
+                grads[name].mul_(s)
         d_top_k = None
         if d_weights is not None:
             d_top_k = torch.zeros_like(d_weights)
             d_top_k[order] = d_weights
             d_top_k = d_top_k.view_as(top_k_weights).to(top_k_weights.dtype)
-        d_x_lora = None
         dx = None if dx is None else dx.to(x.dtype)
-        if dx_lora is not None:
-            d_x_lora = dx_lora.to(x_lora.dtype)
-        return (dx, d_x_lora, d_top_k, None, d_gate_up, d_down,
+        d_x_lora = None if dx_lora is None else dx_lora.to(x_lora.dtype)
+        return (dx, d_x_lora, d_top_k, None, grads["gate_up"], grads["down"],
                 grads["gate_up_A"], grads["gate_up_B"], grads["down_A"], grads["down_B"], None, None, None, None)
 
 
-def _activation(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor):
-    """`act(gate)`, and the map from the gradient of the activation to the gradient of `gate`: SiLU's closed form
-    (torch's own `silu_backward` formula, `s (1 + g (1 - s))` with `s = sigmoid(g)`), else act's own autograd."""
+def _activation_backward(act_fn: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tensor,
+                         gate: torch.Tensor) -> torch.Tensor:
+    """The gradient of `gate` from that of `act(gate)`: SiLU's fused kernel (`aten.silu_backward`, what autograd
+    runs for it), else act's own autograd."""
     if isinstance(act_fn, (nn.SiLU, SiLUActivation)):
-        sig = torch.sigmoid(gate)
-        return act_fn(gate), lambda g: g * (sig * (1 + gate * (1 - sig)))
+        return torch.ops.aten.silu_backward(grad, gate)
     with torch.enable_grad():
         leaf = gate.detach().requires_grad_()
         act = act_fn(leaf)
-    return act.detach(), lambda g: torch.autograd.grad(act, leaf, g)[0]
+    return torch.autograd.grad(act, leaf, grad)[0]
 
 
 def _dropped(t: torch.Tensor, mask: torch.Tensor | None, sl: slice, p: float) -> torch.Tensor:

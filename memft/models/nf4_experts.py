@@ -9,7 +9,9 @@ expert e reads only expert e's bytes.
 
 Every caller reads expert weights through a provider with one interface, quantized or not (`expert_weights`):
 
-* `expert(e, dtype) -> (out, in)`: expert e's weight in `dtype`, one expert at a time;
+* `expert(e, dtype) -> (out, in)`: expert e's weight in `dtype`, one expert at a time; the 4-bit holder's
+  `reader(dtype)` serves a pass over the experts from bounded chunks (`CHUNK_BYTES`, one bitsandbytes call
+  each; memft's expert LoRA reads through it);
 * `linear(x, e)`: `F.linear(x, W[e])`. The 4-bit one dequantizes again in backward instead of keeping the
   dequantized weight for it (the experts are frozen, so only `x`'s gradient needs it), as bitsandbytes'
   `MatMul4Bit` does: saving it would keep every hit expert of every layer in full precision until backward.
@@ -44,6 +46,9 @@ EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 """The two fused weights of an experts module, (E, 2I, H) and (E, H, I)."""
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes bitsandbytes quantizes from and dequantizes to."""
+CHUNK_BYTES = 32 * 2**20
+"""At most this many bytes of dequantized experts per call in a pass over a layer's experts (`reader`), one expert
+at least: one bitsandbytes call per chunk instead of per expert (whose fixed cost dominates at small widths)."""
 
 
 def nf4_expert_bytes(num_experts: int, out_features: int, in_features: int, double_quant: bool) -> int:
@@ -162,6 +167,38 @@ class NF4Experts(nn.Module):
         numel = self.out_features * self.in_features
         return weight.view(-1)[:numel].view(self.out_features, self.in_features).to(dtype)
 
+    def experts(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Experts `start..stop-1` dequantized, (stop - start, out, in) in `dtype`, in one bitsandbytes call.
+
+        Each expert's values start a fresh block when out*in is a multiple of the blocksize (every real model), so
+        the experts' packed rows and absmax values, end to end, are one quantization with the same blocks and
+        each value is its own expert's `code[nibble] * absmax`. Otherwise it is `expert()` one by one.
+        Double quantization's absmax values are dequantized here as bitsandbytes does (`nested_code[q] *
+        nested_absmax + offset`), for all the chunk's experts at once.
+        """
+        import bitsandbytes.functional as bnb_functional
+        from bitsandbytes.functional import QuantState
+
+        numel = self.out_features * self.in_features
+        if numel % BLOCKSIZE:
+            return torch.stack([self.expert(e, dtype) for e in range(start, stop)])
+        kernel_dtype = dtype if dtype in KERNEL_DTYPES else torch.float32
+        absmax = self.absmax[start:stop]
+        if self.double_quant:
+            scale = self.nested_absmax[start:stop].repeat_interleave(NESTED_BLOCKSIZE, dim=1)[:, :absmax.shape[1]]
+            absmax = self.nested_code[absmax.long()] * scale + self.offset[start:stop, None]
+        state = QuantState(absmax=absmax.reshape(-1), shape=torch.Size([(stop - start) * numel]), code=self.code,
+                           blocksize=BLOCKSIZE, quant_type=self.quant_type, dtype=kernel_dtype)
+        weight = bnb_functional.dequantize_4bit(self.packed[start:stop].reshape(-1), state)
+        return weight.view(stop - start, self.out_features, self.in_features).to(dtype)
+
+    def reader(self, dtype: torch.dtype, max_bytes: int | None = None) -> ExpertChunks:
+        """An `expert(e, dtype)` source for one pass over the experts in increasing order that dequantizes them a
+        bounded chunk at a time (`experts`, at most `max_bytes`, default `CHUNK_BYTES`); one chunk is alive."""
+        max_bytes = CHUNK_BYTES if max_bytes is None else max_bytes
+        per_chunk = max(1, max_bytes // (self.out_features * self.in_features * dtype.itemsize))
+        return ExpertChunks(self, dtype, per_chunk)
+
     def linear(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """`F.linear(x, W[e])` for x (..., in) -> (..., out), keeping nothing of W[e] for backward."""
         return _DequantizedLinear.apply(x, self, e)
@@ -205,6 +242,24 @@ class _DequantizedLinear(torch.autograd.Function):
         # under autocast the output (and its gradient) may be in another dtype than x
         grad_x = grad_out @ ctx.holder.expert(ctx.e, grad_out.dtype)
         return grad_x.to(ctx.x_dtype), None, None
+
+
+class ExpertChunks:
+    """`NF4Experts.reader`: expert e's weight from the chunk of experts that holds it, dequantizing the next chunk,
+    starting at e, when e is outside the current one."""
+
+    def __init__(self, holder: NF4Experts, dtype: torch.dtype, per_chunk: int):
+        self.holder, self.dtype, self.per_chunk = holder, dtype, per_chunk
+        self.start, self.chunk = 0, None
+
+    def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        if dtype != self.dtype:
+            raise ValueError(f"this reader dequantizes to {self.dtype}, not {dtype}")
+        if self.chunk is None or not self.start <= e < self.start + self.chunk.shape[0]:
+            self.chunk = None  # free the last chunk first
+            self.start = e
+            self.chunk = self.holder.experts(e, min(e + self.per_chunk, self.holder.num_experts), dtype)
+        return self.chunk[e - self.start]
 
 
 class DenseExperts:
