@@ -204,6 +204,16 @@ class TrainConfig(Section):
     at its last step (null: only those)."""
     eval_batches: int | None = Field(default=20, ge=1)
     """Micro-batches of held-out data per evaluation; null: all of it."""
+    precision: Literal["model", "bf16_stochastic_rounding"] = "model"
+    """How weights are updated. `model`: in `model.dtype`, as the optimizer does (a bf16 weight loses every update
+    smaller than half its rounding step). `bf16_stochastic_rounding`: bf16 weights (needs `model.dtype: bfloat16`)
+    updated by AdamW in float32, the results (weight and bf16 moments) rounded up or down at random in proportion
+    to their distance to each neighbour, so small updates survive on average (unbiased). Needs `optimizer: adamw`."""
+    optimizer_state: Literal["device", "host"] = "device"
+    """Where AdamW keeps its state. `host`: float32 master weights and both moments in host memory, stepped there by
+    torch's fused CPU AdamW; the device holds only the weights in `model.dtype` and their gradients (a bf16 model
+    then trains with float32 updates; with `optimizer_in_backward`, one layer's gradients). Needs `optimizer: adamw`
+    and `precision: model`."""
     optimizer_in_backward: bool = False
     """Update each parameter the moment backward completes its gradient, and free the gradient at once, so the
     model's gradients never exist together (`adamw` or `adamw_8bit`, the same updates). Needs `grad_accum: 1` and
@@ -329,6 +339,23 @@ class Recipe(Section):
             )
         if self.data.pack and self.data.format != "text":
             raise ValueError("`data.pack: true` only works with `data.format: text`")
+        if self.train.optimizer_state == "host":
+            clash = [f"`train.{k}: {v}`" for k, v, ok in (
+                ("optimizer", self.train.optimizer, "adamw"), ("precision", self.train.precision, "model")) if v != ok]
+            if clash:
+                raise ValueError(
+                    f"`train.optimizer_state: host` steps float32 master weights with torch's AdamW on the host, "
+                    f"which {' and '.join(clash)} would replace; use `optimizer: adamw` and `precision: model` "
+                    "with it, or `train.optimizer_state: device`")
+        if self.train.precision == "bf16_stochastic_rounding":
+            if self.model.dtype != "bfloat16":
+                raise ValueError(
+                    "`train.precision: bf16_stochastic_rounding` rounds updates into bf16 weights, but "
+                    f"`model.dtype` is `{self.model.dtype}`; set `model.dtype: bfloat16`, or `train.precision: model`")
+            if self.train.optimizer != "adamw":
+                raise ValueError(
+                    "`train.precision: bf16_stochastic_rounding` is memft's own AdamW step; bitsandbytes' 8-bit AdamW "
+                    "rounds to nearest inside its kernel; set `train.optimizer: adamw`, or `train.precision: model`")
         return self
 
 

@@ -85,6 +85,11 @@ def test_stop_and_resume_is_bitwise_equal(tmp_path):
     Trainer(recipe(*extra, "train.max_steps=2"), run_dir=tmp_path / "split").setup().train()
     resumed = Trainer(recipe(*extra, "train.max_steps=4"), run_dir=tmp_path / "split").setup()
     assert resumed.step == 2
+    # `state` reads as one optimizer's after loading: every trainable parameter's moments, after 2 steps
+    trainable = [p for p in resumed.model.parameters() if p.requires_grad]
+    assert len(resumed.optimizer.state) == len(trainable)
+    assert all(float(resumed.optimizer.state[p]["step"]) == 2 and resumed.optimizer.state[p]["exp_avg"].any()
+               for p in trainable)
     resumed.train()
     assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "split")]
     wa, wb = weights(tmp_path / "straight", 4), weights(tmp_path / "split", 4)
@@ -106,3 +111,23 @@ def test_what_needs_every_gradient_first_is_refused_at_validate(extra, says):
     assert "optimizer_in_backward" in message
     for word in says:
         assert word in message, message
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_adamw_is_torch_fused_kernel_on_the_cpu_and_equals_foreach(dtype):
+    cfg = recipe("model.name=tiny-llama", "train.weight_decay=0.1").train
+    params = [torch.nn.Parameter(torch.randn(37, 5, dtype=dtype)), torch.nn.Parameter(torch.randn(11, dtype=dtype))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = optim.build_optimizer([{"params": params}], cfg, torch.device("cpu"))
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW(twins, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twins, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=0 if dtype == torch.float64 else 1e-6, atol=0 if dtype == torch.float64
+                                   else 1e-7)
+    assert not torch.equal(params[0], torch.zeros_like(params[0]))

@@ -23,6 +23,7 @@ def recipe(model: str, strategies: str, *extra: str):
 
 STATE_CASES = [
     ("tiny-llama", "[{name: full}]", ()),
+    ("tiny-llama", "[{name: full}]", ("model.dtype=bfloat16", "train.precision=bf16_stochastic_rounding")),
     ("tiny-mixtral", "[{name: lora, params: {r: 4}}]", ("model.dtype=bfloat16",)),
     ("tiny-qwen2-moe", "[{name: full}]", ("train.optimizer=adamw_8bit",)),
     ("stories260K", "[{name: qlora}]", ()),

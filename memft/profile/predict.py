@@ -182,7 +182,11 @@ def state_bytes(model: nn.Module, quantized: set[int], recipe: Recipe, double_qu
                      + sum(2 * 4 * p.numel() for p in trainable if p.numel() < ADAM8_MIN_SIZE) + maps)
     else:
         optimizer = sum(2 * p.numel() * p.element_size() + 4 for p in trainable)  # exp_avg, exp_avg_sq, step
-    return {"weights": weights, "gradients": gradients, "optimizer_state": optimizer,
+    host = {}
+    if recipe.train.optimizer_state == "host":  # float32 (float64) masters and moments, on the host instead
+        host = {"optimizer state (host)": sum(3 * p.numel() * max(p.element_size(), 4) + 4 for p in trainable)}
+        optimizer = 0
+    return {"weights": weights, "gradients": gradients, "optimizer_state": optimizer, "host": host,
             "params": sum(t.numel() for t in model.parameters()) + sum(h.num_experts * h.out_features * h.in_features
                                                                        for h in holders),
             "trainable_params": sum(p.numel() for p in trainable)}
@@ -334,7 +338,8 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         trainable_params=states["trainable_params"],
         weights=states["weights"], gradients=states["gradients"], optimizer_state=states["optimizer_state"],
         activations=int(round(total)), logits=int(round(logits)), layers=config.num_hidden_layers,
-        backward_transient=transient, head_gradient=head_gradient, strategy_device=extra.device, host=extra.host,
+        backward_transient=transient, head_gradient=head_gradient, strategy_device=extra.device,
+        host={**extra.host, **states["host"]},
         fit_residual=fit.residual, twins=fit.twins, notes=notes + extra.notes)
 
 
@@ -422,8 +427,7 @@ def measure(recipe: Recipe) -> dict:
             t.optimizer.zero_grad(set_to_none=True)
             peaks.append((backward_peak, torch.cuda.max_memory_allocated(t.device) if cuda else None))
         states = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
-                  for o in getattr(t.optimizer, "inner", [t.optimizer])  # StepInBackward: one per parameter
-                  for state in o.state.values() for v in state.values() if torch.is_tensor(v)}
+                  for state in t.optimizer.state.values() for v in state.values() if torch.is_tensor(v)}
         return {"activation_bytes": saved, "weight_bytes": stored_bytes(t.model), "gradient_bytes": grads,
                 "optimizer_bytes": sum(states.values()),
                 "cuda_peak_bytes": max(p for _, p in peaks) if cuda else None,
