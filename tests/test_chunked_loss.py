@@ -60,6 +60,40 @@ def test_loss_and_gradients_equal_the_plain_loss(tiny_chunks, dtype, tol, bias):
     assert grads[0][1, -3:].abs().max() == 0  # positions without a target get no gradient
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_the_walk_over_vocabulary_rows_equals_the_plain_loss(monkeypatch, dtype, tol, bias):
+    # chunks of 5 vocabulary rows over 37: several chunks and a partial one, targets in each
+    monkeypatch.setattr(chunked_loss, "WEIGHT_GRADIENT", "by_vocab")
+    monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 4 * 9 * 5)
+    hidden, head, labels = random_case(dtype, bias)
+    params = [hidden, *head.parameters()]
+    loss, _ = linear_cross_entropy(hidden, head, labels)
+    grads = torch.autograd.grad(loss * 0.7, params)
+    ref_grads = torch.autograd.grad(plain(hidden, head, labels) * 0.7, params)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    assert grads[0][1, -3:].abs().max() == 0
+
+
+def test_a_bf16_head_gets_its_gradient_without_a_float32_copy_of_it(monkeypatch):
+    # auto: a bf16 head with fewer targets than vocabulary rows walks the vocabulary; every row of its gradient is
+    # one bf16 rounding of a float32 product, as in the plain loss's single matmul
+    hidden, head, labels = random_case(torch.float32, bias=False, vocab=64, width=32)
+    head, hidden = head.to(torch.bfloat16), hidden.detach().to(torch.bfloat16).requires_grad_()
+    assert chunked_loss.by_vocab(9, 64, torch.bfloat16, torch.float32)
+    allocated = []
+    real_zeros = torch.zeros
+    monkeypatch.setattr(chunked_loss.torch, "zeros", lambda *a, **k: allocated.append((a, k)) or real_zeros(*a, **k))
+    loss, _ = linear_cross_entropy(hidden, head, labels)
+    g_w, g_h = torch.autograd.grad(loss, [head.weight, hidden])
+    assert not any(a and tuple(a[0]) == tuple(head.weight.shape) for a, k in allocated)  # no (V, H) buffer
+    ref_w, ref_h = torch.autograd.grad(plain(hidden, head, labels), [head.weight, hidden])
+    assert g_w.dtype == torch.bfloat16
+    torch.testing.assert_close(g_w.float(), ref_w.float(), rtol=2e-2, atol=2e-2 * ref_w.abs().max().item())
+    torch.testing.assert_close(g_h.float(), ref_h.float(), rtol=2e-2, atol=2e-2 * ref_h.abs().max().item())
+
+
 def test_under_autocast_it_computes_the_head_in_bf16_like_the_plain_loss(tiny_chunks):
     hidden, head, labels = random_case(torch.float32, bias=False, vocab=64, width=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -153,3 +187,8 @@ def test_transient_bound_matches_the_chunk():
     small = chunked_loss.transient_bytes(2048, vocab, 2048, torch.bfloat16, torch.bfloat16, head_trains=False)
     assert small == chunk * vocab * 6 + 2048 * 2048 * 2
     assert small < 2 * 2048 * vocab * 4 / 10  # a tenth of the plain loss's two float32 logit gradients
+    # a trained bf16 head: the float32 sum is the target rows' gradient (and their copy), not the head's gradient
+    trained = chunked_loss.transient_bytes(2048, vocab, 2048, torch.bfloat16, torch.bfloat16, head_trains=True)
+    rows = chunked_loss.CHUNK_BYTES // (4 * 2048)
+    assert trained == 2048 * rows * 6 + 2048 * 2048 * 2 + 2048 * 2048 * (4 + 2)
+    assert trained < vocab * 2048 * 4 / 4

@@ -38,6 +38,9 @@ CASES = {  # (recipe, overrides, tolerance)
     "qlora, 8-bit AdamW": ("qlora.yaml", ["model.name=tiny-qwen2-moe", "train.optimizer=adamw_8bit",
                                            "strategies=[{name: qlora, params: {r: 4, alpha: 8}}]"], 1e-6),
     "full + tokentune": ("tokentune.yaml", ["model.name=tiny-llama", "model.dtype=float64"], 1e-12),
+    "full + revffn on MoE, recovery then task, with the router loss": (
+        "revffn_moe.yaml", ["model.dtype=float64", "train.optimizer=adamw", "strategies.1.params.recovery.steps=2"],
+        1e-12),
 }
 
 
@@ -101,7 +104,6 @@ def test_stop_and_resume_is_bitwise_equal(tmp_path):
     (["train.max_grad_norm=1.0"], ["`train.max_grad_norm: null`", "global gradient norm"]),
     (["strategies=[{name: full}, {name: lcsb}]"], ["lcsb", "after backward"]),
     (["strategies=[{name: meft}]"], ["meft", "host AdamW"]),
-    (["strategies=[{name: full}, {name: revffn}]"], ["revffn"]),
 ])
 def test_what_needs_every_gradient_first_is_refused_at_validate(extra, says):
     overrides = [o for o in COMMON if not (o.startswith("train.max_grad_norm") and "max_grad_norm" in str(extra))]

@@ -37,7 +37,7 @@ from memft.profile import activations
 from memft.recipe import Recipe
 from memft.registry import BuildContext, MemoryEstimate
 from memft.strategies.lora import HEADS
-from memft.train.chunked_loss import linear_head
+from memft.train.chunked_loss import distill_transient_bytes, linear_head
 from memft.train.chunked_loss import transient_bytes as chunked_transient
 from memft.train.loop import Trainer, apply_strategies, autocast_context, step_loss
 from memft.train.meters import SavedTensorMeter
@@ -324,7 +324,7 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
     head = model.get_output_embeddings() if recipe.model.task == "causal_lm" else None
     trained_head = head is not None and head.weight.requires_grad
     head_gradient = head.weight.numel() * head.weight.element_size() if trained_head else 0
-    transient = loss_transient(recipe, model, strategies, autocast, batch * seq, widths, trained_head)
+    transient = loss_transient(recipe, model, strategies, autocast, batch * seq, widths, trained_head, selected)
 
     extra = MemoryEstimate()
     for s in strategies:
@@ -344,18 +344,28 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
 
 
 def loss_transient(recipe: Recipe, model: nn.Module, strategies: list, autocast, tokens: int, widths,
-                   trained_head: bool) -> int:
-    """What the causal-LM loss's backward allocates on top of the saved activations: with memft's chunked loss (the
-    default, `memft.train.chunked_loss`) one chunk's logits and the hidden states' gradient; else two float32
-    logit-sized gradients, for a head the chunked loss does not take over or a strategy with a loss of its own
-    (TokenTune's selected rows, RevFFN's distillation: an upper bound for TokenTune, which projects fewer rows)."""
+                   trained_head: bool, selected: int | None = None) -> int:
+    """What the causal-LM loss's backward allocates on top of the saved activations. With memft's chunked losses
+    (`memft.train.chunked_loss`, the default wherever the head is a plain linear layer): one chunk's logits, the
+    hidden states' gradient and a trained bf16 head's float32 sum; over TokenTune's `selected` rows when its loss is
+    on them; RevFFN's distillation adds the teacher's chunk (its recovery stage, the larger one). Else two float32
+    logit-sized gradients."""
     if recipe.model.task != "causal_lm":
         return 0
     head = linear_head(model)
-    if head is None or any(type(s).loss is not registry.Strategy.loss for s in strategies):
+    if head is None:
         return 2 * tokens * widths.vocab * 4
+    by_name = {s.name: s for s in strategies}
+    tokentune, revffn = by_name.get("tokentune"), by_name.get("revffn")
+    if any(type(s).loss is not registry.Strategy.loss for s in strategies if s not in (tokentune, revffn)):
+        return 2 * tokens * widths.vocab * 4  # a strategy's own loss that memft does not chunk
+    if tokentune is not None and tokentune.params.loss_on == "selected" and selected is not None:
+        tokens = selected
     dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else getattr(torch, recipe.model.dtype)
-    return chunked_transient(tokens, widths.vocab, head.in_features, dtype, head.weight.dtype, trained_head)
+    args = (tokens, widths.vocab, head.in_features, dtype, head.weight.dtype, trained_head)
+    if revffn is not None and revffn.params.recovery.steps > 0:
+        return distill_transient_bytes(*args)
+    return chunked_transient(*args)
 
 
 def _cpu_twin_autocast(recipe: Recipe, target: torch.device):

@@ -43,6 +43,7 @@ from memft.registry import (
     at_least_float32,
     register,
 )
+from memft.train.chunked_loss import linear_cross_entropy, linear_head
 
 POSITIONS_KEY = "tokentune_positions"
 """Batch key holding the selected positions, (B, k) long, set by `on_step_start`."""
@@ -196,8 +197,10 @@ class TokenTune(Strategy):
                 hidden = decoder(**inputs).last_hidden_state  # (B, k, D)
             finally:
                 hook.remove()
-            logits = unwrap(model).get_output_embeddings()(hidden)
             targets = _next_labels(batch["labels"]).gather(1, positions)
+            if (head := linear_head(unwrap(model))) is not None:  # not even the (B, k, vocab) logits
+                return LossOutput(*linear_cross_entropy(hidden, head, targets))
+            logits = unwrap(model).get_output_embeddings()(hidden)
             loss_sum = F.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100,
                                        reduction="sum")
             return LossOutput(loss_sum, int((targets != -100).sum()))

@@ -13,9 +13,14 @@ Backward keeps only the selected hidden rows (which the head would keep as its i
 log-sum-exp per target; every chunk's logits are recomputed, so the price is one more head matmul per step.
 The numbers are the plain loss's: the head runs in the compute dtype (autocast's, else the hidden states'),
 the loss in at least float32, as `memft.registry.at_least_float32` does for the plain path.
+
+`linear_kl_divergence` does the same for distillation toward a frozen teacher (RevFFN's recovery): per chunk of
+positions both heads' log-probabilities, and backward keeps the teacher's hidden rows and two log-sum-exps per row.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +42,33 @@ def transient_bytes(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, he
                     head_trains: bool) -> int:
     """What the loss's backward allocates beyond what it saved: one chunk's probabilities (float32, and their copy in
     the compute dtype), the hidden states' gradient, a compute-dtype copy of a head stored in another dtype, and the
-    float32 accumulator of a trained head's gradient when the head is stored in another dtype (the gradient itself,
-    in the head's dtype, is the profile's `head_gradient`)."""
-    acc = torch.promote_types(dtype, torch.float32).itemsize
+    float32 sum of a trained head stored in another dtype: of its gradient when backward walks chunks of tokens, of
+    the target rows' gradient (with a copy of those rows) when it walks vocabulary rows (`by_vocab`); the head's
+    gradient itself, in its dtype, is the profile's `head_gradient`."""
+    acc_dtype = torch.promote_types(dtype, torch.float32)
+    acc = acc_dtype.itemsize
     low = dtype.itemsize if dtype.itemsize < acc else 0
     cast = vocab * hidden * dtype.itemsize if head_dtype != dtype else 0
-    accumulator = vocab * hidden * acc if head_trains and head_dtype.itemsize != acc else 0
+    accumulator = 0
     chunk = min(tokens, chunk_tokens(vocab)) * vocab * (acc + low)
+    if head_trains and head_dtype.itemsize != acc:
+        if by_vocab(tokens, vocab, head_dtype, acc_dtype):
+            accumulator = tokens * hidden * (acc + dtype.itemsize)
+            chunk = tokens * min(vocab, max(1, CHUNK_BYTES // (4 * max(1, tokens)))) * (acc + low)
+        else:
+            accumulator = vocab * hidden * acc
     return chunk + tokens * hidden * dtype.itemsize + cast + accumulator
+
+
+def distill_transient_bytes(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, head_dtype: torch.dtype,
+                            head_trains: bool) -> int:
+    """`transient_bytes` for `linear_kl_divergence`'s backward: the teacher's chunk of probabilities on top, and
+    the teacher head's compute-dtype copy when it is stored in another dtype. (Its forward holds three float32 chunks
+    at most: both models' log-probabilities and logsumexp's temporary.)"""
+    acc = torch.promote_types(dtype, torch.float32).itemsize
+    teacher_cast = vocab * hidden * dtype.itemsize if head_dtype != dtype else 0
+    return (transient_bytes(tokens, vocab, hidden, dtype, head_dtype, head_trains)
+            + min(tokens, chunk_tokens(vocab)) * vocab * acc + teacher_cast)
 
 
 def linear_head(model: nn.Module) -> nn.Linear | None:
@@ -121,19 +145,149 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, where, weight, bias, targets, lse = ctx.saved_tensors
         dtype, acc = ctx.dtype, lse.dtype
         needs_hidden, _, needs_weight, needs_bias = ctx.needs_input_grad[:4]
+        d_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        d_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            if needs_weight and by_vocab(where.shape[0], weight.shape[0], weight.dtype, acc):
+                d_weight = _backward_by_vocab(hidden, where, w, b, targets, lse, grad.to(acc), d_hidden, d_bias)
+                d_weight = d_weight.to(weight.dtype)
+            else:
+                d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_weight else None
+                step = chunk_tokens(weight.shape[0])
+                for start in range(0, where.shape[0], step):
+                    sl = slice(start, start + step)
+                    x = hidden[where[sl]].to(dtype)
+                    # softmax(z) - onehot(y), scaled by the incoming gradient, in place on one chunk's logits
+                    p = F.linear(x, w, b).to(acc).sub_(lse[sl, None]).exp_()
+                    p[torch.arange(p.shape[0], device=p.device), targets[sl]] -= 1
+                    p.mul_(grad.to(acc))
+                    pd = p.to(dtype)
+                    if d_hidden is not None:
+                        d_hidden[where[sl]] = (pd @ w).to(hidden.dtype)
+                    if d_weight is not None:
+                        d_weight += (pd.T @ x).to(acc)
+                    if d_bias is not None:
+                        d_bias += p.sum(0)
+                    del p, pd  # before the next chunk's logits exist
+                d_weight = None if d_weight is None else d_weight.to(weight.dtype)
+        return (d_hidden, None, d_weight, None if d_bias is None else d_bias.to(bias.dtype), None, None)
+
+
+WEIGHT_GRADIENT: Literal["auto", "by_tokens", "by_vocab"] = "auto"
+"""How backward walks the logits when the head trains: in chunks of tokens (every chunk adds to a float32 gradient
+of the whole head) or of vocabulary rows (every chunk writes its rows' gradient once, and the float32 sum is the
+hidden rows' gradient). `auto`: by vocabulary when the head is stored in less than float32 and there are fewer
+target tokens than vocabulary rows, so the float32 buffer is the smaller one (a switch for tests)."""
+
+
+def by_vocab(tokens: int, vocab: int, head_dtype: torch.dtype, acc: torch.dtype) -> bool:
+    """Whether a trained head's backward walks vocabulary chunks (`WEIGHT_GRADIENT`)."""
+    if WEIGHT_GRADIENT != "auto":
+        return WEIGHT_GRADIENT == "by_vocab"
+    return head_dtype.itemsize < acc.itemsize and tokens < vocab
+
+
+def _backward_by_vocab(hidden, where, w, b, targets, lse, grad, d_hidden, d_bias) -> torch.Tensor:
+    """The loss's backward over chunks of vocabulary rows: for rows c, `dz_c = g (exp(z_c - lse) - onehot_c)`,
+    `dW_c = dz_c^T x` (written once, in the compute dtype), `dx += dz_c W_c` (float32 over the chunks). Returns dW."""
+    acc = lse.dtype
+    x = hidden[where].to(w.dtype)
+    d_weight = torch.empty_like(w)
+    d_rows = torch.zeros(x.shape, dtype=acc, device=x.device) if d_hidden is not None else None
+    rows = torch.arange(x.shape[0], device=x.device)
+    step = max(1, CHUNK_BYTES // (4 * max(1, x.shape[0])))
+    for start in range(0, w.shape[0], step):
+        vs = slice(start, start + step)
+        p = F.linear(x, w[vs], None if b is None else b[vs]).to(acc).sub_(lse[:, None]).exp_()
+        hit = (targets >= start) & (targets < start + p.shape[1])
+        p[rows[hit], targets[hit] - start] -= 1
+        p.mul_(grad)
+        pd = p.to(w.dtype)
+        d_weight[vs] = pd.T @ x
+        if d_rows is not None:
+            d_rows += (pd @ w[vs]).to(acc)
+        if d_bias is not None:
+            d_bias[vs] = p.sum(0)
+        del p, pd
+    if d_hidden is not None:
+        d_hidden[where] = d_rows.to(d_hidden.dtype)
+    return d_weight
+
+
+def linear_kl_divergence(student_hidden: torch.Tensor, student_head: nn.Linear, teacher_hidden: torch.Tensor,
+                         teacher_head: nn.Linear, mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, int]:
+    """Summed distillation loss `t^2 KL(softmax(z_T / t) || softmax(z_S / t))` over the positions where `mask` is
+    true, with `z = head(hidden)`, and the number of positions; the teacher is a constant. Equal to
+    `F.kl_div(log_softmax(at_least_float32(z_S) / t), log_softmax(at_least_float32(z_T) / t), log_target=True)`
+    summed over the vocabulary and the masked positions, times t^2."""
+    where = mask.reshape(-1).nonzero()[:, 0]
+    device = student_hidden.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    width = teacher_hidden.shape[-1]
+    # the teacher's rows are gathered once: nothing else keeps its hidden states, and backward needs only these
+    teacher_rows = teacher_hidden.detach().reshape(-1, width)[where]
+    t_bias = None if teacher_head.bias is None else teacher_head.bias.detach()
+    loss = _LinearKLDivergence.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]), where, student_head.weight, student_head.bias,
+        teacher_rows, teacher_head.weight.detach(), t_bias, float(temperature),
+        autocast or student_hidden.dtype, autocast or teacher_hidden.dtype)
+    return loss, int(where.numel())
+
+
+def _log_probs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, acc: torch.dtype,
+               t: float, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(head(x) / t) of a chunk of rows in `acc`, and its log-sum-exp (given: backward's recompute)."""
+    z = F.linear(x.to(dtype), w, b).to(acc).div_(t)
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1)
+    return z.sub_(lse[:, None]), lse
+
+
+class _LinearKLDivergence(torch.autograd.Function):
+    """forward:   per chunk, log p_S and log p_T (float32 at least),   loss += t^2 sum p_T (log p_T - log p_S)
+    backward:  both recomputed from the saved log-sum-exps,   dz_S = g t (p_S - p_T)   (the 1/t inside the softmax
+    against the t^2 outside),   dh = dz_S W_S,   dW_S += dz_S^T h,   db_S += sum(dz_S)."""
+
+    @staticmethod
+    def forward(ctx, hidden, where, weight, bias, t_rows, t_weight, t_bias, t, dtype, t_dtype):
+        acc = torch.promote_types(torch.promote_types(dtype, t_dtype), torch.float32)
+        step = chunk_tokens(weight.shape[0])
+        lse = torch.empty(where.shape[0], dtype=acc, device=hidden.device)
+        t_lse = torch.empty_like(lse)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            tw, tb = t_weight.to(t_dtype), None if t_bias is None else t_bias.to(t_dtype)
+            for start in range(0, where.shape[0], step):
+                sl = slice(start, start + step)
+                student, lse[sl] = _log_probs(hidden[where[sl]], w, b, dtype, acc, t)
+                teacher, t_lse[sl] = _log_probs(t_rows[sl], tw, tb, t_dtype, acc, t)
+                # p_T (log p_T - log p_S), in place on the two chunks' buffers
+                diff = student.neg_().add_(teacher)
+                total += teacher.exp_().mul_(diff).sum() * (t * t)
+                del student, teacher, diff  # before the next chunk's logits exist
+        ctx.save_for_backward(hidden, where, weight, bias, t_rows, t_weight, t_bias, lse, t_lse)
+        ctx.t, ctx.dtype, ctx.t_dtype = t, dtype, t_dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, where, weight, bias, t_rows, t_weight, t_bias, lse, t_lse = ctx.saved_tensors
+        t, dtype, t_dtype, acc = ctx.t, ctx.dtype, ctx.t_dtype, lse.dtype
+        needs_hidden, _, needs_weight, needs_bias = ctx.needs_input_grad[:4]
         step = chunk_tokens(weight.shape[0])
         d_hidden = torch.zeros_like(hidden) if needs_hidden else None
         d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_weight else None
         d_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs_bias else None
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            tw, tb = t_weight.to(t_dtype), None if t_bias is None else t_bias.to(t_dtype)
             for start in range(0, where.shape[0], step):
                 sl = slice(start, start + step)
                 x = hidden[where[sl]].to(dtype)
-                # softmax(z) - onehot(y), scaled by the incoming gradient, in place on one chunk's logits
-                p = F.linear(x, w, b).to(acc).sub_(lse[sl, None]).exp_()
-                p[torch.arange(p.shape[0], device=p.device), targets[sl]] -= 1
-                p.mul_(grad.to(acc))
+                p = _log_probs(x, w, b, dtype, acc, t, lse[sl])[0].exp_()
+                p.sub_(_log_probs(t_rows[sl], tw, tb, t_dtype, acc, t, t_lse[sl])[0].exp_()).mul_(grad.to(acc) * t)
                 pd = p.to(dtype)
                 if d_hidden is not None:
                     d_hidden[where[sl]] = (pd @ w).to(hidden.dtype)
@@ -141,5 +295,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     d_weight += (pd.T @ x).to(acc)
                 if d_bias is not None:
                     d_bias += p.sum(0)
+                del p, pd  # before the next chunk's logits exist
         return (d_hidden, None, None if d_weight is None else d_weight.to(weight.dtype),
-                None if d_bias is None else d_bias.to(bias.dtype), None, None)
+                None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None, None, None)

@@ -41,6 +41,7 @@ from memft.registry import (
     register,
 )
 from memft.strategies.revffn.stack import ReversibleStack
+from memft.train.chunked_loss import hidden_states, linear_head, linear_kl_divergence
 
 
 class RecoveryParams(StrategyParams):
@@ -99,8 +100,8 @@ class RevFFN(Strategy):
     Params = RevFFNParams
     order = 50
     summary = "Reversible two-stream decoder layers: activations stop growing with depth (with a recovery stage)."
-    step_in_backward = ("its reversible backward and recovery-stage distillation are not tested with a step "
-                        "in backward yet")
+    # the reversible backward accumulates each layer's weight gradients into `.grad` as autograd does, so
+    # `train.optimizer_in_backward` steps them as they complete (tests/test_optim_in_backward.py)
     conflicts = {
         "tokentune": "both replace the decoder layers' forward; use `revffn` for depth, `tokentune` for tokens.",
         "lcsb": "LCSB's frozen layers pass gradients through the residual identity, which the reversible "
@@ -223,11 +224,18 @@ class RevFFN(Strategy):
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         t = self.params.recovery.temperature
+        mask = batch["attention_mask"].bool()
+        head, teacher_head = linear_head(model), linear_head(self.teacher)
+        if head is not None and teacher_head is not None:  # neither model forms its B x S x V logits
+            with torch.no_grad():
+                teacher = hidden_states(self.teacher, teacher_head, inputs)
+            loss_sum, count = linear_kl_divergence(hidden_states(model, head, inputs), head, teacher, teacher_head,
+                                                   mask, t)
+            return LossOutput(loss_sum, count)
         with torch.no_grad():
             teacher = F.log_softmax(at_least_float32(self.teacher(**inputs).logits) / t, dim=-1)
         student = F.log_softmax(at_least_float32(model(**inputs).logits) / t, dim=-1)
         kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1) * (t * t)
-        mask = batch["attention_mask"].bool()
         return LossOutput(kl[mask].sum(), int(mask.sum()))
 
     def after_optimizer_step(self, step: int) -> None:
