@@ -115,3 +115,17 @@ def test_profile_moves_the_state_to_the_host_exactly(tmp_path):
                 + sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()))
     assert states["optimizer_state"] == 0
     assert states["host"] == {"optimizer state (host)": measured}
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("lcsb_full.yaml", []),
+    ("tokentune.yaml", []),
+    ("revffn_moe.yaml", ["strategies.1.params.recovery.steps=1", "train.optimizer=adamw"]),
+    ("meft.yaml", []),
+])
+def test_it_composes_with_the_strategies(tmp_path, name, extra):
+    common = [*extra, "model.dtype=float64", "train.max_steps=2", "output.checkpoints=false"]
+    train(tmp_path, "device", *common, recipe=name)
+    host = train(tmp_path, "host", *common, *HOST, recipe=name)
+    assert isinstance(host.optimizer, HostAdamW)
+    assert losses(tmp_path / "device") == losses(tmp_path / "host")  # the same updates, strategy by strategy
