@@ -1,8 +1,8 @@
 """Full fine-tuning's whole memory budget on the CPU (issue 17): `full` as it ran before issue 17 against `full`
 with the new settings, on a Llama large enough that the interpreter does not dominate.
 
-Model: the built-in tiny-llama widened to hidden 768, 12 layers, intermediate 2048, a 32,000-token vocabulary
-(136M parameters, untied head), random init, saved once as a bf16 safetensors checkpoint that every variant loads
+Model: the built-in tiny-llama widened to hidden 1024, 16 layers, intermediate 2816, a 32,000-token vocabulary
+(221M parameters, untied head), random init, saved once as a bf16 safetensors checkpoint that every variant loads
 as a user's hub checkpoint (float32 variants upcast it while loading); batches of 4 x 512 packed tokens of
 `recipes/bench_moe.yaml`'s data. Each variant runs in its own process (so its peak RSS is its own) for `--steps`
 optimizer steps, with `MALLOC_MMAP_THRESHOLD_=65536`: glibc then maps every large block and unmaps it when freed,
@@ -14,6 +14,9 @@ so RSS follows what is alive (with its default, growing threshold a freed block 
 - `full, bf16 + stochastic rounding + step in backward`: `model.dtype=bfloat16`, `train.precision=
   bf16_stochastic_rounding`, `train.optimizer_in_backward=true` (clipping off, as it requires);
 - the same with `train.gradient_checkpointing=true`.
+
+(`train.optimizer_state: host` is not among them: on the CPU the host is the same memory, where its float32 masters
+only add bytes.)
 
 Reported per variant: peak RSS of the process (`ru_maxrss`) and above the process after imports (the run's own
 share), activation bytes (what autograd saved in one step, `summary.json`), and the median step time. Targets:
@@ -41,8 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "full_budget.json"
-WIDE_LLAMA = {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 2048, "num_attention_heads": 12,
-              "num_key_value_heads": 12, "vocab_size": 32000}
+WIDE_LLAMA = {"hidden_size": 1024, "num_hidden_layers": 16, "intermediate_size": 2816, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": 32000}
 COMMON = ["model.tokenizer=stories260K", "strategies=[{name: full}]", "data.max_length=512", "train.batch_size=4",
           "data.eval_split=null", "log.progress=false",
           "output.plot=false", "output.checkpoints=false", "train.warmup_steps=0", "train.lr=1e-4"]
