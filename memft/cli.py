@@ -258,13 +258,15 @@ def profile(
     if p.peak <= budget:
         console.print(f"[green]fits[/green]: predicted peak {_fmt_bytes(p.peak)} of {_fmt_bytes(budget)} "
                       f"({budget - p.peak:,} bytes to spare)", highlight=False)
+        if json_out:
+            predict.write_json(p, json_out, {"budget": budget, "fits": True, "advice": []})
         return
     console.print(f"[red]does not fit[/red]: predicted peak {_fmt_bytes(p.peak)} > {_fmt_bytes(budget)}; "
                   "trying changes ...", highlight=False)
     load = lambda extra: recipe_mod.load(recipe, extra)  # noqa: E731
     forecast = lambda extra: predict.profile(load(extra), device)  # noqa: E731
     with console.status("profiling the alternatives ..."):
-        ranked = advice.rank(r, overrides or [], budget, forecast, moe=p.moe)
+        ranked = advice.rank(r, overrides or [], budget, forecast, moe=p.moe, base=p)
     if ranked and not any(q.peak <= budget for _, q in ranked):
         with console.status("no single change fits; combining changes ..."):
             combined = advice.combine(load, overrides or [], budget, forecast, ranked, moe=p.moe)
@@ -274,9 +276,12 @@ def profile(
         table.add_column(col, justify="right" if col == "predicted peak" else "left")
     table.add_column("overrides", overflow="fold")  # to paste as is: never cut short
     for change, q in ranked:
-        table.add_row(change.label, _fmt_bytes(q.peak), "yes" if q.peak <= budget else "no", change.cost,
+        cost = f"[yellow]{change.note}[/yellow]; {change.cost}" if change.note else change.cost
+        table.add_row(change.label, _fmt_bytes(q.peak), "yes" if q.peak <= budget else "no", cost,
                       " ".join(change.overrides))
     console.print(table)
+    if json_out:
+        predict.write_json(p, json_out, {"budget": budget, "fits": False, "advice": advice.to_json(ranked, budget)})
 
 
 def _profile_table(p) -> Table:

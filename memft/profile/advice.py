@@ -32,6 +32,9 @@ class Change:
     overrides: list[str]
     cost: str
     """Expected effect on speed (or on what is trained), in words."""
+    note: str = ""
+    """Why a change that does not lower the peak is still listed (`saves nothing here: ...`)."""
+    combined: bool = False
 
 
 def candidates(recipe: Recipe, moe: bool = False) -> list[Change]:
@@ -45,6 +48,10 @@ def candidates(recipe: Recipe, moe: bool = False) -> list[Change]:
         return [f"strategies={[*kept, *extra]}".replace("'", "")]
 
     out = []
+    if recipe.model.dtype == "float32":
+        # on a GPU float32 weights already train under bf16 autocast: bf16 ones halve the bytes, not the speed
+        out.append(Change("bf16 weights", ["model.dtype=bfloat16"], "bf16 weights" + (
+            "; full fine-tuning then rounds each update into bf16 (small ones are lost)" if "full" in names else "")))
     if not t.gradient_checkpointing and "revffn" not in names:
         out.append(Change("gradient checkpointing", ["train.gradient_checkpointing=true"],
                           "1.3x step time measured on an H100 (each layer's forward runs twice)"))
@@ -88,32 +95,95 @@ def candidates(recipe: Recipe, moe: bool = False) -> list[Change]:
     return out
 
 
-def rank(recipe: Recipe, overrides: list[str], budget: int, predict, moe: bool = False) -> list[tuple[Change, object]]:
+def rank(recipe: Recipe, overrides: list[str], budget: int, predict, moe: bool = False,
+         base=None) -> list[tuple[Change, object]]:
     """Each candidate's profile (`predict(overrides) -> Profile`; changes the recipe refuses are left out),
-    those that fit first, each group by predicted peak."""
+    those that fit first, each group by predicted peak. With `base` (the recipe's own profile), a change that does
+    not lower its peak says why (`Change.note`)."""
     results = []
     for change in candidates(recipe, moe):
         try:
             profile = predict([*overrides, *change.overrides])
         except UserError:
             continue  # the change conflicts with this recipe (e.g. a strategy combination)
+        if base is not None:
+            change.note = no_saving(base, profile)
         results.append((change, profile))
     return sorted(results, key=lambda cp: (cp[1].peak > budget, cp[1].peak))
 
 
+LITTLE = 0.01
+"""A change that lowers the peak by less than this share of it is marked as saving (almost) nothing."""
+PARTS = {"weights": "weight_bytes", "gradients": "gradients", "optimizer state": "optimizer_state",
+         "activations": "activations", "the loss's backward buffers": "backward_transient"}
+
+
+def no_saving(base, profile) -> str:
+    """Why `profile` (a change of `base`) lowers the peak by less than `LITTLE` of it, or by less than shown, in
+    words; "" when it saves that much."""
+    if any("upper bound" in n for n in profile.notes if n not in base.notes):
+        # TokenTune's fit is not reliable yet: its activations are shown without selection
+        return ("may save more than shown: its activations are shown at the bound without token selection "
+                "(the fit with selection is not reliable yet)")
+    if profile.peak < (1 - LITTLE) * base.peak:
+        return ""
+    deltas = {name: getattr(profile, attr) - getattr(base, attr) for name, attr in PARTS.items()}
+    down = [name for name, d in deltas.items() if d < 0]
+    up = [name for name, d in deltas.items() if d > 0]
+    verb = ("raises the peak here" if profile.peak > base.peak else "saves nothing here" if profile.peak == base.peak
+            else f"saves under {LITTLE:.0%} here")
+    if up:
+        return f"{verb}: more {' and '.join(up)}" + (f" outweigh less {' and '.join(down)}" if down else "")
+    if down and set(down) <= {"activations", "the loss's backward buffers"}:
+        if profile.grad_accum > 1 and base.grad_accum == 1:
+            return f"{verb}: with accumulation the gradients stay beside every micro-batch's activations"
+        start = base.activations + base.backward_transient + base.head_gradient
+        if base.grad_accum == 1 and not base.optimizer_in_backward and base.gradients >= start:
+            return f"{verb}: the peak is set by the gradients at the end of backward, not by activations"
+    if down:
+        return f"{verb}: it lowers only the {' and '.join(down)}, a small part of this peak"
+    return f"{verb}: it changes none of weights, gradients, optimizer state or activations at this size"
+
+
 def combine(load, overrides: list[str], budget: int, predict, ranked: list[tuple[Change, object]],
             moe: bool = False, max_changes: int = 3) -> tuple[Change, object] | None:
-    """When no single change fits: the change with the lowest peak (`ranked`, from `rank`), then the best
-    change on top of it, and so on (at most `max_changes`) until the budget is met. `load(overrides) ->
-    Recipe`, `predict(overrides) -> Profile`. None when even that does not fit."""
-    chosen: list[Change] = []
-    while ranked and len(chosen) < max_changes:
-        change, best = ranked[0]
+    """When no single change fits: the change with the lowest peak (`ranked`, from `rank`), then on top of it the
+    others, in the order of their own peaks, until one fits; when none does, the one with the lowest peak, and so on
+    (at most `max_changes`). `load(overrides) -> Recipe`, `predict(overrides) -> Profile`. The combination that fits,
+    else the lowest one found; None when no second change lowers the peak."""
+    if not ranked:
+        return None
+    chosen, best = [ranked[0][0]], ranked[0][1]
+    order = {c.label: i for i, (c, _) in enumerate(ranked)}
+    while best.peak > budget and len(chosen) < max_changes:
+        extra = [*overrides, *merged(chosen)]
+        lower = []
+        # most promising first: the first that fits ends the search (each try may fit new twins)
+        for change in sorted(candidates(load(extra), moe), key=lambda c: order.get(c.label, len(order))):
+            try:
+                q = predict([*extra, *change.overrides])
+            except UserError:
+                continue
+            if q.peak < best.peak:
+                lower.append((change, q))
+            if q.peak <= budget:
+                break
+        if not lower:
+            break
+        change, best = min(lower, key=lambda cq: cq[1].peak)
         chosen.append(change)
-        if best.peak <= budget:
-            merged = {o.split("=", 1)[0]: o for c in chosen for o in c.overrides}  # a later `key=` wins
-            return Change(" + ".join(c.label for c in chosen), list(merged.values()),
-                          "; ".join(c.cost for c in chosen)), best
-        extra = [*overrides, *(o for c in chosen for o in c.overrides)]
-        ranked = [(c, q) for c, q in rank(load(extra), extra, budget, predict, moe) if q.peak < best.peak]
-    return None
+    if len(chosen) < 2:
+        return None
+    return Change(" + ".join(c.label for c in chosen), merged(chosen), "; ".join(c.cost for c in chosen),
+                  combined=True), best
+
+
+def merged(changes: list[Change]) -> list[str]:
+    """The changes' overrides, one per key: a later change's `key=` wins (it was computed on top of the earlier)."""
+    return list({o.split("=", 1)[0]: o for c in changes for o in c.overrides}.values())
+
+
+def to_json(ranked: list[tuple[Change, object]], budget: int) -> list[dict]:
+    """The advice as `memft profile --json` writes it: one entry per row of the table, in its order."""
+    return [{"label": c.label, "overrides": c.overrides, "cost": c.cost, "peak": q.peak, "fits": q.peak <= budget,
+             "note": c.note, "combined": c.combined} for c, q in ranked]

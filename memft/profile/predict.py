@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,6 +145,29 @@ def skeleton(recipe: Recipe, config) -> tuple[nn.Module, list, set[int]]:
     return apply_strategies(model, strategies, ctx), strategies, quantized
 
 
+_SKELETONS: dict[str, tuple] = {}
+"""Skeletons already built in this process, with the config they were built from (building one changes it)."""
+SHAPE_ONLY = {"train": ("batch_size", "grad_accum", "optimizer"), "data": ("max_length",)}
+"""Recipe fields no strategy's `apply` reads: variants that change only these share a skeleton."""
+
+
+def cached_skeleton(recipe: Recipe, config) -> tuple:
+    """(config, `skeleton`), built once per model and strategies: `--gpu-memory` profiles many variants, and wrapping
+    a 30B model with adapters on the meta device takes half a second each time."""
+    dump = recipe.model_dump(mode="json")
+    for section, names in SHAPE_ONLY.items():
+        for name in names:
+            dump[section].pop(name)
+    key = json.dumps([config.to_dict(), dump], sort_keys=True, default=str)
+    if key not in _SKELETONS:
+        _SKELETONS[key] = (config, *skeleton(recipe, config))
+        if len(_SKELETONS) > 16:  # meta models hold no storage, but their modules add up
+            _SKELETONS.pop(next(iter(_SKELETONS)))
+    config, model, strategies, quantized = _SKELETONS[key]
+    # shallow copies: `on_step_start` counts micro-batches on the strategy (TokenTune), each profile starts afresh
+    return config, model, [copy.copy(s) for s in strategies], quantized
+
+
 def nf4_bytes(numel: int, double_quant: bool) -> int:
     """Storage of one 4-bit weight (a bitsandbytes `Linear4bit`): packed nibbles plus its quantization constants,
     the same accounting as one expert of an `NF4Experts` holder with its own code tables."""
@@ -254,8 +279,21 @@ def fit_activations(recipe: Recipe, config, strategies: list, autocast, partial_
                       min(recipe.data.max_length, activations.MAX_TWIN_SEQ), partial_gradients],
                      sort_keys=True, default=str)
     if key not in _FITS:
-        _FITS[key] = _fit_activations(recipe, config, strategies, autocast, partial_gradients)
+        with one_thread():
+            _FITS[key] = _fit_activations(recipe, config, strategies, autocast, partial_gradients)
     return _FITS[key]
+
+
+@contextmanager
+def one_thread():
+    """Twins are a few dozen wide, so a second intra-op thread buys nothing; on a loaded machine its spin-waits
+    made each tiny matmul tens of times slower (an advice table took minutes, not seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fit_activations(recipe: Recipe, config, strategies: list, autocast, partial_gradients: bool) -> activations.Fit:
@@ -292,8 +330,7 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
     target = torch.device(device) if device else resolve_device(recipe.model.device)
     num_labels = recipe.model.num_labels or (2 if recipe.model.task == "sequence_classification" else None)
     resolved = resolve_config(recipe.model, num_labels=num_labels, fallback=shipped_config)
-    config = resolved.config
-    model, strategies, quantized = skeleton(recipe, config)
+    config, model, strategies, quantized = cached_skeleton(recipe, resolved.config)
     states = state_bytes(model, quantized, recipe, double_quant=double_quantized(strategies, recipe))
 
     autocast = autocast_context(recipe, target) if target.type == "cpu" else _cpu_twin_autocast(recipe, target)
@@ -378,10 +415,11 @@ def _cpu_twin_autocast(recipe: Recipe, target: torch.device):
     return nullcontext()
 
 
-def write_json(p: Profile, path: Path) -> None:
-    """Write the prediction to `path` (its folders created); one sentence when it cannot be written."""
+def write_json(p: Profile, path: Path, extra: dict | None = None) -> None:
+    """Write the prediction (and `extra` keys: the advice) to `path`, its folders created; one sentence when it
+    cannot be written."""
     check_writable_file(path, "`--json`")
-    write_text(path, json.dumps(p.to_json(), indent=2), "`--json`")
+    write_text(path, json.dumps({**p.to_json(), **(extra or {})}, indent=2), "`--json`")
 
 
 def stored_bytes(model: nn.Module) -> int:
