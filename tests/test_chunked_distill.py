@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_revffn import build, padded_batch
 from torch import nn
 
 import memft.strategies.revffn as revffn
@@ -109,22 +110,8 @@ def test_distillation_saves_no_logits():
 
 # ---------------------------------------------------------------------------- through the strategies
 def revffn_trainer(*extra: str, dtype: str = "float64") -> Trainer:
-    r = load(REPO / "recipes" / "lora.yaml",
-             ["model.name=tiny-mixtral", f"model.dtype={dtype}", "data.max_samples=8", "data.max_length=256",
-              "train.router_aux_loss=on",
-              "strategies=[{name: full}, {name: revffn, params: {coupling: additive, recovery: {steps: 5, "
-              "temperature: 2.0}}}]", *extra])
-    return Trainer(r, run_dir="unused").setup(for_training=False)
-
-
-def padded_batch(vocab: int, lengths: list[int], T: int) -> dict:
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(5, vocab, (len(lengths), T), generator=g)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        mask[b, :n] = 1
-        ids[b, n:] = 2
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return build("tiny-mixtral", "[{name: full}, {name: revffn, params: {coupling: additive, recovery: {steps: 5, "
+                 "temperature: 2.0}}}]", *extra, dtype=dtype)
 
 
 def loss_and_grads(trainer: Trainer, batch: dict):

@@ -162,16 +162,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     p = F.linear(x, w, b).to(acc).sub_(lse[sl, None]).exp_()
                     p[torch.arange(p.shape[0], device=p.device), targets[sl]] -= 1
                     p.mul_(grad.to(acc))
-                    pd = p.to(dtype)
-                    if d_hidden is not None:
-                        d_hidden[where[sl]] = (pd @ w).to(hidden.dtype)
-                    if d_weight is not None:
-                        d_weight += (pd.T @ x).to(acc)
-                    if d_bias is not None:
-                        d_bias += p.sum(0)
-                    del p, pd  # before the next chunk's logits exist
+                    _add_chunk_gradients(p, x, w, where[sl], d_hidden, d_weight, d_bias)
+                    del p  # before the next chunk's logits exist
                 d_weight = None if d_weight is None else d_weight.to(weight.dtype)
         return (d_hidden, None, d_weight, None if d_bias is None else d_bias.to(bias.dtype), None, None)
+
+
+def _add_chunk_gradients(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
+                         d_hidden, d_weight, d_bias) -> None:
+    """One token chunk's share of the head's backward from `dz` (float32 logit gradients of rows `rows`): the rows'
+    hidden gradient `dz W`, and `dz^T x`, `sum(dz)` added to the weight's and bias's float32 sums."""
+    dz_low = dz.to(x.dtype)
+    if d_hidden is not None:
+        d_hidden[rows] = (dz_low @ w).to(d_hidden.dtype)
+    if d_weight is not None:
+        d_weight += (dz_low.T @ x).to(d_weight.dtype)
+    if d_bias is not None:
+        d_bias += dz.sum(0)
 
 
 WEIGHT_GRADIENT: Literal["auto", "by_tokens", "by_vocab"] = "auto"
@@ -288,13 +295,7 @@ class _LinearKLDivergence(torch.autograd.Function):
                 x = hidden[where[sl]].to(dtype)
                 p = _log_probs(x, w, b, dtype, acc, t, lse[sl])[0].exp_()
                 p.sub_(_log_probs(t_rows[sl], tw, tb, t_dtype, acc, t, t_lse[sl])[0].exp_()).mul_(grad.to(acc) * t)
-                pd = p.to(dtype)
-                if d_hidden is not None:
-                    d_hidden[where[sl]] = (pd @ w).to(hidden.dtype)
-                if d_weight is not None:
-                    d_weight += (pd.T @ x).to(acc)
-                if d_bias is not None:
-                    d_bias += p.sum(0)
-                del p, pd  # before the next chunk's logits exist
+                _add_chunk_gradients(p, x, w, where[sl], d_hidden, d_weight, d_bias)
+                del p  # before the next chunk's logits exist
         return (d_hidden, None, None if d_weight is None else d_weight.to(weight.dtype),
                 None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None, None, None)
