@@ -188,9 +188,10 @@ class Strategy:
         `grad_tokens`, so that tokens with and without gradients can be told apart (a fixed fraction would make
         them proportional), or shrink what would not fit a twin (MEFT's width)."""
 
-    def estimate(self, model: nn.Module, recipe: Recipe, tokens: int) -> MemoryEstimate | None:
+    def estimate(self, model: nn.Module, recipe: Recipe, tokens: int, device: torch.device) -> MemoryEstimate | None:
         """Memory `memft profile` cannot see in `model` (built on the meta device, this strategy applied) or in
-        its saved activations, for micro-batches of `tokens` tokens: e.g. host-memory state."""
+        its saved activations, for micro-batches of `tokens` tokens on `device` (the profiled one): e.g.
+        host-memory state."""
         return None
 
     def tensor_state(self) -> dict[str, torch.Tensor]:

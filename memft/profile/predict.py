@@ -365,7 +365,7 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
 
     extra = MemoryEstimate()
     for s in strategies:
-        extra.merge(s.estimate(model, recipe, batch * seq))
+        extra.merge(s.estimate(model, recipe, batch * seq, target))
     return Profile(
         model=recipe.model.name, source=resolved.source, device=str(target), dtype=recipe.model.dtype,
         batch_size=batch, seq_len=seq, grad_accum=recipe.train.grad_accum,

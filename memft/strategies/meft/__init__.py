@@ -162,7 +162,7 @@ class Meft(Strategy):
                          "as much again x2 of AdamW state")
         return model
 
-    def estimate(self, model: nn.Module, recipe, tokens: int) -> MemoryEstimate:
+    def estimate(self, model: nn.Module, recipe, tokens: int, device: torch.device) -> MemoryEstimate:
         p = self.params
         body = decoder_body(model)
         layers = len(body.layers)

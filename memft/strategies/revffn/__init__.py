@@ -20,7 +20,6 @@ loss with exact gradients, and recomputation routes every token as the forward d
 
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Literal
 
@@ -41,6 +40,7 @@ from memft.registry import (
     register,
 )
 from memft.strategies.revffn.stack import ReversibleStack
+from memft.strategies.revffn.teacher import frozen_copy, placement_bytes
 from memft.train.chunked_loss import hidden_states, linear_head, linear_kl_divergence
 
 
@@ -50,6 +50,11 @@ class RecoveryParams(StrategyParams):
     (KL divergence of next-token distributions on the training data) instead of the task loss. 0: none."""
     temperature: float = Field(default=1.0, gt=0)
     """Softmax temperature of the distillation (the loss is scaled by its square)."""
+    teacher: Literal["auto", "device", "host"] = "auto"
+    """Where the frozen copy of the original weights lives during recovery. `host`: its decoder layers stay in
+    pinned host memory and are copied to the device one layer at a time for the teacher's forward (bitwise the same
+    outputs; one host-to-device copy of the layers per step); `device`: a whole second copy on the device. `auto`:
+    `host` when training on a GPU, `device` on the CPU (where both are the same memory)."""
 
 
 class RevFFNParams(StrategyParams):
@@ -115,6 +120,8 @@ class RevFFN(Strategy):
         super().__init__(params)
         self.stack: ReversibleStack | None = None
         self.teacher: nn.Module | None = None
+        self.teacher_streamed = False
+        """Its decoder layers live in host memory (`recovery.teacher`) and are streamed to the device."""
         self.step = 0
         self.aux_coef = 0.0
         self.task = "causal_lm"
@@ -135,17 +142,25 @@ class RevFFN(Strategy):
         if self.params.buffer_every == "auto":  # the spacing a random twin measures says nothing of the real model's
             self.params = self.params.model_copy(update={"buffer_every": 0})
 
-    def estimate(self, model: nn.Module, recipe, tokens: int) -> MemoryEstimate | None:
+    def _teacher_on_host(self, device: torch.device) -> bool:
+        teacher = self.params.recovery.teacher
+        return teacher == "host" or (teacher == "auto" and device.type == "cuda")
+
+    def estimate(self, model: nn.Module, recipe, tokens: int, device: torch.device) -> MemoryEstimate | None:
         out = MemoryEstimate()
         if self.params.buffer_every == "auto":
             kept = 2 * tokens * model.config.hidden_size * next(model.parameters()).element_size()
             out.notes.append(f"revffn: activations without buffers; `buffer_every: auto` is measured on the first "
                              f"step and each kept layer adds its two input streams ({kept:,} bytes)")
         if self.teacher is not None:
-            teacher = sum(t.numel() * t.element_size() for t in [*self.teacher.parameters(), *self.teacher.buffers()])
-            out.device["revffn recovery teacher"] = teacher
-            out.notes.append(f"revffn: the recovery teacher (a frozen copy of the weights) is freed after step "
-                             f"{self.params.recovery.steps}")
+            on_host = self._teacher_on_host(device)
+            resident, host = placement_bytes(self.teacher, on_host)
+            out.device["revffn recovery teacher"] = resident
+            if on_host:
+                out.host["revffn recovery teacher (decoder layers)"] = host
+            out.notes.append(f"revffn: the recovery teacher (a frozen copy of the weights"
+                             + (", its decoder layers streamed from host memory one at a time" if on_host else "")
+                             + f") is freed after step {self.params.recovery.steps}")
         return out
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
@@ -153,7 +168,9 @@ class RevFFN(Strategy):
         body = decoder_body(model)
         self.task = ctx.recipe.model.task
         if p.recovery.steps:  # the original function, before rewiring: the distillation teacher
-            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            # a profile's skeleton is on the meta device: its teacher's bytes are placed in `estimate`
+            self.teacher_streamed = self._teacher_on_host(ctx.device) and ctx.device.type != "meta"
+            self.teacher = frozen_copy(model, on_host=self.teacher_streamed)
         buffer_every = None if p.buffer_every == "auto" else p.buffer_every
         self.stack = ReversibleStack(body.layers, p.coupling, p.gamma, buffer_every, p.rebuild_tolerance)
         for i, layer in enumerate(body.layers):
@@ -169,8 +186,10 @@ class RevFFN(Strategy):
                          + (f"; MoE load-balancing loss x{self.aux_coef:g}, routing replayed in backward"
                             if any(self.stack.taps) else ""))
         if p.recovery.steps:
+            where = ("its decoder layers in host memory, streamed to the device one at a time"
+                     if self._teacher_on_host(ctx.device) else "on the device")
             ctx.notes.append(f"revffn: the first {p.recovery.steps} steps distil toward the original model "
-                             "(a frozen copy of its weights is kept until then)")
+                             f"(a frozen copy of its weights is kept until then, {where})")
         if p.recovery.steps and ctx.total_steps is not None and ctx.total_steps <= p.recovery.steps:
             steps = (f"`train.max_steps` ({ctx.total_steps})" if ctx.recipe.train.max_steps
                      else f"the run's {ctx.total_steps} steps (`train.epochs`)")
@@ -221,7 +240,7 @@ class RevFFN(Strategy):
     def _distill(self, model: nn.Module, batch: dict) -> LossOutput:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         device = batch["input_ids"].device
-        if next(self.teacher.parameters()).device != device:
+        if not self.teacher_streamed and next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         t = self.params.recovery.temperature
         mask = batch["attention_mask"].bool()
