@@ -2,6 +2,7 @@
 host memory, the same updates as AdamW on the device; bf16 weights trained with float32 updates."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,176 @@ def test_it_composes_with_the_strategies(tmp_path, name, extra):
     host = train(tmp_path, "host", *common, *HOST, recipe=name)
     assert isinstance(host.optimizer, HostAdamW)
     assert losses(tmp_path / "device") == losses(tmp_path / "host")  # the same updates, strategy by strategy
+
+
+# --- the host step overlapped with backward (`StepInBackward` with `HostAdamW` inner optimizers, on the CPU) ---
+
+STEPS = 4
+
+
+def tiny(dtype: torch.dtype) -> torch.nn.Module:
+    """An embedding, a 16 -> 48 -> 40 MLP with biases: weights of several sizes, seeded (not trivial values)."""
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Embedding(40, 16), torch.nn.Linear(16, 48), torch.nn.Tanh(),
+                               torch.nn.Linear(48, 40)).to(dtype)
+
+
+def batches() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 40, (2, 12), generator=gen) for _ in range(STEPS)]
+
+
+def backward(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    logits = model(ids[:, :-1]).float()
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).backward()
+
+
+def build(model: torch.nn.Module, state: str, in_backward: bool, overlap: bool = True):
+    from memft.recipe import TrainConfig
+    from memft.train.optim import build_optimizer, build_scheduler
+
+    # lr 1e-2 with warmup then linear decay: every step has another lr, which the host step reads when it runs
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, warmup_steps=2, schedule="linear", max_grad_norm=None,
+                      optimizer_state=state, optimizer_in_backward=in_backward)
+    optimizer = build_optimizer([{"params": list(model.parameters())}], cfg, torch.device("cpu"))
+    if in_backward:
+        optimizer.overlap_host_step = overlap
+    return optimizer, build_scheduler(optimizer, cfg, STEPS)
+
+
+def train_steps(model, optimizer, scheduler, steps=None) -> None:
+    for ids in batches()[:steps]:
+        backward(model, ids)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def moments(optimizer, model) -> list[dict]:
+    """Each weight's AdamW state, whichever optimizer holds it (a host optimizer keys it by the master)."""
+    keys = optimizer.masters if isinstance(optimizer, HostAdamW) else list(model.parameters())
+    return [optimizer.state[k] for k in keys]
+
+
+def assert_same(a, b) -> None:
+    """Nested dicts / lists / tensors: equal keys, bitwise-equal tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def gate(optimizer, monkeypatch, ran_on: list[int], fail_at: int | None = None) -> threading.Event:
+    """Hold every inner host step until the returned event is set; record which thread ran each."""
+    opened = threading.Event()
+    for i, inner in enumerate(optimizer.inner):
+        def held(*args, _step=inner.host.step, _i=i, **kwargs):
+            ran_on.append(threading.get_ident())
+            assert opened.wait(timeout=60), "the host step was never released"
+            if _i == fail_at:
+                raise RuntimeError("host step failed on purpose")
+            return _step(*args, **kwargs)
+
+        monkeypatch.setattr(inner.host, "step", held)
+    return opened
+
+
+def autograd_threads(model) -> list[int]:
+    """The threads the post-accumulate-grad hooks run on (registered after the optimizer's, so they run after it)."""
+    seen = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda _p: seen.append(threading.get_ident()))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overlapped_host_step_in_backward_is_bitwise_the_ordinary_one(dtype):
+    runs = {}
+    variants = {"overlapped": ("host", True, True), "in the hook": ("host", True, False),
+                "ordinary host": ("host", False, True), "device": ("device", False, True)}
+    for name, (state, in_backward, overlap) in variants.items():
+        if name == "device" and dtype == torch.bfloat16:
+            continue  # device AdamW keeps bf16 moments: another update, compared in float32 only
+        model = tiny(dtype)
+        optimizer, scheduler = build(model, state, in_backward, overlap)
+        train_steps(model, optimizer, scheduler)
+        runs[name] = (model, optimizer)
+    model, optimizer = runs["overlapped"]
+    assert optimizer.overlap_host_step and all(isinstance(o, HostAdamW) for o in optimizer.inner)
+    assert not torch.equal(model[1].weight, tiny(dtype)[1].weight)  # it did train
+    for name, (other, other_optimizer) in runs.items():
+        assert_same(list(model.parameters()), list(other.parameters()))
+        assert_same(moments(optimizer, model), moments(other_optimizer, other))
+    masters = [m for o in optimizer.inner for m in o.masters]
+    assert_same(masters, runs["ordinary host"][1].masters)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_state_dict_taken_right_after_backward_waits_for_the_host_steps(monkeypatch):
+    model, reference = tiny(torch.float32), tiny(torch.float32)
+    optimizer, scheduler = build(model, "host", True)
+    ref_optimizer, ref_scheduler = build(reference, "host", True, overlap=False)
+    train_steps(model, optimizer, scheduler, steps=2)
+    train_steps(reference, ref_optimizer, ref_scheduler, steps=2)
+    opened = gate(optimizer, monkeypatch, [])
+    backward(model, batches()[2])
+    backward(reference, batches()[2])
+    ref_optimizer.step()
+    threading.Timer(0.2, opened.set).start()  # no host step of this backward has finished when state_dict asks
+    state = optimizer.state_dict()
+    assert_same(state, ref_optimizer.state_dict())
+    assert_same(list(model.parameters()), list(reference.parameters()))
+
+
+def test_the_hook_hands_the_host_step_to_the_worker_and_returns(monkeypatch):
+    model = tiny(torch.float32)
+    optimizer, scheduler = build(model, "host", True)
+    train_steps(model, optimizer, scheduler, steps=1)  # past warmup's lr 0
+    before = [p.detach().clone() for p in model.parameters()]
+    ran_on = []
+    opened = gate(optimizer, monkeypatch, ran_on)
+    hooks_ran_on = autograd_threads(model)
+    backward(model, batches()[1])  # would wait 60 s and fail if a hook waited for its step
+    # every gradient has been handed over and freed, and no step has finished: the weights are as they were
+    assert len(hooks_ran_on) == len(before)
+    assert all(p.grad is None for p in model.parameters())
+    assert_same(list(model.parameters()), before)
+    opened.set()
+    optimizer.step()
+    assert len(ran_on) == len(before) and not set(ran_on) & set(hooks_ran_on)  # the worker ran them, not autograd
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    # the private switch steps inside the hook instead: on the autograd thread
+    optimizer.overlap_host_step, ran_on[:] = False, []
+    hooks_ran_on.clear()
+    backward(model, batches()[2])
+    assert set(ran_on) == set(hooks_ran_on)
+
+
+def test_a_failed_host_step_is_raised_by_step(monkeypatch):
+    model = tiny(torch.float32)
+    optimizer, scheduler = build(model, "host", True)
+    opened = gate(optimizer, monkeypatch, [], fail_at=1)
+    opened.set()
+    backward(model, batches()[0])  # backward itself goes through
+    with pytest.raises(RuntimeError, match="host step failed on purpose"):
+        optimizer.step()
+    optimizer.step()  # raised once: the next wait has nothing to report
+
+
+def test_the_host_step_overlaps_backward_by_default_on_a_gpu_only():
+    from memft.recipe import TrainConfig
+    from memft.train.optim import build_optimizer
+
+    cfg = TrainConfig(max_grad_norm=None, optimizer_state="host", optimizer_in_backward=True)
+    on = {device: build_optimizer([{"params": list(tiny(torch.float32).parameters())}], cfg,
+                                  torch.device(device)).overlap_host_step for device in ("cpu", "cuda")}
+    assert on == {"cpu": False, "cuda": True}

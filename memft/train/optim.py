@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import collections.abc
+import functools
 import math
+import queue
+import threading
+import weakref
+from collections.abc import Callable
 
 import torch
 from transformers import get_scheduler
@@ -22,7 +27,10 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) 
             return HostAdamW(one, lambda host: _optimizer(host, cfg, torch.device("cpu")))
         return _optimizer(one, cfg, device, salt=salt)
 
-    return StepInBackward(groups, make) if cfg.optimizer_in_backward else make(groups)
+    # the host steps overlap with backward on a GPU only: on the CPU they would compete with backward for the same
+    # cores (1.02-1.12x, benchmarks/host_overlap.py) and the gradients queued for them would outlive their layer
+    overlap = device.type == "cuda"
+    return StepInBackward(groups, make, overlap_host_step=overlap) if cfg.optimizer_in_backward else make(groups)
 
 
 def _optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device, salt: int = 0) -> torch.optim.Optimizer:
@@ -48,12 +56,19 @@ class StepInBackward(torch.optim.Optimizer):
     this way and is refused at validate: gradient accumulation, global-norm clipping, strategies that change
     gradients after backward. The global norm is still measured (`grad_norm`), from each gradient before its step.
 
+    With `HostAdamW` inner optimizers (`train.optimizer_state: host`) the hook only starts the gradient's copy to
+    the host and frees the device gradient; one worker thread (`_HostStepWorker`) runs the CPU AdamW steps and
+    write-backs in hook order while backward goes on. `overlap_host_step=False` steps them inside the hook instead
+    (benchmarks/host_overlap.py compares the two; the results are bitwise equal, tests/test_host_optimizer_state.py).
+
     To the loop, the scheduler and checkpoints this is one optimizer: `param_groups` are the per-parameter
-    optimizers' groups themselves (the scheduler's lr reaches them), `step()` and `zero_grad()` do nothing, and the
-    state dict has the layout of one optimizer with one group per parameter.
+    optimizers' groups themselves (the scheduler's lr reaches them), `step()` waits for the host steps still running
+    (so the scheduler's next lr, a checkpoint or the next forward never meets a half-finished step) and raises the
+    worker's failure if it had one (`zero_grad()` and the state dicts wait too), and the state dict has the layout
+    of one optimizer with one group per parameter.
     """
 
-    def __init__(self, groups: list[dict], make):
+    def __init__(self, groups: list[dict], make, overlap_host_step: bool = True):
         params, self.inner = [], []
         for group in groups:
             options = {k: v for k, v in group.items() if k != "params"}
@@ -64,14 +79,24 @@ class StepInBackward(torch.optim.Optimizer):
         self.param_groups = [o.param_groups[0] for o in self.inner]
         self.state = _InnerStates(params, self.inner)
         self._squares = None
+        self.overlap_host_step = overlap_host_step
+        self._worker = _HostStepWorker()
         self._hooks = [p.register_post_accumulate_grad_hook(self._stepper(o)) for p, o in zip(params, self.inner)]
 
     def _stepper(self, optimizer: torch.optim.Optimizer):
+        on_host = isinstance(optimizer, HostAdamW)
+
         def step(p: torch.Tensor) -> None:
             g = p.grad.detach()
             square = g.to(torch.promote_types(g.dtype, torch.float32)).square().sum()
             self._squares = square if self._squares is None else self._squares + square.to(self._squares.device)
-            optimizer.step()
+            if on_host and self.overlap_host_step:
+                # the CPU step runs beside the rest of backward: it needs only the host copy started here, and no
+                # later node of this backward reads this weight (the node that made its gradient was the last; the
+                # step in the hook relies on that too), so the write-back may land any time before `step()` returns
+                self._worker.submit(optimizer.start_step())
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step
 
@@ -80,13 +105,15 @@ class StepInBackward(torch.optim.Optimizer):
         squares, self._squares = self._squares, None
         return torch.zeros(()) if squares is None else squares.sqrt()
 
-    def step(self, closure=None):  # every parameter was stepped during backward
+    def step(self, closure=None):  # every parameter was stepped during backward, the host steps may still run
+        self._worker.wait()
         return None
 
-    def zero_grad(self, set_to_none: bool = True) -> None:  # and its gradient freed there
-        return None
+    def zero_grad(self, set_to_none: bool = True) -> None:  # each gradient was freed in its hook
+        self._worker.wait()
 
     def state_dict(self) -> dict:
+        self._worker.wait()
         state, groups, extra = {}, [], {}
         for i, o in enumerate(self.inner):
             one = o.state_dict()
@@ -99,6 +126,7 @@ class StepInBackward(torch.optim.Optimizer):
         return {"state": state, "param_groups": groups, **extra}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._worker.wait()
         saved = state_dict["param_groups"]
         if len(saved) != len(self.inner):
             raise ValueError(f"the state has {len(saved)} parameter groups; this optimizer steps {len(self.inner)} "
@@ -109,6 +137,48 @@ class StepInBackward(torch.optim.Optimizer):
             more = {key: {0: values[i] if i in values else values[str(i)]} for key, values in extra.items()}
             o.load_state_dict({"state": one, "param_groups": [{**saved[i], "params": [0]}], **more})
         self.param_groups = [o.param_groups[0] for o in self.inner]
+
+
+class _HostStepWorker:
+    """One daemon thread that runs the host steps handed to it (`submit`), one at a time in the order given;
+    `wait()` returns once all have run and raises the first failure among them. After a failure the rest are
+    skipped: that step is lost either way, and `wait()` says why.
+
+    A daemon thread, so a run that dies mid-backward exits at once instead of finishing its queue; started at the
+    first `submit`, and ended when its owner is collected (the thread holds the queue, never the owner).
+    """
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._failures: list[BaseException] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=_run_jobs, args=(self._jobs, self._failures), daemon=True,
+                                            name="memft-host-adamw")
+            self._thread.start()
+            weakref.finalize(self, self._jobs.put, None)
+        self._jobs.put(job)
+
+    def wait(self) -> None:
+        self._jobs.join()
+        if self._failures:
+            failure = self._failures[0]
+            self._failures.clear()
+            raise failure
+
+
+def _run_jobs(jobs: queue.Queue, failures: list[BaseException]) -> None:
+    while (job := jobs.get()) is not None:
+        try:
+            if not failures:
+                job()
+        except BaseException as exc:  # handed to the thread that waits (`_HostStepWorker.wait`)
+            failures.append(exc)
+        finally:
+            job = None  # hold no gradient once `wait()` may return
+            jobs.task_done()
 
 
 class _InnerStates(collections.abc.Mapping):
@@ -136,6 +206,7 @@ class HostAdamW(torch.optim.Optimizer):
     GPU is present), stepped there by torch's fused CPU AdamW; the device keeps only the weights in `model.dtype`
     and their gradients. A step copies each gradient to the host, steps the masters, and writes them back cast to
     the weight's dtype. With bf16 weights the update is float32 AdamW on the masters, so no update is lost.
+    `start_step()` splits the step where the device's part ends, for `StepInBackward` to run the rest on a thread.
 
     To the loop, the scheduler and checkpoints it is one optimizer: `param_groups` are the host optimizer's (the
     scheduler's lr reaches it), and the state dict is the host optimizer's plus the masters (`"master"`), so a
@@ -159,16 +230,39 @@ class HostAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for p, master in zip(self.weights, self.masters):
-            master.grad = None if p.grad is None else p.grad.to("cpu", master.dtype, non_blocking=True)
-        if any(p.device.type == "cuda" for p in self.weights):
-            torch.cuda.synchronize()  # the gradients' copies have landed
-        self.host.step()
+        self.start_step()()
+        return None
+
+    @torch.no_grad()
+    def start_step(self) -> Callable[[], None]:
+        """Start each gradient's copy to the host (into pinned memory on CUDA, not waited for) and return the rest of
+        the step, which may run on any thread: wait for the copies, step the masters, write the weights back.
+
+        The rest reads only the host copies taken here, never `p.grad`, so the device gradients may be freed as
+        soon as this returns: the caching allocator hands a freed block only to work queued after the copy on the
+        same stream. On the CPU a gradient already in the master's dtype is its own host copy (`.to` returns it);
+        the rest then holds the only reference once the gradient is freed, and nothing else writes to it.
+        """
+        grads = [None if p.grad is None else p.grad.detach().to("cpu", master.dtype, non_blocking=True)
+                 for p, master in zip(self.weights, self.masters)]
+        landed = []  # one event per GPU, behind the copies on the stream backward made the gradients on
+        for device in {p.device for p in self.weights if p.device.type == "cuda" and p.grad is not None}:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            landed.append(event)
+        return functools.partial(self._step_on_host, grads, landed)
+
+    @torch.no_grad()  # grad mode is per thread: the write-back into a leaf needs it off on the worker too
+    def _step_on_host(self, grads: list[torch.Tensor | None], landed: list[torch.cuda.Event]) -> None:
+        for event in landed:
+            event.synchronize()  # the gradients' copies have landed
+        for master, grad in zip(self.masters, grads):
+            master.grad = grad
+        self.host.step()  # reads the lr at this moment: `StepInBackward.step()` waits before the scheduler steps
         for p, master in zip(self.weights, self.masters):
             if master.grad is not None:
                 p.copy_(master, non_blocking=True)
                 master.grad = None
-        return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.weights:
