@@ -19,7 +19,12 @@ from __future__ import annotations
 
 import copy
 import math
+import multiprocessing
+import os
 import random
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -196,7 +201,7 @@ MAX_TWIN_SEQ = 64
 
 
 def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weight_casts: bool = False,
-        by_depth: bool = False, leading: int = 0, seed: int = 0) -> Fit:
+        by_depth: bool = False, leading: int = 0, seed: int = 0, workers: int | None = None) -> Fit:
     """Measure twins with `measure(twin_config, [(batch, seq), ...], twin) -> [(bytes, grad_tokens or None), ...]` and
     fit the feature coefficients. `partial_gradients`: a strategy reports grad tokens; `weight_casts`: the
     forward runs under autocast (more features each).
@@ -205,23 +210,31 @@ def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weigh
     with `leading` + 1 and `leading` + 2 layers instead of the real depth; their difference is one layer's
     cost, fitted on its own, and the prediction is the rest (the leading layers included) plus the other
     layers times one layer. Much faster for deep models, and as exact.
+
+    `workers`: processes that measure twins side by side (default: the idle cores, `measure_all`). The fit is the
+    same for any number.
     """
     real = Widths.of(config)
     names = [k for k, v in features(real, 2, 16, 8 if partial_gradients else None, weight_casts).items() if v]
     rng = random.Random(seed)
-    rows, outside, layer = [], [], []
     # twice as many measurements as features: with fewer, features that move together at twin widths (but
     # not at real ones) share their coefficient arbitrarily; Mistral's lm_head cast was missed that way
     twins = math.ceil(2 * (len(names) + 6) / SHAPES_PER_TWIN)
-    for twin in range(twins):
+    drawn = []  # every twin's widths and shapes first, in the order one loop would draw them
+    for _ in range(twins):
         w = sample_widths(real, config, rng)
-        shapes = [(rng.randint(1, 3), rng.randrange(8, min(max_seq, MAX_TWIN_SEQ) + 1)) for _ in range(SHAPES_PER_TWIN)]
+        drawn.append((w, [(rng.randint(1, 3), rng.randrange(8, min(max_seq, MAX_TWIN_SEQ) + 1))
+                          for _ in range(SHAPES_PER_TWIN)]))
+    depths = (leading + 1, leading + 2) if by_depth else (None,)
+    jobs = [(twin_config(config, w, layers=d), shapes, twin) for twin, (w, shapes) in enumerate(drawn) for d in depths]
+    measured = iter(measure_all(measure, jobs, workers))
+    rows, outside, layer = [], [], []
+    for w, shapes in drawn:
         if by_depth:
-            one = measure(twin_config(config, w, layers=leading + 1), shapes, twin)
-            two = measure(twin_config(config, w, layers=leading + 2), shapes, twin)
+            one, two = next(measured), next(measured)
             costs = [(2 * a - b, b - a, g) for (a, g), (b, _) in zip(one, two)]
         else:
-            costs = [(total, 0, g) for total, g in measure(twin_config(config, w), shapes, twin)]
+            costs = [(total, 0, g) for total, g in next(measured)]
         for (batch, seq), (rest, per_layer, grad_tokens) in zip(shapes, costs):
             f = features(w, batch, seq, grad_tokens, weight_casts)
             rows.append([f.get(k, 0.0) for k in names])
@@ -243,3 +256,82 @@ def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weigh
     residual = float(((fitted - measured).abs() / measured.clamp_min(1)).max())
     return Fit(dict(zip(names, base.tolist())), residual if math.isfinite(residual) else float("inf"), twins,
                dict(zip(names, per.tolist())) if by_depth else None, config.num_hidden_layers - leading)
+
+
+_JOBS: tuple | None = None
+"""(measure, jobs) of the `measure_all` in progress: forked workers inherit them (a closure cannot be pickled)."""
+
+
+def measure_all(measure, jobs: list[tuple], workers: int | None = None) -> list:
+    """`measure(*job)` for each job, in order, on up to `workers` processes (default: `idle_cores()`).
+
+    Each twin's measurement is a function of its config, shapes and number alone (`build_model` seeds torch, the
+    batches and the strategies' draws are seeded by the twin), so it is the same in any process and order: workers
+    only change how long the fit takes. Twins are a few dozen wide and run on one thread each, so on an idle 2-core
+    machine two workers fit in about half the time; on cores other processes keep busy a worker only adds the cost
+    of its fork (measured: 1.6x slower under a load of 4 on 2 cores), hence the default. Workers are forked (Linux),
+    so they start with this process's imports and `measure`; elsewhere, inside a daemonic process (which may not
+    fork), or with one worker, the jobs run here. A job that fails in a worker runs again here, so its error is
+    raised as the caller would see it."""
+    global _JOBS
+    forking = (sys.platform.startswith("linux") and not multiprocessing.current_process().daemon and _JOBS is None
+               and _safe_to_fork())
+    if workers is None:
+        workers = idle_cores() if forking and len(jobs) > 1 else 1
+    workers = min(workers, len(jobs))
+    if workers < 2 or not forking:
+        return [measure(*job) for job in jobs]
+    _JOBS = (measure, jobs)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker) as pool:
+            results = pool.map(_measure_job, range(len(jobs)), chunksize=1)
+    finally:
+        _JOBS = None
+    return [measure(*job) if result is None else result for job, result in zip(jobs, results)]
+
+
+def _safe_to_fork() -> bool:
+    """No other Python thread runs but a rich spinner's: a fork copies every lock as it is at that moment, and a
+    lock another thread held then (a logging handler's, a tracker's) would hang the worker that takes it. The
+    spinner's console lock is the one exception, and workers never write to that console (`_start_worker`)."""
+    return all(t is threading.main_thread() or type(t).__name__ == "_RefreshThread" for t in threading.enumerate())
+
+
+def _start_worker() -> None:
+    torch.set_num_threads(1)
+    # fresh streams: the caller's may be locked by a thread that was writing when it forked (the CLI's spinner),
+    # and what twins print (load bars) the caller prints already
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+def _measure_job(index: int):
+    """One job of `measure_all` in a worker; None when it fails (it is measured again in the caller)."""
+    measure, jobs = _JOBS
+    try:
+        return measure(*jobs[index])
+    except Exception:
+        return None
+
+
+IDLE_SAMPLE_S = 0.05
+"""How long `idle_cores` watches the CPUs."""
+
+
+def idle_cores() -> int:
+    """The cores this process may use that were idle over the last `IDLE_SAMPLE_S` (from /proc/stat; this process
+    waits meanwhile, so its own core counts as idle), at least 1."""
+    cores = len(os.sched_getaffinity(0))
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return ticks[3] + ticks[4], sum(ticks)
+
+    try:
+        idle, total = sample()
+        time.sleep(IDLE_SAMPLE_S)
+        idle2, total2 = sample()
+    except (OSError, ValueError):
+        return cores
+    share = (idle2 - idle) / max(total2 - total, 1)  # of every CPU of the machine
+    return max(1, min(cores, round(share * (os.cpu_count() or cores))))
