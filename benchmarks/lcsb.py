@@ -36,7 +36,7 @@ SHARED = ROOT.parent / "shared" / "data"
 DEEP_MODEL = ["model.name=tiny-llama",
               "model.config_overrides={num_hidden_layers: 16, hidden_size: 256, intermediate_size: 512, "
               "num_attention_heads: 8, num_key_value_heads: 4}",
-              "data.format=text", "data.text_field=answer", "data.pack=true", "data.max_length=256",
+              "data.format=text", "data.text_field=answer", "data.pack=stream", "data.max_length=256",
               "train.batch_size=2", "data.eval_split=null", "train.warmup_steps=0", "train.schedule=constant",
               "train.lr=1e-3"]
 # the real GLUE SST-2 instead of the recipe's bundled sample: all 872 dev sentences are scored

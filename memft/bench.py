@@ -121,7 +121,7 @@ def format_table(results: list[dict]):
 
     table = Table(title=f"memft bench ({results[0]['device']}, {results[0]['model']}); ratio to `{results[0]['variant']}`",
                   title_justify="left")
-    table.add_column("variant")
+    table.add_column("variant", overflow="fold")  # a label is the command-line variant: shown whole, never cut
     shown_metrics = columns(results)
     for _, title, _ in shown_metrics:
         table.add_column(title, justify="right")

@@ -30,6 +30,20 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+
+def _version(value: bool) -> None:
+    if value:
+        from memft import __version__
+
+        console.print(f"memft {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print memft's version and exit.")] = False) -> None:
+    """Fine-tune dense and Mixture-of-Experts language models with less memory than plain backprop."""
+
 RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file, or the name of a built-in recipe (`memft recipes`).")]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(
     help="Overrides as dotted `key=value` pairs, values parsed as YAML: `train.lr=1e-4 strategies.0.params.r=16`.",
@@ -157,16 +171,28 @@ def recipes() -> None:
 
 
 @app.command()
-def schema() -> None:
+def schema(as_yaml: Annotated[bool, typer.Option("--yaml", help="Every field at its default, as a recipe "
+                                                              "(YAML with a comment per field).")] = False) -> None:
     """Every recipe field with its type, default and help, then each strategy's params.
 
-    Example: memft schema
+    Example: memft schema | grep train.   or   memft schema --yaml > defaults.yaml
     """
     from rich.markup import escape
 
     from memft import registry
-    from memft.recipe import schema_rows
+    from memft.recipe import defaults_yaml, schema_rows
 
+    if as_yaml:
+        print(defaults_yaml())
+        return
+
+    if not console.is_terminal:  # piped (grep, a pager, a file): one unwrapped line per field, tab-separated
+        for title, rows in [("recipe", schema_rows())] + [(f"strategies: name: {name}", schema_rows(cls.Params))
+                                                          for name, cls in registry.available().items()]:
+            print(f"# {title}")
+            for row in rows:
+                print("\t".join(" ".join(cell.split()) for cell in row))
+        return
     table = Table(title="Recipe fields", title_justify="left", show_lines=False)
     for col in ("field", "type", "default", "help"):
         table.add_column(col, overflow="fold")
@@ -269,8 +295,7 @@ def profile(
         ranked = advice.rank(r, overrides or [], budget, forecast, moe=p.moe, base=p)
     if ranked and not any(q.peak <= budget for _, q in ranked):
         with console.status("no single change fits; combining changes ..."):
-            combined = advice.combine(load, overrides or [], budget, forecast, ranked, moe=p.moe)
-        ranked = ([combined] if combined else []) + ranked
+            ranked = advice.combinations(load, overrides or [], budget, forecast, ranked, moe=p.moe, base=p) + ranked
     table = Table(title=f"Changes, ranked (budget {_fmt_bytes(budget)})", title_justify="left")
     for col in ("change", "predicted peak", "fits", "cost"):
         table.add_column(col, justify="right" if col == "predicted peak" else "left")
@@ -441,6 +466,133 @@ def eval_glue(
     console.print(table)
     if json_out:
         write_text(json_out, json.dumps(report, indent=2), "`--json`")
+
+
+ModelRef = Annotated[str, typer.Argument(help="A run directory (its newest checkpoint, adapters included), a local "
+                                              "Hugging Face model directory (e.g. a `memft export`), a built-in or a "
+                                              "hub id.")]
+TemplateOpt = Annotated[Optional[str], typer.Option(
+    help="Chat template: `chatml` (built-in) or a Jinja string (default: the run's, else the tokenizer's).")]
+SystemOpt = Annotated[Optional[str], typer.Option(help="System prompt (default: the run's `data.system`).")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: the smallest set of tokens "
+                                                                 "whose probability reaches this.")]
+MaxNewOpt = Annotated[int, typer.Option(min=1, help="At most this many new tokens per reply.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed the sampling, for a reproducible reply.")]
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
+    from memft.generate import Sampling
+
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def _load_generator(model: str, template, dtype, device):
+    from memft.generate import Generator
+
+    with err_console.status(f"loading {model} ..."):
+        return Generator.load(model, template=template, dtype=dtype, device=device)
+
+
+@app.command()
+@handle_errors
+def generate(
+    model: ModelRef,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeat for several).")],
+    template: TemplateOpt = None,
+    system: SystemOpt = None,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.9,
+    seed: SeedOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout (prompt, reply, "
+                                                          "new_tokens, stopped), nothing streamed.")] = False,
+) -> None:
+    """Reply to each prompt, rendered as the run's training examples were; streamed.
+
+    A chat run's prompt goes through its chat template, an instruction run's through its `data.template`, a text
+    run's is continued.
+
+    Examples:
+
+      memft generate runs/chat --prompt "What is a haiku?"
+
+      memft generate runs/quickstart -p "Tom has 3 apples and buys 2 more. How many?" --temperature 0 --json
+    """
+    gen = _load_generator(model, template, dtype, device)
+    sampling = _sampling(max_new_tokens, temperature, top_p, seed)
+    for text in prompt:
+        if json_out:
+            reply = gen.complete(text, sampling, system)
+            print(json.dumps({"prompt": text, "reply": reply.text, "new_tokens": reply.new_tokens,
+                              "stopped": reply.stopped}), flush=True)
+            continue
+        if len(prompt) > 1:
+            console.print(f"[bold]> {text}[/bold]", highlight=False)
+        gen.complete(text, sampling, system, on_text=lambda piece: console.out(piece, end="", highlight=False))
+        console.out("")
+
+
+@app.command()
+@handle_errors
+def chat(
+    model: ModelRef,
+    template: TemplateOpt = None,
+    system: SystemOpt = None,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.9,
+    seed: SeedOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="For scripts: read one user message per line of stdin, "
+                                                          "write one JSON object per reply.")] = False,
+) -> None:
+    """Talk to a model: replies stream as they are generated, the conversation is kept.
+
+    `/reset` starts over, `/exit` or Ctrl-D ends.
+
+    Examples:
+
+      memft chat runs/chat
+
+      printf 'Hi!\\nAnd then?\\n' | memft chat runs/chat --json --temperature 0
+    """
+    import sys
+
+    gen = _load_generator(model, template, dtype, device)
+    if gen.prompter.template is None:
+        gen.prompter.chat_ids([])  # raises the sentence: no chat template
+    sampling = _sampling(max_new_tokens, temperature, top_p, seed)
+    if json_out:
+        for line in sys.stdin:
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            reply = gen.say(text, sampling, system)
+            print(json.dumps({"user": text, "reply": reply.text, "new_tokens": reply.new_tokens,
+                              "stopped": reply.stopped, "turn": len(gen.history) // 2}), flush=True)
+        return
+    console.print(f"chatting with {model} ([bold]/reset[/bold] starts over, [bold]/exit[/bold] or Ctrl-D ends)")
+    while True:
+        try:
+            text = console.input("[bold green]you>[/bold green] ")
+        except (EOFError, KeyboardInterrupt):
+            console.out("")
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip() == "/reset":
+            gen.history.clear()
+            console.print("(conversation cleared)")
+            continue
+        if not text.strip():
+            continue
+        console.print("[bold blue]model>[/bold blue] ", end="")
+        gen.say(text, sampling, system, on_text=lambda piece: console.out(piece, end="", highlight=False))
+        console.out("")
 
 
 @contextlib.contextmanager

@@ -47,6 +47,10 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
                                       params=_lora_params(s) if s.name == "qlora" else s.params)
                          for s in recipe.strategies]
     tokenizer = load_tokenizer(recipe.model)
+    if recipe.data.format == "chat":  # export renders conversations with the template the run trained on
+        from memft.data.chat import set_chat_template
+
+        set_chat_template(tokenizer, recipe.data)
     loaded = load_model(recipe.model, num_labels=recipe.model.num_labels, pad_token_id=pad_token_id(tokenizer))
     model = loaded.model
     ctx = BuildContext(recipe=recipe, device=model.device, is_moe=loaded.is_moe)
@@ -63,6 +67,7 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(out_dir)
+    tokenizer.init_kwargs.pop("local_files_only", None)  # how memft loaded it offline, not part of the tokenizer
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -82,8 +82,10 @@ class ModelConfig(Section):
     """Seed for randomly initialised built-in models and new heads (0 <= seed < 2**32)."""
     tokenizer: str | None = None
     """Tokenizer to use instead of the model's own (a built-in name, local directory or hub id)."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel: `sdpa` (PyTorch scaled-dot-product attention) or `eager` (plain matmuls)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention kernel: `sdpa` (PyTorch scaled-dot-product attention) or `eager` (plain matmuls); on CUDA also
+    `flash_attention_2` (needs the `flash-attn` package) and `flex_attention` (PyTorch's; its backward runs on CUDA
+    only)."""
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     """Config values to change before building the model, e.g. `{num_hidden_layers: 8}` (random-init built-ins only)."""
     trust_remote_code: bool = False
@@ -94,6 +96,16 @@ class ModelConfig(Section):
     the dense model's function at initialisation. null: no upcycling."""
 
     _name_not_blank = field_validator("name")(_not_blank)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _kernel_installed(cls, value: str) -> str:
+        import importlib.util
+
+        if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("`flash_attention_2` needs the `flash-attn` package (CUDA only: `pip install flash-attn "
+                             "--no-build-isolation`), which is not installed; use `sdpa`, PyTorch's own fused kernel")
+        return value
 
     @model_validator(mode="after")
     def _upcycle_needs_a_causal_lm(self) -> ModelConfig:
@@ -107,15 +119,17 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     source: str = "recipes/data/gsm8k_sample.jsonl"
-    """A local file (.jsonl, .json, .csv, .tsv, .parquet) or a Hugging Face `datasets` name. Relative
-    paths are resolved from the working directory, then from the recipe's folder, then from the project root."""
+    """A local file (.jsonl, .json, .csv, .tsv, .parquet, or .txt for `format: text`) or a Hugging Face `datasets`
+    name. Relative paths are resolved from the working directory, then from the recipe's folder, then from the
+    project root."""
     config_name: str | None = None
     """Dataset configuration for hub datasets (e.g. `sst2` for `glue`)."""
     split: str = "train"
     """Split to train on (hub datasets)."""
-    format: Literal["text", "instruction", "classification"] = "text"
+    format: Literal["text", "instruction", "classification", "chat"] = "text"
     """`text`: plain causal LM on `text_field`. `instruction`: prompt + response with the loss on the
-    response only. `classification`: a text (or a pair) and a label."""
+    response only. `classification`: a text (or a pair) and a label. `chat`: conversations (OpenAI `messages` or
+    ShareGPT `conversations`) rendered with a chat template, the loss on the turns `train_on` names."""
     text_field: str = "text"
     """Column with the text (`text` and `classification` formats). For header-less TSVs use the column
     number, e.g. `"3"` for CoLA's sentence."""
@@ -131,14 +145,35 @@ class DataConfig(Section):
     """Column with the response (`instruction`). By default detected: `output` (Alpaca), `response` or `answer`."""
     template: str = "alpaca"
     """Prompt template for `instruction`: `alpaca`, `plain`, or a string with `{prompt}` and optionally `{input}`."""
+    messages_field: str | None = None
+    """Column with the conversations (`chat`): a list of messages, each `{role, content}` (OpenAI; roles system,
+    user, assistant, tool) or `{from, value}` (ShareGPT; human, gpt, system, tool/function/observation). By default
+    detected: `messages`, then `conversations`."""
+    system: str | None = None
+    """System prompt put first in every conversation that has no system turn (`chat`); null: none is added (a
+    template may still add its own default)."""
+    chat_template: str | None = None
+    """How conversations become text (`chat`): null uses the tokenizer's own chat template; `chatml` is memft's
+    built-in ChatML (`<|im_start|>role\ncontent<|im_end|>\n`); any other value is a Jinja template string, as
+    `tokenizer.chat_template` holds one. The template used is set on the run's tokenizer."""
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    """Which tokens of a conversation get a loss (`chat`): `assistant`, every assistant turn with its end-of-turn
+    marker; `last`, the last assistant turn only; `all`, every token (system, user and tool turns and headers too)."""
+    txt_split: Literal["paragraph", "line"] = "paragraph"
+    """How a `.txt` source becomes examples (`format: text`): `paragraph`, one per block of lines between blank
+    lines (the lines joined by newlines); `line`, one per non-blank line."""
     header: Literal["auto", "yes", "no"] = "auto"
     """Whether a CSV/TSV file has a header row. `auto` treats the first row as a header unless it looks like data."""
     max_length: int = Field(default=256, ge=8)
     """Tokens per example after truncation (BOS and EOS included)."""
     truncation: Literal["right", "left"] = "right"
     """Which end to cut when an example is longer than `max_length`."""
-    pack: bool = False
-    """`text` format only: concatenate examples and cut them into `max_length` blocks (no padding)."""
+    pack: bool | Literal["stream"] = False
+    """false | true (whole examples per row) | stream (`text`: cut into blocks). `true`: several whole examples per
+    row of at most `max_length` tokens (`text`, `instruction`, `chat`), each attending only to itself and with no
+    loss across examples, so the loss and gradients are those of the examples one by one, with less padding.
+    `stream` (`text` only): concatenate the texts and cut the stream into `max_length` blocks that attend across
+    documents (GPT-style pretraining; no truncation, no padding)."""
     max_samples: int | None = Field(default=None, ge=1)
     """Use only the first N examples of the source (before shuffling)."""
     shuffle: bool = True
@@ -148,6 +183,38 @@ class DataConfig(Section):
     or null."""
 
     _source_not_blank = field_validator("source")(_not_blank)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _named_or_jinja(cls, value: str | None) -> str | None:
+        from memft.data.chat import check_chat_template
+
+        if value is not None:
+            check_chat_template(value)  # a ValueError with the sentence
+        return value
+
+    @model_validator(mode="after")
+    def _chat_keys_need_chat(self) -> DataConfig:
+        if self.format == "chat":
+            return self
+        # compared with the defaults, not `model_fields_set`: a run's recipe.yaml holds every field
+        given = [f"`{k}`" for k in ("messages_field", "system", "chat_template") if getattr(self, k) is not None]
+        given += ["`train_on`"] if self.train_on != "assistant" else []
+        if given:
+            raise ValueError(f"{', '.join(given)} apply{'s' if len(given) == 1 else ''} to `data.format: chat` only "
+                             f"(got `format: {self.format}`); set `data.format: chat`, or remove {', '.join(given)}")
+        return self
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _pack_choice(cls, value):
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        if isinstance(value, bool) or value == "stream":
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError("must be true (pack whole examples), false, or stream (`text`: one stream cut into blocks)")
 
     @field_validator("eval_split", mode="before")
     @classmethod
@@ -197,8 +264,9 @@ class TrainConfig(Section):
     router_aux_loss_coef: float | None = Field(default=None, ge=0)
     """Weight of the load-balancing loss; null: the model config's `router_aux_loss_coef` (Mixtral's and Qwen's
     configs: 0.001, OLMoE's: 0.01)."""
-    autocast: Literal["auto", "off", "bf16"] = "auto"
-    """`auto` uses bf16 autocast on a CUDA GPU that supports it and nothing on the CPU."""
+    autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    """`auto` uses bf16 autocast on a CUDA GPU that supports it and nothing on the CPU. `fp16`: float16 autocast
+    with a dynamic loss scaler (`torch.amp.GradScaler`), for GPUs without bf16; float32 weights only."""
     eval_every: int | None = Field(default=50, ge=1)
     """Evaluate the held-out loss every N optimizer steps; a fresh run also evaluates at step 0, and every run
     at its last step (null: only those)."""
@@ -228,6 +296,11 @@ class TrainConfig(Section):
     def _step_in_backward_needs_one_pass(self) -> TrainConfig:
         if not self.optimizer_in_backward:
             return self
+        if self.autocast == "fp16":
+            raise ValueError(
+                "`autocast: fp16` scales the loss and must unscale every gradient, and skip the step when one "
+                "overflowed, before any update; `optimizer_in_backward: true` updates each weight during backward. "
+                "Use `train.autocast: bf16` (no scaler), or `train.optimizer_in_backward: false`")
         if self.grad_accum > 1:
             raise ValueError(
                 "`optimizer_in_backward: true` updates each weight during the micro-batch's backward, so gradients "
@@ -264,11 +337,50 @@ class OutputConfig(Section):
         return value
 
 
+class WandbConfig(Section):
+    project: str = "memft"
+    """The Weights & Biases project the run is logged to."""
+    entity: str | None = None
+    """The team or user that owns the project (default: your W&B default entity)."""
+    name: str | None = None
+    """The run's display name (default: the run directory's name)."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags on the W&B run."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """`offline` writes the run under `<run dir>/wandb/` for `wandb sync` later (no network needed)."""
+
+
+class SamplesConfig(Section):
+    prompts: list[str] = Field(min_length=1)
+    """Prompts the model answers at every evaluation (rendered as the run's examples are: a chat turn, an
+    instruction, or the start of a text); the replies go to `samples.jsonl` and the trackers."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    """At most this many new tokens per reply."""
+    temperature: float = Field(default=0.0, ge=0)
+    """0: greedy, so the replies change only with the model. Above 0 the sampling is seeded with `train.seed` and
+    draws from its own generator, so training's randomness is the same with or without samples."""
+
+
 class LogConfig(Section):
     every: int = Field(default=1, ge=1)
     """Write a line to metrics.jsonl every N optimizer steps."""
     progress: bool = True
     """Show a progress bar (turned off automatically when the output is not a terminal)."""
+    tensorboard: bool = False
+    """Also write the metrics.jsonl numbers as TensorBoard scalars under `<run dir>/tensorboard/` (needs the
+    `tensorboard` package: `pip install memft[tensorboard]`); a resumed run continues the same event files."""
+    wandb: WandbConfig | None = None
+    """Also log the metrics.jsonl numbers to Weights & Biases (`{project: NAME}`, or `true` for the defaults; needs
+    the `wandb` package: `pip install memft[wandb]`); a resumed run continues the same W&B run."""
+
+    samples: SamplesConfig | None = None
+    """Generate replies to a few prompts at each evaluation (`{prompts: [...]}`; causal LM runs), written to
+    `samples.jsonl` and to the trackers."""
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _true_means_defaults(cls, value):
+        return {} if value is True else None if value is False else value
 
 
 class MMLUEvalConfig(Section):
@@ -337,8 +449,12 @@ class Recipe(Section):
                 "`model.task: sequence_classification` needs `data.format: classification` "
                 f"(got `{self.data.format}`)"
             )
-        if self.data.pack and self.data.format != "text":
-            raise ValueError("`data.pack: true` only works with `data.format: text`")
+        if self.data.pack == "stream" and self.data.format != "text":
+            raise ValueError(f"`data.pack: stream` works with `data.format: text` only (got `{self.data.format}`); "
+                             "use `data.pack: true` to pack whole examples")
+        if self.data.pack is True and self.data.format == "classification":
+            raise ValueError("`data.pack: true` packs causal examples (`text`, `instruction`, `chat`); a classifier "
+                             "reads one example per row: set `data.pack: false`")
         if self.train.optimizer_state == "host":
             clash = [f"`train.{k}: {v}`" for k, v, ok in (
                 ("optimizer", self.train.optimizer, "adamw"), ("precision", self.train.precision, "model")) if v != ok]
@@ -347,6 +463,21 @@ class Recipe(Section):
                     f"`train.optimizer_state: host` steps float32 master weights with torch's AdamW on the host, "
                     f"which {' and '.join(clash)} would replace; use `optimizer: adamw` and `precision: model` "
                     "with it, or `train.optimizer_state: device`")
+        if self.train.autocast == "fp16":
+            if self.model.dtype != "float32":
+                raise ValueError(
+                    f"`train.autocast: fp16` computes in float16 over float32 weights, whose gradients the loss "
+                    f"scaler unscales; `model.dtype` is `{self.model.dtype}`: set `model.dtype: float32`, or "
+                    "`train.autocast: off`")
+            if self.train.optimizer_state == "host":
+                raise ValueError(
+                    "`train.autocast: fp16` with `train.optimizer_state: host`: the loss scaler unscales the gradients "
+                    "of the optimizer's parameters, and the host optimizer's are its float32 masters, which get theirs "
+                    "only inside its step; use `train.autocast: bf16`, or `train.optimizer_state: device`")
+            if any(s.name == "meft" for s in self.strategies):
+                raise ValueError(
+                    "`train.autocast: fp16` with `meft`: MEFT's host adapter steps its own AdamW from its gradients, "
+                    "which the loss scaler would leave scaled; use `train.autocast: bf16` or `off` with `meft`")
         if self.train.precision == "bf16_stochastic_rounding":
             if self.model.dtype != "bfloat16":
                 raise ValueError(
@@ -583,6 +714,7 @@ def validate(tree: dict, source: str = "recipe", lines: dict[tuple, int] | None 
         problems += registry.check_specs(specs, recipe, lines)
     if recipe is not None and not problems:
         problems += _check_files(recipe, recipe_path, lines)
+        problems += _check_packages(recipe, lines)
     if problems:
         raise RecipeError(source, problems)
     assert recipe is not None
@@ -593,7 +725,8 @@ def validate(tree: dict, source: str = "recipe", lines: dict[tuple, int] | None 
 
 
 def _looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or Path(s).suffix.lower() in {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
+    return s.startswith((".", "/", "~")) or Path(s).suffix.lower() in {".jsonl", ".json", ".csv", ".tsv", ".parquet",
+                                                                        ".txt"}
 
 
 def _resolve_data_path(recipe: Recipe, recipe_path: Path) -> None:
@@ -625,9 +758,25 @@ def _check_files(recipe: Recipe, recipe_path: Path | None, lines) -> list[str]:
             problem(("data", "source"), f"file not found (got {src!r})")
         elif found.is_dir():
             problem(("data", "source"), f"is a directory, not a data file (got {src!r}); name one "
-                                        ".jsonl, .json, .csv, .tsv or .parquet file in it")
+                                        ".jsonl, .json, .csv, .tsv, .parquet or .txt file in it")
     if why := _model_path_problem(recipe.model.name):
         problem(("model", "name"), f"{why} (got {recipe.model.name!r})")
+    return problems
+
+
+def _check_packages(recipe: Recipe, lines) -> list[str]:
+    """Optional packages the recipe asks for (the trackers), found at validate time."""
+    import importlib.util
+
+    problems = []
+    for field, package, on in (("tensorboard", "tensorboard", recipe.log.tensorboard),
+                               ("wandb", "wandb", recipe.log.wandb is not None
+                                and recipe.log.wandb.mode != "disabled")):
+        if on and importlib.util.find_spec(package) is None:
+            line = lines.get(("log", field))
+            problems.append(f"`log.{field}` needs the `{package}` package, which is not installed: "
+                            f"`pip install {package}` (or `pip install memft[{package}]`), or turn `log.{field}` off"
+                            + (f"  [line {line}]" if line else ""))
     return problems
 
 
@@ -669,3 +818,36 @@ def schema_rows(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple
         rows.append((path, type_name if type_name != "Literal" else str(ann).replace("typing.", ""),
                      "null" if default == "None" else default, (field.description or "").strip()))
     return rows
+
+
+def defaults_yaml(model: type[BaseModel] = Recipe, indent: int = 0) -> str:
+    """Every field of a recipe at its default, as YAML with each field's first clause of help as a comment: what a
+    missing block or key means (`memft schema --yaml`; docs/recipes.md §1 is this text)."""
+    import json
+    import re
+
+    lines, pad = [], "  " * indent
+    for name, field in model.model_fields.items():
+        section = _section(field.annotation)
+        help_text = " ".join((field.description or "").split())
+        short = re.split(r"(?<!e\.g)(?<!i\.e)\. ", help_text, maxsplit=1)[0].rstrip(".")
+        choices = get_args(field.annotation) if getattr(field.annotation, "__origin__", None) is Literal else ()
+        if choices:  # the choices say it best; the help is in `memft schema`
+            short = " | ".join(map(str, choices))
+        short = short if len(short) <= 80 else short[:79].rsplit(" ", 1)[0] + " ..."
+        if section is not None and section is not StrategySpec and section is field.annotation:
+            lines.append(f"{pad}{name}:")
+            lines.append(defaults_yaml(section, indent + 1))
+            continue
+        if name == "strategies":
+            value = "[{name: full}]"
+        elif field.is_required():
+            value = "REQUIRED"
+        else:
+            default = field.get_default(call_default_factory=True)
+            value = json.dumps(default.model_dump(mode="json") if isinstance(default, BaseModel) else default)
+            value = "null" if value == "null" else value.replace('"', "") if isinstance(default, str) and \
+                re.fullmatch(r"[\w./{}-]+", default) else value
+        key = f"{pad}{name}: {value}"
+        lines.append(f"{key:<34} # {short}" if short else key)
+    return "\n".join(lines)

@@ -49,6 +49,10 @@ def test_recipes_and_schema():
     assert out.returncode == 0
     for field in ("train.gradient_checkpointing", "data.max_length", "target_experts", "quant_type"):
         assert field in out.stdout
+    # piped: one line per field, tab-separated, nothing wrapped
+    rows = {line.split("\t")[0]: line.split("\t") for line in out.stdout.splitlines() if "\t" in line}
+    assert rows["data.max_length"][1:3] == ["int", "256"] and len(rows["train.precision"]) == 4
+    assert len(out.stdout.splitlines()) < 250
 
 
 def test_dry_run_prints_plan_without_training(tmp_path):

@@ -74,12 +74,22 @@ def test_text_truncation_both_sides():
     assert left["labels"] == left["input_ids"]
 
 
-def test_packing_blocks():
+def test_stream_packing_blocks():
     rows = [{"text": "the cat sat"}, {"text": "a dog ran to me"}, {"text": "on the mat"}]
-    examples, _ = encode(rows, DataConfig(max_length=8, pack=True), word_tokenizer(), source="t")
+    examples, _ = encode(rows, DataConfig(max_length=8, pack="stream"), word_tokenizer(), source="t")
     stream = [1] + ids("the cat sat") + [2, 1] + ids("a dog ran to me") + [2, 1] + ids("on the mat") + [2]
     assert len(stream) == 17 and [e["input_ids"] for e in examples] == [stream[:8], stream[8:16]]
     assert all(e["labels"] == e["input_ids"] for e in examples)
+
+
+def test_example_packing_keeps_examples_whole():
+    rows = [{"text": "the cat sat"}, {"text": "a dog ran to me"}, {"text": "on the mat"}]  # 5, 7, 5 ids
+    examples, _ = encode(rows, DataConfig(max_length=12, pack=True), word_tokenizer(), source="t")
+    # longest first, each into the fullest row it fits: [7 + 5], [5]
+    first, second = [1] + ids("a dog ran to me") + [2], [1] + ids("the cat sat") + [2]
+    assert [e["input_ids"] for e in examples] == [first + second, [1] + ids("on the mat") + [2]]
+    assert examples[0]["position_ids"] == list(range(7)) + list(range(5))
+    assert examples[0]["labels"] == [-100] + first[1:] + [-100] + second[1:]  # no target across examples
 
 
 def test_instruction_plain_masks_the_prompt():
@@ -193,9 +203,9 @@ def test_source_errors(tmp_path, monkeypatch):
         build(cfg.model_copy(update={"text_field": "0"}), word_tokenizer(), seed=0)
     with pytest.raises(UserError, match="not found"):
         read_rows(DataConfig(source=str(tmp_path / "missing.jsonl")))
-    (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(UserError, match="unknown extension"):
-        read_rows(DataConfig(source=str(tmp_path / "x.txt")))
+    (tmp_path / "x.xml").write_text("hi")
+    with pytest.raises(UserError, match="unknown extension '.xml'"):
+        read_rows(DataConfig(source=str(tmp_path / "x.xml")))
     import datasets.config
     import huggingface_hub.constants
 
@@ -222,7 +232,7 @@ def test_eval_split_named_file_and_empty_train(tmp_path):
     assert len(data.train) == 2 and data.eval == [{"input_ids": [1, 3, 7, 2], "labels": [1, 3, 7, 2]}]
     with pytest.raises(UserError, match="neither a file nor a split"):
         build(DataConfig(source=str(tmp_path / "train.jsonl"), eval_split="test"), word_tokenizer(), seed=0)
-    cfg = DataConfig(source=str(tmp_path / "train.jsonl"), pack=True, eval_split=None)
+    cfg = DataConfig(source=str(tmp_path / "train.jsonl"), pack="stream", eval_split=None)
     with pytest.raises(UserError, match="no training examples"):
         build(cfg, word_tokenizer(), seed=0)
 
@@ -373,5 +383,5 @@ def test_a_50mb_like_line_is_cut_before_the_tokenizer_sees_it(monkeypatch):
     [ex] = formats.encode_text([{"text": "the cat sat on the mat " * 500_000}], DataConfig(max_length=32), tok)
     assert ex["input_ids"] == [1] + ids("the cat sat on the mat " * 6)[:31]
     assert max(seen) < 32 * formats.CUT_CHARS_PER_TOKEN + 10  # 11.5 MB of text, about 2 KB tokenised
-    packed = formats.encode_text([{"text": "the cat " * 100}], DataConfig(max_length=8, pack=True), tok)
-    assert len(packed) == 25  # packing keeps every token: 202 ids in blocks of 8
+    packed = formats.encode_text([{"text": "the cat " * 100}], DataConfig(max_length=8, pack="stream"), tok)
+    assert len(packed) == 25  # the stream keeps every token: 202 ids in blocks of 8

@@ -264,3 +264,17 @@ def test_plot_metrics_writes_a_png(tmp_path):
     data = Path(out).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 1024
+
+
+def test_the_memory_panel_starts_at_zero_for_a_flat_line_and_a_classifier_plots_its_accuracy(tmp_path):
+    from memft.train.plot import memory_limits, plot_series
+
+    flat = [1000.0, 1003.0, 1004.5]  # a 0.45% rise: allocator jitter, not a climb
+    assert memory_limits(flat) == (0.0, pytest.approx(1004.5 * 1.05))
+    assert memory_limits([100.0, 150.0]) is None  # a real change keeps matplotlib's own zoom
+    rows = [{"step": 0, "eval_loss": 0.7, "eval_accuracy": 0.5}, {"step": 1, "loss": 0.69, "peak_mem_bytes": 2**20},
+            {"step": 2, "eval_loss": 0.6, "eval_accuracy": 0.75}]
+    assert plot_series(rows)["eval accuracy"] == ([0, 2], [0.5, 0.75])
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert plot_metrics(metrics, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -148,3 +148,22 @@ def test_conflicts_are_found_in_either_order(tmp_path):
 def test_bad_regular_expressions_are_reported_with_their_field(tmp_path):
     found = problems(tmp_path, "strategies:\n  - name: full\n    params: {freeze: ['(']}\n")
     assert len(found) == 1 and "`strategies.0.params.freeze`" in found[0] and "not a regular expression" in found[0]
+
+
+def test_cuda_attention_kernels_are_named_and_refused_where_they_cannot_run(monkeypatch):
+    import importlib.util
+
+    from memft.errors import RecipeError, UserError
+    from memft.train.loop import Trainer
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(RecipeError, match="`flash_attention_2` needs the `flash-attn` package"):
+        load(REPO / "recipes" / "quickstart.yaml", ["model.attn_implementation=flash_attention_2"])
+    r = load(REPO / "recipes" / "quickstart.yaml", ["model.attn_implementation=flex_attention", "model.device=cpu"])
+    with pytest.raises(UserError, match="runs on CUDA only"):
+        Trainer(r, run_dir="unused").setup(for_training=False)
+    from memft.profile import predict
+
+    flex, plain = predict.profile(r, "cuda"), predict.profile(load(REPO / "recipes" / "quickstart.yaml"), "cuda")
+    assert flex.peak == plain.peak and any("fitted with `sdpa`" in n for n in flex.notes)

@@ -11,19 +11,20 @@ from pathlib import Path
 
 import torch
 
-from memft.data.batching import Batcher, collate, count_targets, count_tokens
+from memft.data.batching import Batcher, collate, count_targets, count_tokens, model_inputs, token_mask
 from memft.data.formats import IGNORE_INDEX, check_columns, encode, label_set, pad_token_id
 from memft.data.sources import is_local, read_file, read_hub, read_rows, require_columns
 from memft.errors import UserError
 from memft.recipe import DataConfig
 
 __all__ = ["Batcher", "IGNORE_INDEX", "TokenizedData", "build", "collate", "count_targets", "count_tokens",
-           "hold_out", "pad_token_id", "read_rows"]
+           "hold_out", "model_inputs", "pad_token_id", "read_rows", "token_mask"]
 
 
 @dataclass
 class TokenizedData:
-    """Tokenised examples, ready for `Batcher` (see `memft.data.formats` for the example dicts)."""
+    """Tokenised examples, ready for `Batcher` (see `memft.data.formats` for the example dicts); with
+    `data.pack: true`, packed rows of several examples each."""
 
     train: list[dict]
     eval: list[dict] | None
@@ -33,7 +34,8 @@ class TokenizedData:
     label_names: list[str] | None
     """String labels in id order (classification with string labels only)."""
     dropped: int
-    """Instruction examples (train and eval) dropped because truncation left no response."""
+    """Instruction and chat examples (train and eval) dropped because truncation left no response (no trained
+    assistant token)."""
     source: str
     """A short description for logs, e.g. `data/x.jsonl: 570 train, 30 eval (5% held out)`, then any notes on
     cells converted (`; numbers in column 'answer' are read as text`)."""
@@ -44,7 +46,8 @@ def build(cfg: DataConfig, tokenizer, *, seed: int) -> TokenizedData:
 
     Args:
         cfg: the recipe's `data` block.
-        tokenizer: a Hugging Face tokenizer; it is not modified.
+        tokenizer: a Hugging Face tokenizer; `format: chat` sets the chat template it renders with on it
+            (`tokenizer.chat_template`), nothing else changes.
         seed: seeds the random hold-out when `eval_split` is a fraction (use `train.seed`).
 
     Raises:
@@ -76,7 +79,7 @@ def build(cfg: DataConfig, tokenizer, *, seed: int) -> TokenizedData:
         evals, eval_dropped = encode(eval_rows, cfg, tokenizer, source=f"the eval data{how}", labels=labels)
         dropped += eval_dropped
     if not train:
-        why = (f"packing leaves no full block of {cfg.max_length} tokens" if cfg.pack and rows
+        why = (f"packing leaves no full block of {cfg.max_length} tokens" if cfg.pack == "stream" and rows
                else f"all {dropped} examples were dropped: their prompts fill `data.max_length` ({cfg.max_length})"
                if dropped else "the source has no rows")
         raise UserError(f"no training examples from {cfg.source}: {why}")
@@ -86,8 +89,16 @@ def build(cfg: DataConfig, tokenizer, *, seed: int) -> TokenizedData:
         num_labels=labels.num_labels if labels else None,
         label_names=labels.names if labels else None,
         dropped=dropped,
-        source=f"{cfg.source}: {len(train)} train, {len(evals or [])} eval{how}" + "".join(f"; {n}" for n in notes),
+        source=(f"{cfg.source}: {_count(train)} train, {_count(evals or [])} eval{how}"
+                + "".join(f"; {n}" for n in notes)),
     )
+
+
+def _count(examples: list[dict]) -> str:
+    """`570` examples, or for packed rows `570 (in 204 packed rows)`."""
+    if examples and "position_ids" in examples[0]:
+        return f"{sum(row['position_ids'].count(0) for row in examples)} (in {len(examples)} packed rows)"
+    return str(len(examples))
 
 
 def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -118,6 +129,6 @@ def read_eval(cfg: DataConfig) -> tuple[list[dict], str]:
         candidates += [here / name, here / f"{name}{Path(cfg.source).suffix}"]
     for path in candidates:
         if path.is_file():
-            return read_file(path, header=cfg.header), str(path)
+            return read_file(path, header=cfg.header, txt_split=cfg.txt_split), str(path)
     raise UserError(f"`data.eval_split`: {name!r} is neither a file nor a split; tried "
                     f"{', '.join(str(p) for p in dict.fromkeys(candidates))}")

@@ -8,6 +8,7 @@ sampler or worker state to save in the checkpoint.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -17,22 +18,25 @@ from memft.errors import UserError
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples into a batch the model takes as `model(**batch)`.
+    """Right-pad examples into a batch; the model takes `model(**model_inputs(batch))`.
 
     Returns:
         `input_ids` (B, T) long, padded with `pad_token_id`; `attention_mask` (B, T) long, 1 on real
         tokens; `labels`: (B, T) long with -100 on padding (causal examples with `labels`) or (B,)
         long (classification examples with `label`); `token_type_ids` (B, T) long, padded with 0,
-        when the examples have them. T is the longest example in the batch.
+        when the examples have them; `position_ids` (B, T) long, padded with 0, for packed rows
+        (`memft.data.formats.pack_examples`): every padding token then starts a segment of its own,
+        so it joins no example. T is the longest example in the batch.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
     causal = "labels" in examples[0]
     with_types = "token_type_ids" in examples[0]
+    packed = "position_ids" in examples[0]
     for ex in examples:
-        if ("labels" in ex) != causal or ("token_type_ids" in ex) != with_types:
-            raise ValueError("collate got a mix of example kinds (causal and classification, or with and "
-                             "without token_type_ids)")
+        if ("labels" in ex) != causal or ("token_type_ids" in ex) != with_types or ("position_ids" in ex) != packed:
+            raise ValueError("collate got a mix of example kinds (causal and classification, with and without "
+                             "token_type_ids, or packed and not)")
         if causal and len(ex["labels"]) != len(ex["input_ids"]):
             raise ValueError("a causal example's labels must have one entry per input id")
     batch_size, length = len(examples), max(len(ex["input_ids"]) for ex in examples)
@@ -40,6 +44,7 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
     labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long) if causal else None
     token_type_ids = torch.zeros((batch_size, length), dtype=torch.long) if with_types else None
+    position_ids = torch.zeros((batch_size, length), dtype=torch.long) if packed else None
     for i, ex in enumerate(examples):
         n = len(ex["input_ids"])
         input_ids[i, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
@@ -48,12 +53,64 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
             labels[i, :n] = torch.tensor(ex["labels"], dtype=torch.long)
         if token_type_ids is not None:
             token_type_ids[i, :n] = torch.tensor(ex["token_type_ids"], dtype=torch.long)
+        if position_ids is not None:
+            position_ids[i, :n] = torch.tensor(ex["position_ids"], dtype=torch.long)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     batch["labels"] = labels if labels is not None else torch.tensor([ex["label"] for ex in examples],
                                                                     dtype=torch.long)
     if token_type_ids is not None:
         batch["token_type_ids"] = token_type_ids
+    if position_ids is not None:
+        batch["position_ids"] = position_ids
     return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Packed batches (rows of several examples, `position_ids` restarting at 0 with each one).
+#
+# The model is called with `position_ids` and `attention_mask=None`: transformers' masking utils
+# (`masking_utils.find_packed_sequence_indices`) then read a new segment wherever a position is not the previous
+# one + 1 and build a block-diagonal causal mask (sdpa and eager, tested; flex attention, and flash attention
+# reading the same `position_ids` as varlen sequences, by transformers' code, untested on CPU).
+# `batch["attention_mask"]` stays in the batch for everything else that counts real tokens; module hooks that need
+# it inside a forward read it through `token_mask(kwargs)`.
+
+_PACKED: tuple[weakref.ref, torch.Tensor] | None = None
+"""(the `position_ids` of the last packed batch `model_inputs` prepared, that batch's (B, T) attention_mask)."""
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments the model is called with for `batch`: every key but `labels`; for a packed batch
+    (one with `position_ids`) `attention_mask=None`, so the model builds the block-diagonal mask from the
+    positions (and `use_cache=False`: transformers looks for packed rows only without a cache)."""
+    global _PACKED
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    positions = inputs.get("position_ids")
+    if positions is not None and isinstance(batch.get("attention_mask"), torch.Tensor):
+        _PACKED = (weakref.ref(positions), batch["attention_mask"])
+        inputs["attention_mask"], inputs["use_cache"] = None, False
+    return inputs
+
+
+def token_mask(kwargs: dict, args: tuple = ()) -> torch.Tensor | None:
+    """(B, T), 1 at real tokens, of the forward whose keyword arguments (or positional `args`, the mask second) a
+    module's pre-hook sees: the 2-D `attention_mask`, or for a packed batch (`model_inputs` passed None) the
+    batch's own, found through the identity of its `position_ids`. None when the forward has no padding mask."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if isinstance(mask, torch.Tensor):
+        return mask if mask.dim() == 2 else None
+    positions = kwargs.get("position_ids")
+    if mask is None and positions is not None and _PACKED is not None and _PACKED[0]() is positions:
+        return _PACKED[1]
+    return None
+
+
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) long: which segment each token belongs to, by transformers' rule (a segment starts wherever a
+    position is not the previous one + 1), so a row's examples, and each padding token, are segments."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.long().cumsum(-1)
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

@@ -2,11 +2,15 @@
 
 Each example is a dict of python lists: `input_ids`, and either `labels` (causal formats: same
 length as `input_ids`, -100 where there is no loss) or `label` (classification: an int), plus
-`token_type_ids` when the tokenizer makes them. The tokenizer is never modified.
+`token_type_ids` when the tokenizer makes them, and `position_ids` in the rows `data.pack: true` makes (several
+examples each, see `pack_examples`). The tokenizer is not modified, except that `chat` sets the
+chat template it renders with on it (`tokenizer.chat_template`, see `memft.data.chat`), so the tokenizer a run
+saves renders conversations as training did.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import difflib
 import re
@@ -93,13 +97,19 @@ def check_columns(rows: list[dict], cfg: DataConfig, source: str) -> list[str]:
 
     Text columns hold strings; an int or float is read as its decimal text (a GSM8K answer typed as a
     number) and a note says so; a boolean, list, object or null (NaN too) is refused with its 1-based row,
-    except a null in an optional column (`data.input_field`), which is empty text. Label columns hold ints,
-    strings or booleans.
+    except a null in an optional column (`data.input_field`), which is empty text; a list that holds a
+    conversation says to use `data.format: chat`. Label columns hold ints, strings or booleans. For `chat`,
+    every row's messages are checked (`memft.data.chat.check_conversations`).
 
     Raises:
         UserError: naming the recipe key, the row, the column and what it holds.
     """
     if not rows:
+        return []
+    if cfg.format == "chat":  # a column of lists: the chat module checks every message
+        from memft.data.chat import check_conversations
+
+        check_conversations(rows, cfg, source)
         return []
     cols = format_columns(rows, cfg)
     require_columns(rows, cols, source)
@@ -112,11 +122,20 @@ def check_columns(rows: list[dict], cfg: DataConfig, source: str) -> list[str]:
         label = key == "label_field"
         for number, value in enumerate(values, start=1):
             if why := _cell_problem(value, label=label, optional=key in OPTIONAL_TEXT_KEYS):
+                # a list is never read as its Python text: that would train on "[{'role': ..."
+                hint = (f"; it holds a conversation: read it with `data.format: chat` (and `data.messages_field: "
+                        f"{column}`)" if _looks_like_conversation(value) else "")
                 raise UserError(f"`data.{key}`: row {number} of {source} has {why} in column {column!r}; "
-                                f"expected {'an int or string label' if label else 'text (a string)'}")
+                                f"expected {'an int or string label' if label else 'text (a string)'}{hint}")
         if not label and any(isinstance(v, (int, float)) for v in values):
             notes.append(f"numbers in column {column!r} are read as text")
     return notes
+
+
+def _looks_like_conversation(value) -> bool:
+    """A list of objects with a role (`role`, or ShareGPT's `from`): what `data.format: chat` reads."""
+    return (isinstance(value, (list, tuple)) and bool(value)
+            and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in value))
 
 
 def _is_null(value) -> bool:
@@ -197,13 +216,15 @@ def _cut(text: str, keep: int, side: str) -> tuple[str, int] | None:
 
 
 def encode_text(rows: list[dict], cfg: DataConfig, tokenizer) -> list[dict]:
-    """`text`: [BOS] + tokens + [EOS], loss everywhere; with `cfg.pack`, cut into `max_length` blocks."""
+    """`text`: [BOS] + tokens + [EOS], loss everywhere, truncated to `max_length`; with `cfg.pack: stream`, the
+    untruncated sequences cut into `max_length` blocks (`pack_stream`). `pack: true` packs after `encode`."""
     prefix, suffix = special_tokens(tokenizer)
-    keep = None if cfg.pack else cfg.max_length  # packing keeps every token: nothing may be cut
+    stream = cfg.pack == "stream"
+    keep = None if stream else cfg.max_length  # the stream keeps every token: nothing may be cut
     texts = [_text(r, cfg.text_field) for r in rows]
     seqs = [prefix + ids + suffix for ids in _bare_ids(tokenizer, texts, keep, cfg.truncation)]
-    if cfg.pack:
-        return pack(seqs, cfg.max_length)
+    if stream:
+        return pack_stream(seqs, cfg.max_length)
     out = []
     for seq in seqs:
         ids = truncate(seq, len(prefix), cfg.max_length, cfg.truncation)
@@ -211,14 +232,58 @@ def encode_text(rows: list[dict], cfg: DataConfig, tokenizer) -> list[dict]:
     return out
 
 
-def pack(seqs: list[list[int]], max_length: int) -> list[dict]:
-    """Concatenate `seqs` and cut the stream into blocks of exactly `max_length`, dropping the remainder.
+def pack_stream(seqs: list[list[int]], max_length: int) -> list[dict]:
+    """`pack: stream`: concatenate `seqs` and cut the stream into blocks of exactly `max_length`, dropping the
+    remainder.
 
     Blocks attend across document boundaries (as GPT-style pretraining does); BOS/EOS mark them.
     """
     stream = [t for seq in seqs for t in seq]
     blocks = [stream[i:i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)]
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
+
+
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """`pack: true`: whole causal examples, several to a row of at most `max_length` tokens (best-fit decreasing).
+
+    The examples are placed longest first (equal lengths in data order), each into the row with the least room
+    left that still holds it, else into a new row; the rows come in the order they were opened, each holding
+    its examples in the order they were placed. So the packing is a pure function of the examples: a resumed run
+    sees the same rows. Every example appears exactly once, unchanged, except that its first label is -100.
+
+    Returns rows `{input_ids, labels, position_ids}`: `position_ids` restart at 0 with each example, which is how
+    the model (`memft.data.batching.model_inputs`) keeps attention inside each example; the first label of every
+    example is -100, so the last token of one example never predicts the first token of the next (position t
+    predicts `labels[t + 1]`; without packing an example's first token is never a target either).
+
+    Raises:
+        ValueError: an example longer than `max_length` (the formats truncate before packing).
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    if any(n > max_length for n in lengths):
+        raise ValueError(f"an example has {max(lengths)} tokens, over `max_length` ({max_length})")
+    rows: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted: the best fit is the first with enough room
+    for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):  # stable: ties stay in data order
+        at = bisect.bisect_left(rooms, (lengths[i], -1))
+        if at < len(rooms):
+            room, r = rooms.pop(at)
+            rows[r].append(i)
+        else:
+            room, r = max_length, len(rows)
+            rows.append([i])
+        if room - lengths[i] > 0:
+            bisect.insort(rooms, (room - lengths[i], r))
+    out = []
+    for members in rows:
+        ids, labels, positions = [], [], []
+        for i in members:
+            ex = examples[i]
+            ids += ex["input_ids"]
+            labels += [IGNORE_INDEX] + list(ex["labels"][1:])
+            positions += range(len(ex["input_ids"]))
+        out.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return out
 
 
 def instruction_columns(columns: list[str], cfg: DataConfig) -> tuple[str, str | None, str]:
@@ -348,18 +413,37 @@ def format_columns(rows: list[dict], cfg: DataConfig) -> dict[str, str]:
     if cfg.format == "classification":
         cols = {"text_field": cfg.text_field, "label_field": cfg.label_field}
         return cols | ({"text_pair_field": cfg.text_pair_field} if cfg.text_pair_field else {})
+    if cfg.format == "chat":
+        from memft.data.chat import find_column
+
+        return {"messages_field": find_column(list(rows[0]) if rows else [], cfg)}
     return {"text_field": cfg.text_field}
 
 
 def encode(rows: list[dict], cfg: DataConfig, tokenizer, *, source: str,
            labels: Labels | None = None) -> tuple[list[dict], int]:
-    """Encode rows in `cfg.format`; returns (examples, dropped). `labels` is required for classification."""
+    """Encode rows in `cfg.format`; returns (examples, dropped). `labels` is required for classification.
+
+    With `cfg.pack: true` the causal examples, each truncated as without packing, are packed into rows of at
+    most `max_length` tokens (`pack_examples`)."""
     if not rows:
         return [], 0
+    examples, dropped = _encode_format(rows, cfg, tokenizer, source=source, labels=labels)
+    if cfg.pack is True and cfg.format != "classification":
+        examples = pack_examples(examples, cfg.max_length)
+    return examples, dropped
+
+
+def _encode_format(rows: list[dict], cfg: DataConfig, tokenizer, *, source: str,
+                   labels: Labels | None) -> tuple[list[dict], int]:
     cols = format_columns(rows, cfg)
     require_columns(rows, cols, source)
     if cfg.format == "text":
         return encode_text(rows, cfg, tokenizer), 0
+    if cfg.format == "chat":
+        from memft.data.chat import encode_chat
+
+        return encode_chat(rows, cfg, tokenizer, source=source)
     if cfg.format == "instruction":
         check_template(cfg.template)
         return encode_instruction(rows, cfg, tokenizer,

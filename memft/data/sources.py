@@ -1,4 +1,4 @@
-"""Where training rows come from: a local file (.jsonl/.json/.csv/.tsv/.parquet) or a hub dataset.
+"""Where training rows come from: a local file (.jsonl/.json/.csv/.tsv/.parquet/.txt) or a hub dataset.
 
 Every reader returns `list[dict]`, one dict per row, so the formats never care about the source.
 Parquet goes through `datasets.load_dataset`. Text files are decoded by `memft.textio` (the encoding a
@@ -6,7 +6,8 @@ byte-order mark announces, else UTF-8; anything else is one sentence with the by
 here: JSON / JSON Lines with `json`, so a malformed line is named by its line number; CSV and TSV with
 Python's `csv` module because we need two things `datasets` does not give: TSVs with quoting disabled
 (GLUE files hold stray `"` that a quoting reader would swallow across lines) and a header guess for
-files without one (CoLA, MMLU).
+files without one (CoLA, MMLU). A .txt file is plain text for `format: text`: one row `{"text": ...}` per
+paragraph (lines between blank lines) or per line (`data.txt_split`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from memft.textio import open_text, read_text
 DATASETS_BUILDERS = {".parquet": "parquet"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
-LOCAL_SUFFIXES = set(DATASETS_BUILDERS) | JSON_SUFFIXES | set(DELIMITERS)
+TEXT_SUFFIX = ".txt"
+LOCAL_SUFFIXES = set(DATASETS_BUILDERS) | JSON_SUFFIXES | set(DELIMITERS) | {TEXT_SUFFIX}
+TEXT_COLUMN = "text"
+"""The one column of a .txt file's rows (`data.text_field`'s default)."""
 
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
 _INT = re.compile(r"[-+]?\d+")
@@ -44,25 +48,34 @@ def read_rows(cfg: DataConfig, split: str | None = None) -> list[dict]:
         UserError: missing file, unknown extension, unreadable file, or a hub dataset that cannot be loaded.
     """
     if is_local(cfg.source):
-        rows = read_file(cfg.source, header=cfg.header, limit=cfg.max_samples)
+        if Path(cfg.source).suffix.lower() == TEXT_SUFFIX and cfg.format != "text":
+            raise UserError(f"{cfg.source} is a plain-text file, which memft reads with `data.format: text` only "
+                            f"(got `format: {cfg.format}`); set `data.format: text`, or convert the file to "
+                            ".jsonl with the columns the format needs")
+        rows = read_file(cfg.source, header=cfg.header, limit=cfg.max_samples, txt_split=cfg.txt_split)
     else:
         rows = read_hub(cfg.source, cfg.config_name, split or cfg.split, limit=cfg.max_samples)
     return rows[: cfg.max_samples] if cfg.max_samples else rows
 
 
-def read_file(path: str | Path, header: str = "auto", limit: int | None = None) -> list[dict]:
-    """Rows of one local file, chosen by extension. `header` (auto|yes|no) applies to CSV/TSV only."""
+def read_file(path: str | Path, header: str = "auto", limit: int | None = None,
+              txt_split: str = "paragraph") -> list[dict]:
+    """Rows of one local file, chosen by extension. `header` (auto|yes|no) applies to CSV/TSV only,
+    `txt_split` (paragraph|line) to .txt only."""
     file = Path(path).expanduser()
     suffix = file.suffix.lower()
     if not file.exists():
         raise UserError(f"data file not found: {path}")
     if file.is_dir():
-        raise UserError(f"data source {path} is a directory; give one file (.jsonl, .json, .csv, .tsv or .parquet)")
+        raise UserError(f"data source {path} is a directory; give one file (.jsonl, .json, .csv, .tsv, .parquet "
+                        "or .txt)")
     if suffix not in LOCAL_SUFFIXES:
         raise UserError(f"cannot read {path}: unknown extension {suffix or '(none)'!r}; "
                         f"use one of {', '.join(sorted(LOCAL_SUFFIXES))}")
     if suffix in DELIMITERS:
         return read_delimited(file, DELIMITERS[suffix], header)
+    if suffix == TEXT_SUFFIX:
+        return read_plain_text(read_text(file, "data file"), txt_split, limit)
     if suffix == ".jsonl":
         return same_columns(read_json_lines(file, read_text(file, "data file"), limit))
     if suffix == ".json":
@@ -94,6 +107,23 @@ def read_hub(name: str, config_name: str | None, split: str, limit: int | None =
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return ds.to_list()
+
+
+def read_plain_text(text: str, split: str = "paragraph", limit: int | None = None) -> list[dict]:
+    """`{"text": ...}` rows of a plain text: one per paragraph (a run of non-blank lines, joined by newlines) or,
+    with `split="line"`, one per non-blank line. A blank line holds only spaces and tabs; "\r\n" counts as "\n"."""
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if split == "line":
+        chunks = [line for line in lines if line.strip()]
+    else:
+        chunks, current = [], []
+        for line in lines + [""]:  # the sentinel closes the last paragraph
+            if line.strip():
+                current.append(line)
+            elif current:
+                chunks.append("\n".join(current))
+                current = []
+    return [{TEXT_COLUMN: chunk} for chunk in chunks[:limit]]
 
 
 def read_json_lines(file: Path, text: str, limit: int | None = None) -> list[dict]:

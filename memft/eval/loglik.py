@@ -16,11 +16,14 @@ order asked.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from memft.models.blocks import unwrap
 
 
 @dataclass(frozen=True)
@@ -130,18 +133,25 @@ def _common_prefix(chunk: list[tuple[int, ...]]) -> int:
     return n
 
 
+def _cache_argument(model) -> str:
+    """What the model's forward calls its KV cache, argument and output: `cache` since transformers 5.2x (which
+    warns on the old name and drops it in 5.40), `past_key_values` before."""
+    forward = inspect.signature(type(unwrap(model)).forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
+
+
 def _forward(model, chunk: list[tuple[int, ...]], shared: int) -> torch.Tensor:
     """Log-softmax over the vocabulary at every position of each input after its first `shared` tokens
     (right-padded; causal attention, so the padding never reaches a real position)."""
     device = next(model.parameters()).device
-    cache = None
+    cache, name = None, _cache_argument(model)
     if shared:
-        cache = model(torch.tensor([chunk[0][:shared]], device=device), use_cache=True).past_key_values
+        cache = getattr(model(torch.tensor([chunk[0][:shared]], device=device), use_cache=True), name)
         cache.batch_repeat_interleave(len(chunk))
     width = max(len(toks) for toks in chunk) - shared
     batch = torch.zeros((len(chunk), width), dtype=torch.long)
     for row, toks in enumerate(chunk):
         batch[row, :len(toks) - shared] = torch.tensor(toks[shared:])
-    logits = model(batch.to(device), past_key_values=cache, use_cache=cache is not None).logits
+    logits = model(batch.to(device), **{name: cache}, use_cache=cache is not None).logits
     # in the logits' dtype, as the harness does by default (bf16 models: bf16 log-softmax)
     return F.log_softmax(logits, dim=-1).float().cpu()

@@ -9,7 +9,7 @@ from memft.data.formats import pad_token_id
 from memft.errors import UserError
 from memft.models import load_model, load_tokenizer, resolve_device
 from memft.models.load import read_config_file
-from memft.recipe import ModelConfig
+from memft.recipe import DataConfig, ModelConfig
 from memft.train import checkpoint
 from memft.train.loop import RECIPE_FILE, Trainer, restore_strategies, saved_recipe
 
@@ -29,13 +29,15 @@ class EvalModel:
     """A classification run's string labels in its class order (None: the labels were the class ids)."""
     max_length: int = 512
     """Tokens per classified example (a run's `data.max_length`)."""
+    data: DataConfig | None = None
+    """A run's data block (how its examples were rendered, for `memft chat`); None for a plain model."""
 
     @classmethod
     def of(cls, trainer: Trainer, where: str) -> EvalModel:
         """A set-up trainer's model as trained (strategies applied); `where`: what to call it in reports."""
         r = trainer.recipe
         return cls(trainer.model, trainer.tokenizer, f"{where}, {trainer.model_source}", r.model.dtype,
-                   [s.name for s in trainer.strategies], r.model.task, trainer.label_names, r.data.max_length)
+                   [s.name for s in trainer.strategies], r.model.task, trainer.label_names, r.data.max_length, r.data)
 
 
 def load(ref: str, *, dtype: str | None = None, device: str = "auto", trust_remote_code: bool = False) -> EvalModel:

@@ -71,6 +71,7 @@ class RowAttention:
         self.values: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # (B, k) the rows' original positions
         self.key_valid: torch.Tensor | None = None  # (B, T) bool, False at padding
+        self.segments: torch.Tensor | None = None  # (B, T) packed rows: which example each token is in; or None
         self.causal = True
 
 
@@ -99,11 +100,14 @@ def _rows_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _rows_mask(state: RowAttention, dtype: torch.dtype, window: int | None) -> torch.Tensor:
-    """Additive (B, 1, k, T) mask for the rows' queries: original causal order, padding, sliding window.
+    """Additive (B, 1, k, T) mask for the rows' queries: original causal order, padding, sliding window, and in
+    packed rows (`state.segments`) the query's own example only.
 
     Built once per forward and shared by every layer, so autograd keeps one copy, not one per layer.
     """
-    key = (state.positions.data_ptr(), state.positions.shape, dtype, window)
+    segments = state.segments
+    key = (state.positions.data_ptr(), state.positions.shape, dtype, window,
+           None if segments is None else segments.data_ptr())
     if state.shared.get("key") != key:
         T = state.key_valid.size(1)
         allowed = state.key_valid[:, None, None, :].expand(-1, 1, state.positions.size(1), -1)
@@ -112,6 +116,8 @@ def _rows_mask(state: RowAttention, dtype: torch.dtype, window: int | None) -> t
             allowed = allowed & (k_pos <= q_pos)
         if window:
             allowed = allowed & (q_pos - k_pos < window)
+        if segments is not None:  # (B, 1, k, 1) == (B, 1, 1, T): the key is in the query's example
+            allowed = allowed & (segments.gather(1, state.positions)[:, None, :, None] == segments[:, None, None, :])
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         state.shared.update(key=key, mask=mask.masked_fill(~allowed, torch.finfo(dtype).min))
     return state.shared["mask"]

@@ -328,6 +328,12 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
     if device is not None and device not in PROFILE_DEVICES:
         raise UserError(f"cannot profile for device `{device}`: memft trains on `cuda` or `cpu`; pass one of them")
     target = torch.device(device) if device else resolve_device(recipe.model.device)
+    kernel_note = []
+    if recipe.model.attn_implementation in ("flash_attention_2", "flex_attention"):  # CUDA-only kernels
+        kernel_note = [f"activations fitted with `sdpa` on the CPU twins (`{recipe.model.attn_implementation}` runs "
+                       "on CUDA only; on CUDA, sdpa's fused kernels save as little as flash attention)"]
+        recipe = recipe.model_copy(deep=True)
+        recipe.model.attn_implementation = "sdpa"
     num_labels = recipe.model.num_labels or (2 if recipe.model.task == "sequence_classification" else None)
     resolved = resolve_config(recipe.model, num_labels=num_labels, fallback=shipped_config)
     config, model, strategies, quantized = cached_skeleton(recipe, resolved.config)
@@ -377,7 +383,7 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         activations=int(round(total)), logits=int(round(logits)), layers=config.num_hidden_layers,
         backward_transient=transient, head_gradient=head_gradient, strategy_device=extra.device,
         host={**extra.host, **states["host"]},
-        fit_residual=fit.residual, twins=fit.twins, notes=notes + extra.notes)
+        fit_residual=fit.residual, twins=fit.twins, notes=kernel_note + notes + extra.notes)
 
 
 def loss_transient(recipe: Recipe, model: nn.Module, strategies: list, autocast, tokens: int, widths,

@@ -1,12 +1,16 @@
 """`tokentune`: only a random subset of tokens carries gradients; the forward stays exact.
 
 Simoulin et al., "Memory-Efficient Fine-Tuning of Transformers via Token Selection" (EMNLP 2024).
-Per sequence and step, k tokens are selected (the first and last always). In every layer:
+Per sequence and step, k tokens are selected (the first and last always). A packed row (`data.pack: true`)
+is one sequence here: the k tokens are drawn among all the row's real tokens, the first and last of the row
+forced, not per example (the gradients are still exact: the reference's under the same selection).
+In every layer:
 
 1. all rows run under `torch.no_grad()`: this gives the unselected rows' outputs exactly, and every
    row's (post-rotary) keys and values, and saves nothing for backward;
 2. the selected rows run again with gradients, their queries attending over all keys and values
-   (the unselected ones as constants) with the original positions and causal / padding mask
+   (the unselected ones as constants) with the original positions and causal / padding mask, and in a
+   packed row (`data.pack: true`) only within their own example
    (`memft.models.blocks`: one implementation for every Llama-family decoder and BERT encoder);
 3. the selected rows are scattered into the no-grad output (out of place: only indices are saved).
 
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from memft.data.batching import model_inputs, segment_ids
 from memft.models.blocks import (
     enable_row_attention,
     gather_rows,
@@ -127,6 +132,7 @@ class TokenTune(Strategy):
         self.encoder = is_encoder(model)
         self.pad_id = getattr(unwrap(model).config, "pad_token_id", None)
         self._active: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, key_valid) during a forward
+        self._segments: torch.Tensor | None = None  # packed batches: `segment_ids` of the forward's rows
         self._step, self._micro = -1, 0
         states = enable_row_attention(model)
         self._shared = states[0].shared
@@ -183,13 +189,16 @@ class TokenTune(Strategy):
         positions = batch.get(POSITIONS_KEY)
         if positions is None:
             return None
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", POSITIONS_KEY)}
-        self._active = (positions, batch["attention_mask"].bool())
+        plain = {k: v for k, v in batch.items() if k != POSITIONS_KEY}
+        inputs = model_inputs(plain)
+        # a packed row's examples are segments: the selected rows' queries attend within their own example
+        segments = segment_ids(batch["position_ids"]) if "position_ids" in batch else None
+        self._active, self._segments = (positions, batch["attention_mask"].bool()), segments
         try:
             if not self._selected_loss():
                 from memft.train.loop import default_loss
 
-                return default_loss(model, {**inputs, "labels": batch["labels"]}, self.task)
+                return default_loss(model, plain, self.task)
             decoder = unwrap(model).get_decoder()
             # the final norm and the LM head see the selected rows only: no full (B, T, vocab) logits
             hook = decoder.norm.register_forward_pre_hook(lambda m, args: (gather_rows(args[0], positions),))
@@ -205,7 +214,7 @@ class TokenTune(Strategy):
                                        reduction="sum")
             return LossOutput(loss_sum, int((targets != -100).sum()))
         finally:
-            self._active = None
+            self._active, self._segments = None, None
             self._shared.clear()  # the rows' mask of this forward
 
     def _layer_forward(self, original, state, hidden_states, *args, **kwargs):
@@ -219,10 +228,11 @@ class TokenTune(Strategy):
                 full = original(hidden_states.detach(), *args, **kwargs)
             # 2) the selected rows with grad, attending over every key under the original mask
             state.mode, state.positions, state.key_valid, state.causal = "rows", positions, key_valid, not self.encoder
+            state.segments = self._segments
             row_args = [None if _is_mask(a) else a for a in args]
             rows = original(gather_rows(hidden_states, positions), *row_args, **_row_kwargs(kwargs, positions))
         finally:
-            state.mode, state.keys, state.values = None, None, None
+            state.mode, state.keys, state.values, state.segments = None, None, None, None
         if isinstance(full, tuple):
             return (scatter_rows(full[0], positions, rows[0]), *full[1:])
         return scatter_rows(full, positions, rows)

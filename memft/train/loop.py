@@ -29,7 +29,7 @@ import yaml
 import memft
 from memft import registry
 from memft.data import build as build_data
-from memft.data.batching import Batcher, count_targets, count_tokens
+from memft.data.batching import Batcher, count_targets, count_tokens, model_inputs
 from memft.data.formats import pad_token_id
 from memft.errors import RunFailed, UserError
 from memft.models import count_params, list_builtin, load_model, load_tokenizer, resolve_device
@@ -43,8 +43,10 @@ from memft.train import lock as run_lock
 from memft.train.chunked_loss import hidden_states, linear_cross_entropy, linear_head
 from memft.train.meters import SavedTensorMeter, StepTimer, peak_memory
 from memft.train.optim import StepInBackward, build_optimizer, build_scheduler, clip_gradients
+from memft.train.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 RECIPE_FILE = "recipe.yaml"
 PLOT_FILE = "loss_memory.png"
@@ -65,10 +67,11 @@ def default_loss(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
 
 
 def _cross_entropy(model: torch.nn.Module, batch: dict, task: str) -> LossOutput:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)  # a packed batch: position_ids, no attention_mask (a block-diagonal mask)
     labels = batch["labels"]
     if task == "causal_lm":
-        # position t predicts token t+1; -100 marks padding and prompt tokens. Shifting the labels, not the
+        # position t predicts token t+1; -100 marks padding, prompt tokens and (packed rows) each example's first
+        # token, so no example's last token predicts the next example's first. Shifting the labels, not the
         # logits, spares a copy of the logits and a zero-filled gradient of their full shape.
         labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         if (head := linear_head(model)) is not None:  # never forms the B x S x V logits
@@ -215,6 +218,10 @@ class Trainer:
         """Set by SIGINT / SIGTERM during `train()`: stop at the next step boundary."""
         self.activation_bytes: int | None = None
         """Bytes autograd saved for backward in this process's first training forward (None before it)."""
+        self.scaler: torch.amp.GradScaler | None = None
+        """The dynamic loss scaler of `train.autocast: fp16`."""
+        self.trackers: Trackers | None = None
+        """TensorBoard / W&B while `train()` runs (`log.tensorboard`, `log.wandb`)."""
 
     # ------------------------------------------------------------------ setup
     def setup(self, *, for_training: bool = True) -> Trainer:
@@ -255,6 +262,8 @@ class Trainer:
             raise UserError("no parameter requires a gradient after applying the strategies; nothing would train")
         self.optimizer = build_optimizer(groups or [{"params": trainable}], r.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, r.train, self.total_steps)
+        # fp16 autocast: a dynamic loss scaler keeps small gradients from flushing to zero (a skipped step on overflow)
+        self.scaler = torch.amp.GradScaler(self.device.type) if r.train.autocast == "fp16" else None
         self.step, self.micro = 0, 0
         self._prepare_run_dir()
         return self
@@ -266,6 +275,10 @@ class Trainer:
         self.device = resolve_device(r.model.device)
         self.strategies = registry.compose(r)
         self.tokenizer = load_tokenizer(r.model)
+        if r.data.format == "chat":  # the template the run rendered its conversations with, as training set it
+            from memft.data.chat import set_chat_template
+
+            set_chat_template(self.tokenizer, r.data)
         self.pad_id = pad_token_id(self.tokenizer)
         self.label_names = self._saved_label_names()
         self.total_steps = r.train.max_steps
@@ -275,6 +288,9 @@ class Trainer:
     def _build_model(self) -> None:
         """Load the model and apply the strategies (the tokenizer, `pad_id` and `total_steps` are set)."""
         r = self.recipe
+        if r.model.attn_implementation in ("flash_attention_2", "flex_attention") and self.device.type != "cuda":
+            raise UserError(f"`model.attn_implementation: {r.model.attn_implementation}` runs on CUDA only (this run "
+                            f"is on {self.device.type}); use `sdpa` or `eager` here")
         load_kwargs = registry.load_kwargs(self.strategies, r)
         loaded = load_model(r.model, num_labels=r.model.num_labels, pad_token_id=self.pad_id, **load_kwargs)
         self.model_source, self.is_moe = loaded.source, loaded.is_moe
@@ -382,7 +398,10 @@ class Trainer:
             raise checkpoint.unusable_error(self.run_dir / checkpoint.CHECKPOINTS_DIR, damaged)
         self._apply_train_settings(old["train"]["lr"] if old else r.train.lr)
         self.step, self.micro = state["step"], state["micro_batches"]
+        if self.scaler is not None and "loss_scaler" in state:  # the scale and its growth count, for the same steps
+            self.scaler.load_state_dict(state["loss_scaler"])
         torn = _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+        _truncate_metrics(self.run_dir / SAMPLES_FILE, self.step)
         if torn:
             self.notes.append(f"resume: dropped {torn} unreadable line(s) from {METRICS_FILE} (a crash mid-write "
                               "tears the last one)")
@@ -429,12 +448,12 @@ class Trainer:
         if self.step >= self.total_steps and (self.run_dir / SUMMARY_FILE).exists():
             return json.loads((self.run_dir / SUMMARY_FILE).read_text())  # already finished: nothing to do
         # SIGINT / SIGTERM ask to stop at the next step boundary, which saves the last step (see _stop_on_signals)
-        with self._stop_on_signals(), (self.run_dir / METRICS_FILE).open("a") as metrics:
+        with self._stop_on_signals(), (self.run_dir / METRICS_FILE).open("a") as metrics, self._trackers():
             timer, evaluation = StepTimer(self.device), {}
             losses, step_times, step_tokens, step_samples = [], [], [], []
             started = time.perf_counter()
-            if self.step == 0 and self.eval_batcher:
-                self._log(metrics, {"step": 0, **self.evaluate()})
+            if self.step == 0 and (self.eval_batcher or r.log.samples):
+                self._evaluate_and_log(metrics)
             while self.step < self.total_steps:
                 if self.stop_signal:
                     self._stop_at_step_boundary()
@@ -454,9 +473,9 @@ class Trainer:
                     self._log(metrics, {"step": self.step, **record, **rates, **peak_memory(self.device),
                                         **self._strategy_metrics()})
                 last = self.step == self.total_steps
-                if self.eval_batcher and (last or (r.train.eval_every and self.step % r.train.eval_every == 0)):
-                    evaluation = self.evaluate()
-                    self._log(metrics, {"step": self.step, **evaluation})
+                if (self.eval_batcher or r.log.samples) and (last or (r.train.eval_every
+                                                                      and self.step % r.train.eval_every == 0)):
+                    evaluation = self._evaluate_and_log(metrics)
                 if r.output.checkpoints and (last or (r.output.save_every and self.step % r.output.save_every == 0)):
                     self.save()
                 if progress:
@@ -492,7 +511,7 @@ class Trainer:
                 out = self._loss(batch)
             # normalise by the targets of the whole accumulation window, not per micro-batch
             loss = out.loss_sum / max(targets, 1)
-            loss.backward()
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             if self.activation_bytes is None:
                 self.activation_bytes = meter.bytes
             step_loss += loss.item()  # a host-device sync point
@@ -506,18 +525,27 @@ class Trainer:
         if isinstance(self.optimizer, StepInBackward):  # already stepped, gradient by gradient
             grad_norm = self.optimizer.grad_norm()
         else:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # the norm, the clipping and the update see true gradients
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = clip_gradients(grads + [g for s in self.strategies for g in s.outside_grads()],
                                        r.train.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        scaled = {}
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the update when a gradient overflowed, and adapts the scale
+            scaled = {"loss_scale": self.scaler.get_scale()}
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         for s in self.strategies:
             s.after_optimizer_step(self.step)
         # flush the gradients as soon as we can, no need for this memory anymore
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+        norm = float(grad_norm)
+        return {"loss": step_loss, "lr": lr, "grad_norm": norm if math.isfinite(norm) else None, **scaled,
                 **({"aux_loss": step_aux} if step_aux is not None else {})}
 
     @contextmanager
@@ -583,6 +611,33 @@ class Trainer:
     def _loss(self, batch: dict) -> LossOutput:
         return step_loss(self.strategies, self.model, batch, self.recipe.model.task)
 
+    def _evaluate_and_log(self, metrics) -> dict[str, float]:
+        """The held-out evaluation (when there is eval data) and the sample replies (`log.samples`)."""
+        evaluation = self.evaluate() if self.eval_batcher else {}
+        if evaluation:
+            self._log(metrics, {"step": self.step, **evaluation})
+        if self.recipe.log.samples is not None and self.recipe.model.task == "causal_lm":
+            self._write_samples()
+        return evaluation
+
+    def _write_samples(self) -> None:
+        """`log.samples`: the model's replies to the recipe's prompts as it is now, in samples.jsonl and the
+        trackers. Sampling draws from a forked generator, so training's random numbers are unchanged."""
+        from memft.generate import Generator, Sampling
+
+        cfg = self.recipe.log.samples
+        sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=self.recipe.train.seed)
+        gen = Generator.of(self.model, self.tokenizer, self.recipe.data, [s.name for s in self.strategies])
+        self.model.eval()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.autocast:
+            rows = [{"step": self.step, "prompt": p, "reply": gen.complete(p, sampling).text} for p in cfg.prompts]
+        self.model.train()
+        with (self.run_dir / SAMPLES_FILE).open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        if self.trackers is not None:
+            self.trackers.log_samples(self.step, rows)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """`eval_loss`: mean cross-entropy per target over the held-out batches (always the plain model's loss);
@@ -606,7 +661,8 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"step": self.step, "micro_batches": self.micro,
-                 "strategies": {s.name: s.state_dict() for s in self.strategies}}
+                 "strategies": {s.name: s.state_dict() for s in self.strategies},
+                 **({"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
         tensors = {f"{s.name}.{k}": v for s in self.strategies for k, v in s.tensor_state().items()}
         try:
             return checkpoint.save(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
@@ -615,9 +671,21 @@ class Trainer:
         except checkpoint.NonFiniteState as exc:
             raise RunFailed(self._nonfinite_state_message(exc)) from None
 
+    @contextmanager
+    def _trackers(self):
+        """TensorBoard / W&B for the run's records while it trains (`log.tensorboard`, `log.wandb`)."""
+        self.trackers = Trackers(self.recipe, self.run_dir, self.step)
+        try:
+            yield
+        finally:
+            self.trackers.close()
+            self.trackers = None
+
     def _log(self, file, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
         file.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def _nonfinite_message(self, value: float) -> str:
         return f"the loss became {value} at step {self.step + 1}; stopping. " + self._way_out(self.step)
@@ -741,6 +809,8 @@ def check_output_dir(run_dir: Path) -> None:
 
 def autocast_context(recipe: Recipe, device: torch.device):
     wanted = recipe.train.autocast
+    if wanted == "fp16":  # with `Trainer.scaler`, the dynamic loss scaler
+        return torch.autocast(device.type, dtype=torch.float16)
     if device.type == "cuda" and (wanted == "bf16" or (wanted == "auto" and torch.cuda.is_bf16_supported())):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if wanted == "bf16":
@@ -751,7 +821,8 @@ def autocast_context(recipe: Recipe, device: torch.device):
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {n} thread{'s' if n != 1 else ''})"
 
 
 def _flatten(tree, prefix="") -> dict:

@@ -41,13 +41,30 @@ def plot_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
         "train loss": series("loss", lambda r: not distilled(r)),
         "eval loss": series("eval_loss"),
         "distillation KL": series("loss", distilled),
+        "eval accuracy": series("eval_accuracy"),
         "peak memory (MiB)": (mem_steps, [b / _BYTES_PER_MIB for b in mem_bytes]),
     }
 
 
+MEMORY_ZOOM = 0.05
+"""The memory axis spans at least this share of its largest value, so a change under that (the allocator's
+jitter, a first-step warm-up) is drawn as the near-flat line it is, not auto-zoomed into a climb."""
+
+
+def memory_limits(mib: list[float]) -> tuple[float, float] | None:
+    """The memory panel's y range: from 0 when the values are near, else matplotlib's own (None)."""
+    if not mib:
+        return None
+    low, high = min(mib), max(mib)
+    if high - low >= MEMORY_ZOOM * high:
+        return None
+    return 0.0, high * 1.05 if high > 0 else 1.0
+
+
 def plot_metrics(metrics_jsonl: Path, out_png: Path, title: str = "") -> Path:
-    """Draw training loss (top) and peak memory in MiB (bottom) against the optimizer step; a run that
-    distilled first (RevFFN's recovery) gets a panel of its own for the KL above them.
+    """Draw training loss (top; a classifier's eval accuracy on a second axis) and peak memory in MiB (bottom,
+    from 0 when it barely moves) against the optimizer step; a run that distilled first (RevFFN's recovery) gets a
+    panel of its own for the KL above them.
 
     Args:
         metrics_jsonl: one JSON object per line; lines with `loss` give the training curve, lines with
@@ -81,10 +98,20 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path, title: str = "") -> Path:
         loss_ax.plot(eval_steps, eval_loss, "o", label="eval loss", color="tab:orange")
     loss_ax.set_ylabel("cross-entropy" if kl_steps else "loss")
     loss_ax.grid(alpha=0.3)
+    acc_steps, acc = curves["eval accuracy"]
+    if acc_steps:  # classification: accuracy on its own 0-1 axis beside the loss
+        acc_ax = loss_ax.twinx()
+        acc_ax.plot(acc_steps, acc, "s--", label="eval accuracy", color="tab:purple", linewidth=1.0)
+        acc_ax.set_ylabel("eval accuracy")
+        acc_ax.set_ylim(0, 1)
+        acc_ax.legend(loc="lower right")
     if steps or eval_steps:
         loss_ax.legend(loc="upper right")
 
-    mem_ax.plot(*curves["peak memory (MiB)"], color="tab:red", linewidth=1.2)
+    mem_steps, mib = curves["peak memory (MiB)"]
+    mem_ax.plot(mem_steps, mib, color="tab:red", linewidth=1.2)
+    if (limits := memory_limits(mib)) is not None:
+        mem_ax.set_ylim(*limits)
     mem_ax.set_ylabel("peak memory (MiB)")
     mem_ax.set_xlabel("step")
     mem_ax.grid(alpha=0.3)

@@ -33,6 +33,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from memft.data.batching import token_mask
 from memft.errors import UserError
 from memft.models.blocks import decoder_body
 from memft.registry import (
@@ -219,8 +220,7 @@ class Meft(Strategy):
     def _new_forward(self, body: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the decoder body: a new forward, so every layer decides its cap afresh."""
         self.forward_id += 1
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.attention_mask = token_mask(kwargs, args)  # a packed batch's too (it passes no attention_mask)
 
     def _allowed(self, i: int, router: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """(E,) bool: the experts layer `i` may use in this forward under the cap.

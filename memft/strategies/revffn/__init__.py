@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from memft.data.batching import model_inputs, token_mask
 from memft.models.blocks import decoder_body
 from memft.models.moe import router_aux_coef
 from memft.registry import (
@@ -158,7 +159,7 @@ class RevFFN(Strategy):
             out.device["revffn recovery teacher"] = resident
             if on_host:
                 out.host["revffn recovery teacher (decoder layers)"] = host
-            out.notes.append(f"revffn: the recovery teacher (a frozen copy of the weights"
+            out.notes.append("revffn: the recovery teacher (a frozen copy of the weights"
                              + (", its decoder layers streamed from host memory one at a time" if on_host else "")
                              + f") is freed after step {self.params.recovery.steps}")
         return out
@@ -208,8 +209,7 @@ class RevFFN(Strategy):
         return (stack(h),) + tuple(args[1:])
 
     def _capture_mask(self, body: nn.Module, args: tuple, kwargs: dict):
-        mask = kwargs.get("attention_mask")
-        self.stack.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.stack.token_mask = token_mask(kwargs)  # a packed batch's too (it passes no attention_mask)
 
     # ------------------------------------------------------------------ hooks into the loop
     def _recovering(self) -> bool:
@@ -238,7 +238,7 @@ class RevFFN(Strategy):
         return out
 
     def _distill(self, model: nn.Module, batch: dict) -> LossOutput:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = model_inputs(batch)
         device = batch["input_ids"].device
         if not self.teacher_streamed and next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
