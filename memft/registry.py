@@ -181,7 +181,12 @@ class Strategy:
 
     depth_uniform: bool = True
     """`memft profile` may fit this strategy on twins one layer apart and scale by depth (False: its cost per layer
-    depends on the depth, as with LCSB's groups or RevFFN's reversible stack)."""
+    depends on the depth, as with LCSB's groups or RevFFN's reversible stack; see `depth_block`)."""
+
+    def depth_block(self, layers: int) -> int | None:
+        """For `memft profile`: its activation costs repeat in blocks of this many layers of a `layers`-deep model,
+        so twins one and two blocks deep extrapolate exactly (1: every layer alike); None: fit at full depth."""
+        return 1 if self.depth_uniform else None
 
     def vary_for_profile(self, rng) -> None:
         """Profiler twins only (`memft profile` fits activations on small copies of the model): re-draw what sets

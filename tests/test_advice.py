@@ -139,7 +139,10 @@ def test_twins_measured_on_two_processes_fit_the_same_coefficients():
     assert fits[0] == fits[1] and fits[0].residual < 0.05
 
 
-def test_measure_all_keeps_the_order_runs_in_workers_and_raises_here():
+def test_measure_all_keeps_the_order_runs_in_workers_and_raises_here(monkeypatch):
+    # whatever threads earlier tests left behind: this measure takes no lock a fork could copy held
+    monkeypatch.setattr(activations, "_safe_to_fork", lambda: True)
+
     def measure(config, shapes, twin):
         if config == "bad":
             raise UserError(f"twin {twin} cannot be built")
@@ -154,10 +157,12 @@ def test_measure_all_keeps_the_order_runs_in_workers_and_raises_here():
     # another Python thread alive (it may hold a lock the fork would copy): no workers, everything runs here
     import threading
 
+    monkeypatch.undo()
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
     try:
+        assert not activations._safe_to_fork()
         assert activations.measure_all(measure, jobs, workers=2) == [[(os.getpid(), twin)] for twin in range(5)]
     finally:
         stop.set()

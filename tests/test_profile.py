@@ -52,6 +52,10 @@ ACTIVATION_CASES = [
     ("tiny-llama", "[{name: lora}, {name: revffn, params: {coupling: momentum, buffer_every: 2}}]", ()),
     ("tiny-mixtral", "[{name: lora}]", ()),
     ("tiny-mixtral", "[{name: lora}, {name: lcsb, params: {groups: 2}}]", ()),
+    # LCSB fitted on twins one and two blocks of `groups` layers deep (depth_block): contiguous, strided, random
+    ("tiny-llama", "[{name: full}, {name: lcsb, params: {groups: 4}}]", ()),
+    ("tiny-llama", "[{name: lora}, {name: lcsb, params: {groups: 2, partition: strided}}]", ()),
+    ("tiny-llama", "[{name: full}, {name: lcsb, params: {groups: 4, schedule: random}}]", ("train.seed=3",)),
     ("tiny-mixtral", "[{name: full}, {name: revffn}]", ()),
     ("tiny-qwen2-moe", "[{name: full}]", ("train.gradient_checkpointing=true",)),
     ("tiny-olmoe", "[{name: lora}]", ("model.dtype=bfloat16",)),
@@ -271,3 +275,18 @@ def test_a_micro_batch_too_large_to_model_is_one_sentence_not_an_allocation():
     result, text = _profile_cli("train.batch_size=100000000")  # 1e8 x 384 tokens: a 300 GB synthetic batch
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "cannot profile a micro-batch of 100,000,000 x" in text and "`train.batch_size`" in text
+
+
+def test_lcsb_fitted_by_blocks_of_its_groups_predicts_what_the_full_depth_fit_does(monkeypatch):
+    r = recipe("tiny-llama", "[{name: full}, {name: lcsb, params: {groups: 2}}]")
+    config = resolve_config(r.model).config
+    assert registry.compose(r)[-1].depth_block(config.num_hidden_layers) == 2
+    blocks = predict._fit_activations(r, config, registry.compose(r), contextlib.nullcontext(), False)
+    assert blocks.per_layer is not None  # twins of 2 and 4 layers, not 8
+    monkeypatch.setattr(type(registry.compose(r)[-1]), "depth_block", lambda self, layers: None)
+    full = predict._fit_activations(r, config, registry.compose(r), contextlib.nullcontext(), False)
+    assert full.per_layer is None
+    widths = activations.Widths.of(config)
+    for batch, seq in [(1, 80), (4, 256), (8, 2048)]:
+        a, b = blocks.predict(widths, batch, seq)[0], full.predict(widths, batch, seq)[0]
+        assert abs(a / b - 1) < 0.01, (batch, seq, a, b)

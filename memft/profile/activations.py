@@ -201,7 +201,7 @@ MAX_TWIN_SEQ = 64
 
 
 def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weight_casts: bool = False,
-        by_depth: bool = False, leading: int = 0, seed: int = 0, workers: int | None = None) -> Fit:
+        by_depth: bool = False, leading: int = 0, seed: int = 0, workers: int | None = None, block: int = 1) -> Fit:
     """Measure twins with `measure(twin_config, [(batch, seq), ...], twin) -> [(bytes, grad_tokens or None), ...]` and
     fit the feature coefficients. `partial_gradients`: a strategy reports grad tokens; `weight_casts`: the
     forward runs under autocast (more features each).
@@ -209,7 +209,9 @@ def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weigh
     `by_depth` (layers alike past the `leading` ones, strategies indifferent to depth): each twin is built
     with `leading` + 1 and `leading` + 2 layers instead of the real depth; their difference is one layer's
     cost, fitted on its own, and the prediction is the rest (the leading layers included) plus the other
-    layers times one layer. Much faster for deep models, and as exact.
+    layers times one layer. Much faster for deep models, and as exact. `block`: the layers repeat their
+    costs in blocks of this many (LCSB's groups: each block adds one layer to every group), so the twins are
+    `leading` + `block` and `leading` + 2 `block` layers deep and a block's cost is spread over its layers.
 
     `workers`: processes that measure twins side by side (default: the idle cores, `measure_all`). The fit is the
     same for any number.
@@ -225,14 +227,14 @@ def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weigh
         w = sample_widths(real, config, rng)
         drawn.append((w, [(rng.randint(1, 3), rng.randrange(8, min(max_seq, MAX_TWIN_SEQ) + 1))
                           for _ in range(SHAPES_PER_TWIN)]))
-    depths = (leading + 1, leading + 2) if by_depth else (None,)
+    depths = (leading + block, leading + 2 * block) if by_depth else (None,)
     jobs = [(twin_config(config, w, layers=d), shapes, twin) for twin, (w, shapes) in enumerate(drawn) for d in depths]
     measured = iter(measure_all(measure, jobs, workers))
     rows, outside, layer = [], [], []
     for w, shapes in drawn:
         if by_depth:
             one, two = next(measured), next(measured)
-            costs = [(2 * a - b, b - a, g) for (a, g), (b, _) in zip(one, two)]
+            costs = [(2 * a - b, (b - a) / block, g) for (a, g), (b, _) in zip(one, two)]
         else:
             costs = [(total, 0, g) for total, g in next(measured)]
         for (batch, seq), (rest, per_layer, grad_tokens) in zip(shapes, costs):
@@ -251,8 +253,8 @@ def fit(measure, config, *, max_seq: int, partial_gradients: bool = False, weigh
     per, b_layer = solve(layer) if by_depth else (None, None)
     fitted, measured = a @ base, b_out
     if by_depth:  # judge the fit on what the twins really measured, at both depths
-        fitted = torch.cat([fitted + a @ per, fitted + 2 * (a @ per)])
-        measured = torch.cat([b_out + b_layer, b_out + 2 * b_layer])
+        fitted = torch.cat([fitted + block * (a @ per), fitted + 2 * block * (a @ per)])
+        measured = torch.cat([b_out + block * b_layer, b_out + 2 * block * b_layer])
     residual = float(((fitted - measured).abs() / measured.clamp_min(1)).max())
     return Fit(dict(zip(names, base.tolist())), residual if math.isfinite(residual) else float("inf"), twins,
                dict(zip(names, per.tolist())) if by_depth else None, config.num_hidden_layers - leading)

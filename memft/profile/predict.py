@@ -298,10 +298,13 @@ def one_thread():
 
 def _fit_activations(recipe: Recipe, config, strategies: list, autocast, partial_gradients: bool) -> activations.Fit:
     leading = activations.leading_layers(config)
-    by_depth = leading is not None and all(s.depth_uniform for s in strategies)
+    blocks = {s.depth_block(config.num_hidden_layers) for s in strategies}
+    block = max(blocks - {None}, default=1)
+    # by depth: layers alike past the leading ones, and every strategy's costs repeat in blocks of one size
+    by_depth = leading is not None and None not in blocks and blocks <= {1, block} and (block == 1 or leading == 0)
     return activations.fit(twin_measure(recipe, autocast), config, max_seq=recipe.data.max_length,
                            partial_gradients=partial_gradients, weight_casts=isinstance(autocast, torch.autocast),
-                           by_depth=by_depth, leading=leading or 0)
+                           by_depth=by_depth, leading=leading or 0, block=block if by_depth else 1)
 
 
 def grad_tokens(strategies: list, batch: dict) -> int | None:

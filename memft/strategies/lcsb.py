@@ -98,7 +98,7 @@ def skip_backward(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 @register
 class Lcsb(Strategy):
     name = "lcsb"
-    depth_uniform = False  # see `memft profile`: its per-layer cost depends on the depth
+    depth_uniform = False  # see `memft profile`: its per-layer cost depends on the depth (`depth_block`)
     Params = LcsbParams
     # last: the gate wraps each layer as the other strategies left it (adapters, RevFFN/TokenTune wrappers)
     order = 60
@@ -114,6 +114,12 @@ class Lcsb(Strategy):
         """The group selected for the current step; None (before the first step): every layer is selected."""
         self._group_of: list[int] = []
         self._group_params: list[list[nn.Parameter]] = []
+
+    def depth_block(self, layers: int) -> int | None:
+        # with G groups dividing the depth, G more layers add one layer to every group (contiguous or strided) and
+        # the same number more above the selected group's first layer: the costs grow by one block each time
+        groups = self.params.groups
+        return groups if layers % groups == 0 else None
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
         layers = layer_stack(model)
