@@ -24,7 +24,6 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from memft.errors import UserError
-from memft.models.expert_lora import EXPERT_PARAMS, ExpertWeights, is_fused_experts, stored_experts, wrap_experts
 from memft.registry import BuildContext, Strategy, StrategyParams, register
 
 HEADS = ("lm_head", "score", "classifier")
@@ -107,6 +106,8 @@ def _shared_expert_names(model: nn.Module) -> list[str]:
 
 def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every routed-experts module: fused 3-D weights, or weights already stored elsewhere."""
+    from memft.models.expert_lora import is_fused_experts, stored_experts
+
     return [(name, m) for name, m in model.named_modules() if is_fused_experts(m) or stored_experts(m)]
 
 
@@ -152,6 +153,8 @@ def _coverage(model: nn.Module, params: LoraParams, ctx: BuildContext, label: st
     reached = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_shared_expert(n)
                and any(_hit(n, t) for t in linear)]
     # experts stored in 4 bits while loading are modules named like linear layers (`experts.down_proj`): not peft's
+    from memft.models.expert_lora import EXPERT_PARAMS, stored_experts
+
     stored = sorted(f"{name}.{w}" for name, m in _experts_modules(model) if stored_experts(m) for w in EXPERT_PARAMS)
     return Coverage(linear=linear, exclude=(shared if reached and not keep_shared else []) + stored,
                     experts=choice is True, router=params.target_router, shared=keep_shared if shared else None)
@@ -159,6 +162,8 @@ def _coverage(model: nn.Module, params: LoraParams, ctx: BuildContext, label: st
 
 def _widths(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a layer LoRA can adapt (linear, 4-bit linear, embedding, convolution), else None."""
+    from memft.models.expert_lora import ExpertWeights
+
     if isinstance(module, ExpertWeights):  # 4-bit fused experts: adapted by `LoraExperts`, not as a layer
         return None
     if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
@@ -254,6 +259,8 @@ def _attach(model: nn.Module, params: LoraParams, ctx: BuildContext, label: str,
         model = get_peft_model(model, _lora_config(params, ctx, coverage), autocast_adapter_dtype=True)
     if store_experts is not None:
         store_experts(model)
+    from memft.models.expert_lora import wrap_experts  # here: it imports transformers' activations (a second)
+
     wrapped = wrap_experts(model, params.r, params.alpha, params.dropout, params.rslora) if coverage.experts else []
     routers = _train_routers(model) if coverage.router else 0
     adapted = sorted({n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n})
