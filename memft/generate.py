@@ -84,11 +84,20 @@ class Prompter:
                             "Jinja template, or use `memft generate` for plain text")
         return self.tokenizer(self._render(messages, True), add_special_tokens=False)["input_ids"]
 
+    @property
+    def chats(self) -> bool:
+        """Prompts are conversation turns: a chat run's, or a plain model's that has a chat template."""
+        return self.data.format == "chat" if self.data is not None else self.template is not None
+
+    def system(self, given: str | None) -> str | None:
+        """The system prompt: the one given, else the run's `data.system`."""
+        return given or (self.data.system if self.data is not None else None)
+
     def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
         """One prompt as the run's format saw prompts: a chat turn, an instruction, or the start of a text."""
         data = self.data
-        if data is not None and data.format == "chat" or data is None and self.template is not None:
-            return self.chat_ids(conversation(prompt, system or (data.system if data else None)))
+        if self.chats:
+            return self.chat_ids(conversation(prompt, self.system(system)))
         prefix, _ = special_tokens(self.tokenizer)
         text = render_prompt(data.template, prompt) if data is not None and data.format == "instruction" else prompt
         return prefix + self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -201,14 +210,12 @@ class Generator:
     def complete(self, prompt: str, sampling: Sampling, system: str | None = None, on_text=None) -> Reply:
         """One prompt, no history (`memft generate`)."""
         p = self.prompter
-        chat = p.template is not None and (p.data is None or p.data.format == "chat")
-        return self.generate(p.prompt_ids(prompt, system), sampling, on_text, p.end_of_turn if chat else None)
+        return self.generate(p.prompt_ids(prompt, system), sampling, on_text, p.end_of_turn if p.chats else None)
 
     def say(self, text: str, sampling: Sampling, system: str | None = None, on_text=None) -> Reply:
         """The next turn of the conversation kept in `history` (`memft chat`)."""
         p = self.prompter
-        system = system or (p.data.system if p.data is not None and p.data.format == "chat" else None)
-        messages = conversation(text, system, self.history)
+        messages = conversation(text, p.system(system), self.history)
         reply = self.generate(p.chat_ids(messages), sampling, on_text, p.end_of_turn)
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
         return reply

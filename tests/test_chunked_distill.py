@@ -109,6 +109,14 @@ def test_distillation_saves_no_logits():
 
 
 # ---------------------------------------------------------------------------- through the strategies
+def saved_bytes(trainer: Trainer, batch: dict, exclude: list) -> int:
+    """What autograd saves in one training loss of `trainer` on `batch` (`exclude`: not counted), then backward."""
+    with SavedTensorMeter(trainer.model, exclude=exclude) as meter:
+        out = trainer._loss(batch)
+    out.loss_sum.backward()
+    return meter.bytes
+
+
 def revffn_trainer(*extra: str, dtype: str = "float64") -> Trainer:
     return build("tiny-mixtral", "[{name: full}, {name: revffn, params: {coupling: additive, recovery: {steps: 5, "
                  "temperature: 2.0}}}]", *extra, dtype=dtype)
@@ -149,16 +157,9 @@ def test_revffn_distillation_keeps_no_logits(monkeypatch):
     batch = padded_batch(8192, [48, 48, 30], 48)
     t.model.train()
     exclude = [*batch.values(), *t.strategies[-1].teacher.parameters()]
-
-    def saved() -> int:
-        with SavedTensorMeter(t.model, exclude=exclude) as meter:
-            out = t._loss(batch)
-        out.loss_sum.backward()
-        return meter.bytes
-
-    chunked = saved()
+    chunked = saved_bytes(t, batch, exclude)
     monkeypatch.setattr(revffn, "linear_head", lambda model: None)
-    full = saved()
+    full = saved_bytes(t, batch, exclude)
     logits = 3 * 48 * 8192 * 4
     # kept instead: the teacher's hidden state, two log-sum-exps and an index per masked row
     kept = int(batch["attention_mask"].sum()) * (t.model.config.hidden_size * 4 + 2 * 4 + 8)
@@ -194,16 +195,9 @@ def test_tokentune_selected_loss_keeps_no_logits(monkeypatch):
     tt = t.strategies[-1]
     batch = tt.on_step_start(0, padded_batch(8192, [64, 64], 64))
     t.model.train()
-
-    def saved() -> int:
-        with SavedTensorMeter(t.model, exclude=list(batch.values())) as meter:
-            out = t._loss(batch)
-        out.loss_sum.backward()
-        return meter.bytes
-
-    chunked = saved()
+    chunked = saved_bytes(t, batch, list(batch.values()))
     monkeypatch.setattr(tokentune, "linear_head", lambda model: None)
-    full = saved()
+    full = saved_bytes(t, batch, list(batch.values()))
     rows = batch[tokentune.POSITIONS_KEY].numel()
     logits = rows * 8192 * 4
     assert full - chunked >= logits - rows * (4 + 8)  # kept instead: a log-sum-exp and an index per target

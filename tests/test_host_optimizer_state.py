@@ -118,12 +118,17 @@ def test_profile_moves_the_state_to_the_host_exactly(tmp_path):
     assert states["host"] == {"optimizer state (host)": measured}
 
 
-@pytest.mark.parametrize("name,extra", [
+STRATEGY_RECIPES = [
     ("lcsb_full.yaml", []),
     ("tokentune.yaml", []),
     ("revffn_moe.yaml", ["strategies.1.params.recovery.steps=1", "train.optimizer=adamw"]),
     ("meft.yaml", []),
-])
+]
+"""A recipe of each strategy that full weights train under, with what makes it take plain AdamW (and a short
+recovery); the optimizer settings' composition tests run on each."""
+
+
+@pytest.mark.parametrize("name,extra", STRATEGY_RECIPES)
 def test_it_composes_with_the_strategies(tmp_path, name, extra):
     common = [*extra, "model.dtype=float64", "train.max_steps=2", "output.checkpoints=false"]
     train(tmp_path, "device", *common, recipe=name)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_host_optimizer_state import STRATEGY_RECIPES
 
 from memft.errors import RecipeError
 from memft.recipe import load
@@ -120,12 +121,7 @@ def test_stop_and_resume_and_step_in_backward_are_bitwise_equal(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in final["straight"].values())
 
 
-@pytest.mark.parametrize("name,extra", [
-    ("lcsb_full.yaml", []),
-    ("tokentune.yaml", []),
-    ("revffn_moe.yaml", ["strategies.1.params.recovery.steps=1", "train.optimizer=adamw"]),
-    ("meft.yaml", []),
-])
+@pytest.mark.parametrize("name,extra", STRATEGY_RECIPES)
 def test_it_composes_with_the_strategies(tmp_path, name, extra):
     overrides = [*QUICK, *SR, *extra, "data.max_samples=48", "train.max_steps=3", "output.checkpoints=false"]
     trainer = Trainer(load(REPO / "recipes" / name, overrides), run_dir=tmp_path / "run").setup()

@@ -76,8 +76,8 @@ def candidates(recipe: Recipe, moe: bool = False) -> list[Change]:
         out.append(Change("AdamW state in host memory" + (" (instead of 8-bit AdamW)" if eight_bit else ""),
                           [*(["train.optimizer=adamw"] if eight_bit else []), "train.optimizer_state=host"],
                           "the optimizer step runs on the CPU (fused AdamW on float32 master weights and moments in "
-                          "host memory); each step copies the gradients to the host and the weights back, not "
-                          "overlapped with backward yet"))
+                          "host memory); each step copies the gradients to the host and the weights back, "
+                          "overlapped with backward only beside the step in backward on a GPU"))
     refuses_step_in_backward = any(registry.get(n).step_in_backward for n in names)  # lcsb, meft: see validate
     if full and not t.optimizer_in_backward and t.grad_accum == 1 and not refuses_step_in_backward:
         clipped = t.max_grad_norm is not None
@@ -276,11 +276,10 @@ def host_cost(base, profile) -> str:
 
 
 def fmt_bytes(n: int) -> str:
-    """`17.7 GiB`, `512.0 KiB`: as the profile's tables write sizes."""
-    power = 0
-    while power < 3 and abs(n) >= 1024 ** (power + 1):
-        power += 1
-    return f"{n} B" if power == 0 else f"{n / 1024 ** power:.1f} {('KiB', 'MiB', 'GiB')[power - 1]}"
+    """`17.7 GiB`, `512.0 KiB`: as the profile's tables write sizes (the CLI's own formatter)."""
+    from memft.cli import _fmt_bytes
+
+    return _fmt_bytes(n)
 
 
 def merged(changes: list[Change]) -> list[str]:
