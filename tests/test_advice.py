@@ -62,10 +62,15 @@ def test_variants_of_the_batch_or_the_optimizer_fit_and_build_nothing_new():
     for extra in (["train.optimizer=adamw_8bit"], ["train.batch_size=1", "train.grad_accum=2"]):
         forecast([*BASE, *extra])
     assert (len(predict._FITS), len(predict._SKELETONS)) == (fits, skeletons)
-    # where the optimizer keeps or steps its state changes no saved tensor either: the recipe's fit is reused
+    # where the optimizer keeps or steps its state, or how it rounds, changes no saved tensor and no module either:
+    # the recipe's fit and skeleton are reused
     for extra in (["train.optimizer_state=host"], ["train.optimizer_in_backward=true", "train.max_grad_norm=null"]):
         forecast([*BASE, *extra])
-    assert len(predict._FITS) == fits
+    assert (len(predict._FITS), len(predict._SKELETONS)) == (fits, skeletons)
+    forecast([*BASE, "model.dtype=bfloat16"])
+    fits, skeletons = len(predict._FITS), len(predict._SKELETONS)
+    forecast([*BASE, "model.dtype=bfloat16", "train.precision=bf16_stochastic_rounding"])
+    assert (len(predict._FITS), len(predict._SKELETONS)) == (fits, skeletons)
 
 
 LEVERS = {"bf16 weights, stochastic rounding": ["model.dtype=bfloat16", "train.precision=bf16_stochastic_rounding"],

@@ -147,8 +147,10 @@ def skeleton(recipe: Recipe, config) -> tuple[nn.Module, list, set[int]]:
 
 _SKELETONS: dict[str, tuple] = {}
 """Skeletons already built in this process, with the config they were built from (building one changes it)."""
-SHAPE_ONLY = {"train": ("batch_size", "grad_accum", "optimizer"), "data": ("max_length",)}
-"""Recipe fields no strategy's `apply` reads: variants that change only these share a skeleton."""
+SHAPE_ONLY = {"train": ("batch_size", "grad_accum", "optimizer", "optimizer_state", "optimizer_in_backward",
+                        "max_grad_norm", "precision"), "data": ("max_length",)}
+"""Recipe fields neither loading nor any strategy's `apply` reads (the shapes and the optimizer): variants that
+change only these share a skeleton."""
 
 
 def cached_skeleton(recipe: Recipe, config) -> tuple:
