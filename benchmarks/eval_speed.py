@@ -38,7 +38,7 @@ def main() -> None:
     import test_eval_mmlu
 
     from memft.eval import mmlu
-    from memft.models import load_model, load_tokenizer
+    from memft.models.load import load_model, load_tokenizer
     from memft.recipe import ModelConfig
 
     cfg = ModelConfig(name=args.model)

@@ -147,7 +147,7 @@ def recipes() -> None:
     """
     import yaml
 
-    from memft.models import list_builtin
+    from memft.models.builtin import list_builtin
     from memft.paths import RECIPES_DIR
     from memft.textio import read_text
 
@@ -721,14 +721,21 @@ class _Progress:
 
 
 def _quiet_libraries() -> None:
-    """memft prints its own plan and summary; the libraries' load reports and deprecation chatter are noise."""
+    """memft prints its own plan and summary; the libraries' load reports and deprecation chatter are noise.
+
+    transformers and huggingface_hub read these settings from the environment when they are imported, so the
+    commands that never load a model (`validate`, `recipes`, `--help`) do not import them just to quiet them."""
     import logging
+    import sys
     import warnings
 
-    from transformers.utils import logging as hf_logging
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if {"transformers", "huggingface_hub"} & sys.modules.keys():  # imported already (by a caller such as the tests)
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|bitsandbytes)\b")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on CPUs

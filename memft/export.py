@@ -11,8 +11,8 @@ from torch import nn
 from memft import registry
 from memft.data.formats import pad_token_id
 from memft.errors import UserError
-from memft.models import load_model, load_tokenizer
 from memft.models.expert_lora import LoraExperts, is_fused_experts
+from memft.models.load import load_model, load_tokenizer
 from memft.models.peft_interop import NotRepresentable, write_peft_adapter
 from memft.outputs import check_writable_dir
 from memft.recipe import StrategySpec

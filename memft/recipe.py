@@ -782,7 +782,7 @@ def _check_packages(recipe: Recipe, lines) -> list[str]:
 
 def _model_path_problem(name: str) -> str | None:
     """Why a `model.name` meant as a local path (see `memft.models.load`) cannot be loaded, or None."""
-    from memft.models.load import find_builtin, looks_like_model_path
+    from memft.models.builtin import find_builtin, looks_like_model_path
 
     if not looks_like_model_path(name) or find_builtin(name) is not None:
         return None

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from test_revffn import build, padded_batch
 from torch import nn
 
-import memft.strategies.revffn as revffn
 from memft.recipe import load
 from memft.registry import at_least_float32
-from memft.strategies import tokentune
+from memft.strategies.revffn import distill as revffn_distill
+from memft.strategies.tokentune import POSITIONS_KEY
+from memft.strategies.tokentune import rows as tokentune_rows
 from memft.train import chunked_loss
 from memft.train.chunked_loss import linear_kl_divergence
 from memft.train.loop import Trainer
@@ -139,10 +140,10 @@ def test_revffn_distillation_equals_the_full_logits_path(rows_per_chunk, monkeyp
     rows_per_chunk(5, vocab)  # 41 positions: 9 chunks
     batch = padded_batch(vocab, [24, 17], 24)
     t.model.train()
-    assert revffn.linear_head(t.model) is not None and revffn.linear_head(strategy.teacher) is not None
+    assert revffn_distill.linear_head(t.model) is not None and revffn_distill.linear_head(strategy.teacher) is not None
     out, grads = loss_and_grads(t, batch)
     assert strategy.phase == "distill" and out.aux_loss is not None
-    monkeypatch.setattr(revffn, "linear_head", lambda model: None)  # both models' full logits
+    monkeypatch.setattr(revffn_distill, "linear_head", lambda model: None)  # both models' full logits
     ref, ref_grads = loss_and_grads(t, batch)
     assert out.count == ref.count == 41
     assert out.loss_sum > 0
@@ -158,7 +159,7 @@ def test_revffn_distillation_keeps_no_logits(monkeypatch):
     t.model.train()
     exclude = [*batch.values(), *t.strategies[-1].teacher.parameters()]
     chunked = saved_bytes(t, batch, exclude)
-    monkeypatch.setattr(revffn, "linear_head", lambda model: None)
+    monkeypatch.setattr(revffn_distill, "linear_head", lambda model: None)
     full = saved_bytes(t, batch, exclude)
     logits = 3 * 48 * 8192 * 4
     # kept instead: the teacher's hidden state, two log-sum-exps and an index per masked row
@@ -182,7 +183,7 @@ def test_tokentune_selected_loss_equals_the_full_logits_path(rows_per_chunk, mon
     batch = tt.on_step_start(0, padded_batch(vocab, [40, 23, 31], 40))
     t.model.train()
     out, grads = loss_and_grads(t, batch)
-    monkeypatch.setattr(tokentune, "linear_head", lambda model: None)  # the head on the selected rows
+    monkeypatch.setattr(tokentune_rows, "linear_head", lambda model: None)  # the head on the selected rows
     ref, ref_grads = loss_and_grads(t, batch)
     assert out.count == ref.count == tt.count_targets(batch) > 4
     torch.testing.assert_close(out.loss_sum, ref.loss_sum, rtol=1e-10, atol=0)
@@ -196,9 +197,9 @@ def test_tokentune_selected_loss_keeps_no_logits(monkeypatch):
     batch = tt.on_step_start(0, padded_batch(8192, [64, 64], 64))
     t.model.train()
     chunked = saved_bytes(t, batch, list(batch.values()))
-    monkeypatch.setattr(tokentune, "linear_head", lambda model: None)
+    monkeypatch.setattr(tokentune_rows, "linear_head", lambda model: None)
     full = saved_bytes(t, batch, list(batch.values()))
-    rows = batch[tokentune.POSITIONS_KEY].numel()
+    rows = batch[POSITIONS_KEY].numel()
     logits = rows * 8192 * 4
     assert full - chunked >= logits - rows * (4 + 8)  # kept instead: a log-sum-exp and an index per target
     assert full - chunked < 1.2 * logits  # and nothing else changed

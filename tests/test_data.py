@@ -8,16 +8,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from memft.data import (
-    Batcher,
-    build,
-    collate,
-    count_targets,
-    count_tokens,
-    hold_out,
-    pad_token_id,
-    read_rows,
-)
+from memft.data import build, hold_out, pad_token_id, read_rows
+from memft.data.batching import Batcher, collate, count_targets, count_tokens
 from memft.data.formats import ALPACA_NO_INPUT, encode, render_prompt, special_tokens
 from memft.data.sources import looks_like_data, read_file
 from memft.errors import UserError

@@ -66,7 +66,7 @@ def harness_glue(model, tok, rows, task):
 
 @pytest.mark.parametrize("task,metric", [("sst2", "acc"), ("cola", "mcc")])
 def test_the_prompted_form_equals_lm_evaluation_harness(shared_data, task, metric):
-    from memft.models import load_model, load_tokenizer
+    from memft.models.load import load_model, load_tokenizer
     from memft.recipe import ModelConfig
 
     cfg = ModelConfig(name="stories260K")  # the real pretrained model: its answers are not all one class
@@ -86,7 +86,7 @@ SENTENCES = ["The cat sat on the mat.", "A dog barked at the mailman", "Is the s
 @pytest.mark.parametrize("task", ["mrpc", "qqp", "rte", "qnli", "mnli", "wnli"])
 def test_the_pair_task_prompts_are_the_harness_prompts(task):
     """No local data for these: a few made-up pairs through both, on a seeded tiny Llama."""
-    from memft.models import load_model, load_tokenizer
+    from memft.models.load import load_model, load_tokenizer
     from memft.recipe import ModelConfig
 
     cfg = ModelConfig(name="tiny-llama", seed=5)
@@ -126,7 +126,7 @@ def test_a_classifier_directory_whose_tokenizer_has_no_pad_token_is_scored_as_ea
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from memft.models import load_model, load_tokenizer
+    from memft.models.load import load_model, load_tokenizer
     from memft.recipe import ModelConfig
 
     cfg = ModelConfig(name="tiny-llama", task="sequence_classification", seed=4)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from memft.cli import app
 from memft.eval import loglik, mmlu
-from memft.models import load_tokenizer
+from memft.models.load import load_tokenizer
 from memft.recipe import ModelConfig
 
 SUBJECTS = ["abstract_algebra", "anatomy"]
@@ -17,7 +17,7 @@ SUBJECTS = ["abstract_algebra", "anatomy"]
 @pytest.fixture(scope="module")
 def tiny():
     """A random tiny Llama (seeded) and the stories260K tokenizer, which adds BOS as Llama tokenizers do."""
-    from memft.models import load_model
+    from memft.models.load import load_model
 
     cfg = ModelConfig(name="tiny-llama", seed=3)
     return load_model(cfg).model.eval(), load_tokenizer(cfg)
@@ -192,7 +192,7 @@ def test_a_model_that_ignores_the_cache_is_scored_without_prefix_reuse(tiny, mon
 
 
 def test_scores_are_taken_without_dropout_even_from_a_model_left_in_train_mode():
-    from memft.models import load_model
+    from memft.models.load import load_model
 
     cfg = ModelConfig(name="tiny-llama", seed=3, config_overrides={"attention_dropout": 0.5})
     model, tok = load_model(cfg).model, load_tokenizer(cfg)

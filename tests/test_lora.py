@@ -109,7 +109,7 @@ def _naive_lora_reference(trainer, batch):
     import torch
     from torch.func import functional_call
 
-    from memft.models import load_model
+    from memft.models.load import load_model
     from memft.train.loop import default_loss
 
     base = trainer.model.get_base_model()

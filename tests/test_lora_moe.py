@@ -183,7 +183,7 @@ def test_a_4bit_moe_stores_exactly_the_nf4_accounting():
 
 
 def test_4bit_experts_count_as_the_weights_they_stand_for():
-    from memft.models import count_params
+    from memft.models.load import count_params
 
     full, quantized = build("tiny-mixtral", "lora", "{r: 4}", dtype="float32"), build("tiny-mixtral", "qlora",
                                                                                           "{r: 4}", dtype="float32")

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from memft.cli import app
 from memft.errors import UserError
-from memft.models import load_model
+from memft.models.load import load_model
 from memft.paths import CONFIGS_DIR
 from memft.recipe import ModelConfig
 

@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from memft.errors import UserError
-from memft.models import (
-    count_params,
-    is_moe,
-    list_builtin,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-)
+from memft.models.builtin import list_builtin
+from memft.models.load import count_params, is_moe, load_model, load_tokenizer, resolve_device
 from memft.paths import CONFIGS_DIR
 from memft.recipe import ModelConfig
 

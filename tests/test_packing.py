@@ -13,7 +13,7 @@ import torch
 from memft.data import build as build_data
 from memft.data.batching import Batcher, collate, count_targets, count_tokens, model_inputs, segment_ids, token_mask
 from memft.data.formats import IGNORE_INDEX, encode, pack_examples
-from memft.models import load_tokenizer
+from memft.models.load import load_tokenizer
 from memft.recipe import load
 from memft.strategies.tokentune import POSITIONS_KEY
 from memft.train.loop import Trainer, step_loss

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from memft.models.blocks import layer_stack, unwrap
 from memft.recipe import load
-from memft.strategies.tokentune import POSITIONS_KEY, select_positions
+from memft.strategies.tokentune import POSITIONS_KEY
+from memft.strategies.tokentune.rows import select_positions
 from memft.train.loop import Trainer, default_loss
 from memft.train.meters import SavedTensorMeter
 

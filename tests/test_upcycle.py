@@ -10,7 +10,7 @@ from transformers import MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from memft.errors import RecipeError, UserError
-from memft.models import count_params, is_moe, load_model
+from memft.models.load import count_params, is_moe, load_model
 from memft.models.upcycle import upcycle
 from memft.recipe import ModelConfig, load
 from memft.train.loop import Trainer

@@ -1,7 +1,7 @@
 """Training data: read rows (`sources`), tokenise them (`formats`), batch them (`batching`).
 
 `build(cfg, tokenizer, seed=...)` is the one entry point the trainer needs: it reads the recipe's
-`data` block and returns tokenised train and eval examples; `Batcher` turns those into batches.
+`data` block and returns tokenised train and eval examples; `batching.Batcher` turns those into batches.
 """
 
 from __future__ import annotations
@@ -9,16 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from memft.data.batching import Batcher, collate, count_targets, count_tokens, model_inputs, token_mask
 from memft.data.formats import IGNORE_INDEX, check_columns, encode, label_set, pad_token_id
 from memft.data.sources import is_local, read_file, read_hub, read_rows, require_columns
 from memft.errors import UserError
 from memft.recipe import DataConfig
 
-__all__ = ["Batcher", "IGNORE_INDEX", "TokenizedData", "build", "collate", "count_targets", "count_tokens",
-           "hold_out", "model_inputs", "pad_token_id", "read_rows", "token_mask"]
+__all__ = ["IGNORE_INDEX", "TokenizedData", "build", "hold_out", "pad_token_id", "read_rows"]
 
 
 @dataclass
@@ -109,6 +105,8 @@ def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
     if len(rows) < 2:
         raise UserError(f"`data.eval_split`: cannot hold out eval rows from {len(rows)} row(s); "
                         "set `data.eval_split: null` or use more data")
+    import torch
+
     n_eval = min(max(round(fraction * len(rows)), 1), len(rows) - 1)
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
     is_eval = torch.zeros(len(rows), dtype=torch.bool)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from memft.data.formats import pad_token_id
 from memft.errors import UserError
-from memft.models import load_model, load_tokenizer, resolve_device
-from memft.models.load import read_config_file
+from memft.models.load import load_model, load_tokenizer, read_config_file, resolve_device
 from memft.recipe import DataConfig, ModelConfig
 from memft.train import checkpoint
 from memft.train.loop import RECIPE_FILE, Trainer, restore_strategies, saved_recipe

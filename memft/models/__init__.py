@@ -1,13 +1,6 @@
-"""Model and tokenizer loading: built-in configs (`configs/`), local directories, hub ids, 4-bit QLoRA."""
+"""Models and tokenizers: the built-in names (`builtin`), loading (`load`), and the parts memft changes in them
+(`blocks`, `moe`, `expert_lora`, `nf4_experts`, `upcycle`, ...).
 
-from memft.models.load import (
-    LoadedModel,
-    count_params,
-    is_moe,
-    list_builtin,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-)
-
-__all__ = ["LoadedModel", "count_params", "is_moe", "list_builtin", "load_model", "load_tokenizer", "resolve_device"]
+Import from the submodules: the package itself imports nothing, so `memft validate` and `memft recipes`, which only
+look up built-in names, never import torch or transformers.
+"""

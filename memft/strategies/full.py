@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from pydantic import Field
-from torch import nn
 
 from memft.registry import BuildContext, Patterns, Strategy, StrategyParams, register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class FullParams(StrategyParams):

@@ -32,8 +32,9 @@ from memft.data import build as build_data
 from memft.data.batching import Batcher, count_targets, count_tokens, model_inputs
 from memft.data.formats import pad_token_id
 from memft.errors import RunFailed, UserError
-from memft.models import count_params, list_builtin, load_model, load_tokenizer, resolve_device
 from memft.models.blocks import unwrap
+from memft.models.builtin import list_builtin
+from memft.models.load import count_params, load_model, load_tokenizer, resolve_device
 from memft.models.moe import ROUTER_AUX_ATTR, RouterAux, router_aux_coef
 from memft.outputs import check_writable_dir
 from memft.recipe import Recipe

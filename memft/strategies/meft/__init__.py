@@ -27,24 +27,19 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
-from memft.data.batching import token_mask
 from memft.errors import UserError
-from memft.models.blocks import decoder_body
-from memft.registry import (
-    BuildContext,
-    MemoryEstimate,
-    Strategy,
-    StrategyParams,
-    register,
-)
-from memft.strategies.meft.adapter import Gathered, probe, sparse_forward
-from memft.strategies.meft.offload import HostAdapter
+from memft.registry import BuildContext, MemoryEstimate, Strategy, StrategyParams, register
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from memft.strategies.meft.adapter import Gathered
+    from memft.strategies.meft.offload import HostAdapter
 
 ROUTER_INIT_SCALE = 50.0
 """The router starts as this many times each expert's mean key (a scaled centroid), as in the reference code."""
@@ -123,13 +118,19 @@ class Meft(Strategy):
         self.device_peak = 0
         self.lr_factor = None
         self.copy_stream = None
-        self.dtype = torch.float32  # of the router, the host K / V and the adapter's computation
+        self.dtype: torch.dtype | None = None  # of the router, the host K / V and the adapter's computation (`apply`)
         self.shipped: dict[int, list[torch.Tensor]] = {}  # layer -> expert ids whose rows this step shipped
         self.forward_id = 0  # bumped by every forward of the decoder body
         self.attention_mask: torch.Tensor | None = None  # that forward's (B, T) mask, for the cap's votes
         self.allowed: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (forward_id, (E,) bool) under a cap
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
+        import torch
+        from torch import nn
+
+        from memft.models.blocks import decoder_body
+        from memft.strategies.meft.offload import HostAdapter
+
         p = self.params
         body = decoder_body(model)
         recipe = ctx.recipe
@@ -164,6 +165,8 @@ class Meft(Strategy):
         return model
 
     def estimate(self, model: nn.Module, recipe, tokens: int, device: torch.device) -> MemoryEstimate:
+        from memft.models.blocks import decoder_body
+
         p = self.params
         body = decoder_body(model)
         layers = len(body.layers)
@@ -193,6 +196,10 @@ class Meft(Strategy):
     def ship(self, i: int, x: torch.Tensor, training: bool) -> Gathered:
         """Route the tokens and send their experts' rows to the device (on CUDA on a side stream, so the FFN
         computes while they travel)."""
+        import torch
+
+        from memft.strategies.meft.adapter import probe
+
         p = self.params
         flat = x.reshape(-1, x.size(-1)).to(self.dtype)
         router = self.routers[i]
@@ -210,6 +217,10 @@ class Meft(Strategy):
         return rows
 
     def adapter_out(self, i: int, x: torch.Tensor, rows: Gathered) -> torch.Tensor:
+        import torch
+
+        from memft.strategies.meft.adapter import sparse_forward
+
         p = self.params
         rows.wait()
         flat = x.reshape(-1, x.size(-1)).to(self.dtype)
@@ -219,6 +230,8 @@ class Meft(Strategy):
 
     def _new_forward(self, body: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the decoder body: a new forward, so every layer decides its cap afresh."""
+        from memft.data.batching import token_mask
+
         self.forward_id += 1
         self.attention_mask = token_mask(kwargs, args)  # a packed batch's too (it passes no attention_mask)
 
@@ -229,6 +242,10 @@ class Meft(Strategy):
         has no vote, so the amount of padding routes nothing); later calls in the same forward (TokenTune's selected
         rows, a checkpointed layer's recomputation) reuse that set, so every row runs under the same one.
         """
+        import torch
+
+        from memft.strategies.meft.adapter import probe
+
         decided = self.allowed.get(i)
         if decided is not None and decided[0] == self.forward_id:
             return decided[1]
@@ -259,6 +276,8 @@ class Meft(Strategy):
     def outside_grads(self) -> list[torch.Tensor]:
         """The host gradients of the rows this step shipped (summed over its micro-batches), as views that clipping
         scales in place: one per run of adjacent experts, so the norm never reads the untouched rest of the adapter."""
+        import torch
+
         views = []
         for i, experts in self.shipped.items():
             h = self.hosts[i]
@@ -316,6 +335,8 @@ class Meft(Strategy):
 
 def _ffn_rows(mlp: nn.Module, count: int, generator: torch.Generator) -> torch.Tensor:
     """`count` rows of the FFN's input-side projection (dense `up_proj`, or every expert's up half), sampled."""
+    import torch
+
     if hasattr(mlp, "up_proj"):
         rows = mlp.up_proj.weight
     elif hasattr(getattr(mlp, "experts", None), "gate_up_proj"):
@@ -333,6 +354,8 @@ def _ffn_rows(mlp: nn.Module, count: int, generator: torch.Generator) -> torch.T
 def _adapter_dtype(body: nn.Module) -> torch.dtype:
     """The dtype the adapter is kept and computed in: the model's, at least float32 (half-precision models compute
     it in float32, a float64 model in float64). 4-bit weights are not floating point: the model's others decide."""
+    import torch
+
     weights = next(w.dtype for w in body.parameters() if w.is_floating_point())
     return torch.promote_types(weights, torch.float32)
 
@@ -360,6 +383,8 @@ class _Schedule:
     """The run's learning-rate factor at a step (warm-up, decay), read off a scheduler on a dummy parameter."""
 
     def __init__(self, recipe, total_steps: int | None):
+        import torch
+
         from memft.train.optim import build_scheduler
 
         t = recipe.train

@@ -21,28 +21,17 @@ loss with exact gradients, and recomputation routes every token as the forward d
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
-from torch import nn
 
-from memft.data.batching import model_inputs, token_mask
-from memft.models.blocks import decoder_body
-from memft.models.moe import router_aux_coef
-from memft.registry import (
-    BuildContext,
-    LossOutput,
-    MemoryEstimate,
-    Strategy,
-    StrategyParams,
-    at_least_float32,
-    register,
-)
-from memft.strategies.revffn.stack import ReversibleStack
-from memft.strategies.revffn.teacher import frozen_copy, placement_bytes
-from memft.train.chunked_loss import hidden_states, linear_head, linear_kl_divergence
+from memft.registry import BuildContext, LossOutput, MemoryEstimate, Strategy, StrategyParams, register
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from memft.strategies.revffn.stack import ReversibleStack
 
 
 class RecoveryParams(StrategyParams):
@@ -154,6 +143,8 @@ class RevFFN(Strategy):
             out.notes.append(f"revffn: activations without buffers; `buffer_every: auto` is measured on the first "
                              f"step and each kept layer adds its two input streams ({kept:,} bytes)")
         if self.teacher is not None:
+            from memft.strategies.revffn.teacher import placement_bytes
+
             on_host = self._teacher_on_host(device)
             resident, host = placement_bytes(self.teacher, on_host)
             out.device["revffn recovery teacher"] = resident
@@ -165,6 +156,11 @@ class RevFFN(Strategy):
         return out
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
+        from memft.models.blocks import decoder_body
+        from memft.models.moe import router_aux_coef
+        from memft.strategies.revffn.stack import ReversibleStack
+        from memft.strategies.revffn.teacher import frozen_copy
+
         p = self.params
         body = decoder_body(model)
         self.task = ctx.recipe.model.task
@@ -209,6 +205,8 @@ class RevFFN(Strategy):
         return (stack(h),) + tuple(args[1:])
 
     def _capture_mask(self, body: nn.Module, args: tuple, kwargs: dict):
+        from memft.data.batching import token_mask
+
         self.stack.token_mask = token_mask(kwargs)  # a packed batch's too (it passes no attention_mask)
 
     # ------------------------------------------------------------------ hooks into the loop
@@ -226,6 +224,8 @@ class RevFFN(Strategy):
         return int(batch["attention_mask"].sum()) if self._recovering() else None
 
     def loss(self, model: nn.Module, batch: dict) -> LossOutput:
+        import torch
+
         from memft.train.loop import default_loss
 
         self.phase = "distill" if self._recovering() else "task"
@@ -238,24 +238,12 @@ class RevFFN(Strategy):
         return out
 
     def _distill(self, model: nn.Module, batch: dict) -> LossOutput:
-        inputs = model_inputs(batch)
+        from memft.strategies.revffn.distill import distill_loss
+
         device = batch["input_ids"].device
         if not self.teacher_streamed and next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        t = self.params.recovery.temperature
-        mask = batch["attention_mask"].bool()
-        head, teacher_head = linear_head(model), linear_head(self.teacher)
-        if head is not None and teacher_head is not None:  # neither model forms its B x S x V logits
-            with torch.no_grad():
-                teacher = hidden_states(self.teacher, teacher_head, inputs)
-            loss_sum, count = linear_kl_divergence(hidden_states(model, head, inputs), head, teacher, teacher_head,
-                                                   mask, t)
-            return LossOutput(loss_sum, count)
-        with torch.no_grad():
-            teacher = F.log_softmax(at_least_float32(self.teacher(**inputs).logits) / t, dim=-1)
-        student = F.log_softmax(at_least_float32(model(**inputs).logits) / t, dim=-1)
-        kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1) * (t * t)
-        return LossOutput(kl[mask].sum(), int(mask.sum()))
+        return distill_loss(model, self.teacher, batch, self.params.recovery.temperature)
 
     def after_optimizer_step(self, step: int) -> None:
         if self.teacher is not None and step + 1 >= self.params.recovery.steps:

@@ -23,32 +23,15 @@ are those of the dense model in which every unselected row is detached where it 
 from __future__ import annotations
 
 import functools
-import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import nn
 
-from memft.data.batching import model_inputs, segment_ids
-from memft.models.blocks import (
-    enable_row_attention,
-    gather_rows,
-    is_encoder,
-    layer_stack,
-    scatter_rows,
-    unwrap,
-)
-from memft.registry import (
-    BuildContext,
-    LossOutput,
-    Strategy,
-    StrategyParams,
-    at_least_float32,
-    register,
-)
-from memft.train.chunked_loss import linear_cross_entropy, linear_head
+from memft.registry import BuildContext, LossOutput, Strategy, StrategyParams, register
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 POSITIONS_KEY = "tokentune_positions"
 """Batch key holding the selected positions, (B, k) long, set by `on_step_start`."""
@@ -75,44 +58,6 @@ class TokenTuneParams(StrategyParams):
         return self
 
 
-def select_positions(attention_mask: torch.Tensor, *, tokens: int | None, fraction: float | None,
-                     always: list[int], generator: torch.Generator,
-                     extra: torch.Tensor | None = None) -> torch.Tensor:
-    """Choose, per sequence, the positions that carry gradients.
-
-    Args:
-        attention_mask: (B, T), 1 at real tokens.
-        tokens / fraction: how many of a sequence's n real tokens: `min(tokens, n)` or `ceil(fraction * n)`.
-        always: positions always chosen, in the real-token part (negative counts from its end).
-        extra: (B,) one more position per sequence to always choose (e.g. the token a classifier pools).
-
-    Returns:
-        (B, k) long, sorted per row; uniform without replacement among the real tokens beyond the
-        forced ones. Rows needing fewer than k (the batch maximum) are filled with padding positions
-        first, then with more real tokens: extra rows are harmless (masked, no loss) and keep the
-        batch rectangular.
-    """
-    rows = []
-    for b in range(attention_mask.size(0)):
-        real = attention_mask[b].nonzero().flatten().cpu()
-        n = real.numel()
-        forced = {int(real[0]), int(real[-1])} | {int(real[i]) for i in always if -n <= i < n}
-        if extra is not None:
-            forced.add(int(extra[b]))
-        want = min(tokens, n) if tokens is not None else math.ceil(fraction * n)
-        rest = torch.tensor([int(p) for p in real if int(p) not in forced], dtype=torch.long)
-        pick = rest[torch.randperm(rest.numel(), generator=generator)[:max(0, want - len(forced))]]
-        rows.append((sorted(forced | set(pick.tolist())), real))
-    k = max(len(chosen) for chosen, _ in rows)
-    out = torch.empty(len(rows), k, dtype=torch.long)
-    for b, (chosen, real) in enumerate(rows):
-        taken = set(chosen)
-        pads = [p for p in range(attention_mask.size(1)) if p not in taken and not attention_mask[b, p]]
-        more = [int(p) for p in real if int(p) not in taken]
-        out[b] = torch.tensor(sorted(chosen + (pads + more)[:k - len(chosen)]))
-    return out.to(attention_mask.device)
-
-
 @register
 class TokenTune(Strategy):
     name = "tokentune"
@@ -127,6 +72,8 @@ class TokenTune(Strategy):
         return []
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
+        from memft.models.blocks import enable_row_attention, is_encoder, layer_stack, unwrap
+
         self.seed = ctx.recipe.train.seed
         self.task = ctx.recipe.model.task
         self.encoder = is_encoder(model)
@@ -145,6 +92,10 @@ class TokenTune(Strategy):
 
     # ------------------------------------------------------------------ selection
     def on_step_start(self, step: int, batch: dict) -> dict:
+        import torch
+
+        from memft.strategies.tokentune.rows import select_positions
+
         if step != self._step:
             self._step, self._micro = step, 0
         # seeded by (seed, step, micro-batch): a resumed run picks the same tokens
@@ -172,12 +123,16 @@ class TokenTune(Strategy):
     def count_targets(self, batch: dict) -> int | None:
         if POSITIONS_KEY not in batch or not self._selected_loss():
             return None
-        return int((_next_labels(batch["labels"]).gather(1, batch[POSITIONS_KEY]) != -100).sum())
+        from memft.strategies.tokentune.rows import next_labels
+
+        return int((next_labels(batch["labels"]).gather(1, batch[POSITIONS_KEY]) != -100).sum())
 
     def router_logits(self, calls: list[torch.Tensor], batch: dict) -> torch.Tensor | None:
         positions = batch.get(POSITIONS_KEY)
         if positions is None or len(calls) != 2:
             return None
+        from memft.models.blocks import scatter_rows
+
         # every row without autograd, then the selected rows with it: the selected rows carry the gradient
         full, rows = calls
         B, T = batch["attention_mask"].shape
@@ -189,8 +144,10 @@ class TokenTune(Strategy):
         positions = batch.get(POSITIONS_KEY)
         if positions is None:
             return None
+        from memft.data.batching import segment_ids
+        from memft.strategies.tokentune.rows import selected_loss
+
         plain = {k: v for k, v in batch.items() if k != POSITIONS_KEY}
-        inputs = model_inputs(plain)
         # a packed row's examples are segments: the selected rows' queries attend within their own example
         segments = segment_ids(batch["position_ids"]) if "position_ids" in batch else None
         self._active, self._segments = (positions, batch["attention_mask"].bool()), segments
@@ -199,20 +156,7 @@ class TokenTune(Strategy):
                 from memft.train.loop import default_loss
 
                 return default_loss(model, plain, self.task)
-            decoder = unwrap(model).get_decoder()
-            # the final norm and the LM head see the selected rows only: no full (B, T, vocab) logits
-            hook = decoder.norm.register_forward_pre_hook(lambda m, args: (gather_rows(args[0], positions),))
-            try:
-                hidden = decoder(**inputs).last_hidden_state  # (B, k, D)
-            finally:
-                hook.remove()
-            targets = _next_labels(batch["labels"]).gather(1, positions)
-            if (head := linear_head(unwrap(model))) is not None:  # not even the (B, k, vocab) logits
-                return LossOutput(*linear_cross_entropy(hidden, head, targets))
-            logits = unwrap(model).get_output_embeddings()(hidden)
-            loss_sum = F.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                       reduction="sum")
-            return LossOutput(loss_sum, int((targets != -100).sum()))
+            return selected_loss(model, plain, positions)
         finally:
             self._active, self._segments = None, None
             self._shared.clear()  # the rows' mask of this forward
@@ -220,6 +164,11 @@ class TokenTune(Strategy):
     def _layer_forward(self, original, state, hidden_states, *args, **kwargs):
         if self._active is None:  # evaluation, generation: the plain layer
             return original(hidden_states, *args, **kwargs)
+        import torch
+
+        from memft.models.blocks import gather_rows, scatter_rows
+        from memft.strategies.tokentune.rows import is_mask, row_kwargs
+
         positions, key_valid = self._active
         try:
             # 1) every row without grad: the unselected rows' exact outputs and all keys / values
@@ -229,33 +178,10 @@ class TokenTune(Strategy):
             # 2) the selected rows with grad, attending over every key under the original mask
             state.mode, state.positions, state.key_valid, state.causal = "rows", positions, key_valid, not self.encoder
             state.segments = self._segments
-            row_args = [None if _is_mask(a) else a for a in args]
-            rows = original(gather_rows(hidden_states, positions), *row_args, **_row_kwargs(kwargs, positions))
+            row_args = [None if is_mask(a) else a for a in args]
+            rows = original(gather_rows(hidden_states, positions), *row_args, **row_kwargs(kwargs, positions))
         finally:
             state.mode, state.keys, state.values, state.segments = None, None, None, None
         if isinstance(full, tuple):
             return (scatter_rows(full[0], positions, rows[0]), *full[1:])
         return scatter_rows(full, positions, rows)
-
-
-def _next_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels of the token each position predicts (-100 after the last)."""
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
-
-
-def _is_mask(arg) -> bool:
-    return isinstance(arg, torch.Tensor) and arg.dim() == 4
-
-
-def _row_kwargs(kwargs: dict, positions: torch.Tensor) -> dict:
-    """The layer's keyword arguments for a call on the selected rows only."""
-    out = dict(kwargs)
-    if "attention_mask" in out:
-        out["attention_mask"] = None  # the row attention builds its mask from the original positions
-    if out.get("position_embeddings") is not None:
-        out["position_embeddings"] = tuple(gather_rows(t, positions) for t in out["position_embeddings"])
-    if isinstance(out.get("position_ids"), torch.Tensor):
-        out["position_ids"] = gather_rows(out["position_ids"][..., None], positions)[..., 0]
-    if "cache_position" in out:
-        out["cache_position"] = None
-    return out

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from memft.errors import UserError
-from memft.models.blocks import is_encoder, layer_stack
 from memft.registry import BuildContext, Patterns, Strategy, StrategyParams, register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class LcsbParams(StrategyParams):
@@ -68,33 +68,6 @@ def partition_layers(n_layers: int, groups: int, partition: str) -> list[list[in
     return [[i for i in range(n_layers) if i * groups // n_layers == g] for g in range(groups)]
 
 
-class _IdentityBackward(torch.autograd.Function):
-    """Returns `out` (computed without autograd) with the gradient of `h`: d result / d h = I.
-
-    Equal in value to `h + (out - h).detach()` but bit-identical to `out` (that sum would round) and
-    without allocating it. Saves nothing for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        # detach(): an alias of `out`, not a view autograd tracks, so a later in-place op stays legal
-        return out.detach()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
-def skip_backward(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`out` in value, identity in backward: the output of an unselected layer.
-
-    Args:
-        h: the layer's input hidden states `(batch, seq, hidden)`.
-        out: the layer's output computed under `torch.no_grad()`, same shape.
-    """
-    return _IdentityBackward.apply(h, out) if h.requires_grad else out
-
-
 @register
 class Lcsb(Strategy):
     name = "lcsb"
@@ -122,6 +95,8 @@ class Lcsb(Strategy):
         return groups if layers % groups == 0 else None
 
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module:
+        from memft.models.blocks import is_encoder, layer_stack
+
         layers = layer_stack(model)
         n, groups = len(layers), self.params.groups
         if groups > n:
@@ -156,6 +131,10 @@ class Lcsb(Strategy):
 
     def _gate(self, layer: nn.Module, index: int) -> None:
         """Wrap `layer.forward` so that, when its group is not selected, it runs without autograd."""
+        import torch
+
+        from memft.strategies.lcsb.skip import skip_backward
+
         if getattr(layer, "_lcsb_gated", False):
             raise UserError("`lcsb` was applied twice to the same model; list it once in `strategies`")
         inner = layer.forward  # bound: the class's forward (checkpointing-aware), or another strategy's wrapper
@@ -201,6 +180,8 @@ class Lcsb(Strategy):
     def after_backward(self, step: int) -> None:
         if not self.params.momentum_updates or self.selected is None:
             return
+        import torch
+
         for g, params in enumerate(self._group_params):
             if g == self.selected:
                 continue
