@@ -50,21 +50,32 @@ OverridesArg = Annotated[Optional[list[str]], typer.Argument(
     show_default=False)]
 
 
+def _other_rank() -> bool:
+    """A torchrun job's rank other than 0 (torchrun sets RANK)."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def handle_errors(fn):
-    """User mistakes -> one clear message and exit 2; a failed run -> message and exit 1."""
+    """User mistakes -> one clear message and exit 2; a failed run -> message and exit 1. In a torchrun job the
+    other ranks leave the messages every rank has (a recipe mistake, an interrupt) to rank 0 and prefix their own
+    failures with their rank."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        err_console.quiet = False
+        rank = f"rank {os.environ['RANK']}: " if _other_rank() else ""
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
+            err_console.quiet = bool(rank)
             err_console.print(f"error: {exc}", highlight=False, markup=False, style="red")
             raise typer.Exit(code=2) from None
         except RunFailed as exc:
-            err_console.print(f"run failed: {exc}", highlight=False, markup=False, style="red")
+            err_console.print(f"{rank}run failed: {exc}", highlight=False, markup=False, style="red")
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt as exc:
             # a training run says where it stopped and what it saved (memft.train.loop.RunInterrupted)
+            err_console.quiet = bool(rank)
             message = str(exc) or "interrupted (SIGINT) before finishing"
             err_console.print(message, highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(code=getattr(exc, "exit_code", 130)) from None
@@ -85,6 +96,9 @@ def train(
     overrides: OverridesArg = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the plan; do not train.")] = False,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory (overrides `output.dir`).")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Train in this many processes on this "
+                                                 "machine, one per GPU (re-launches under torchrun; see "
+                                                 "`distributed:` in the recipe).")] = None,
 ) -> None:
     """Fine-tune a model as a recipe says.
 
@@ -95,11 +109,21 @@ def train(
       memft train recipes/lora.yaml train.lr=1e-4 strategies.0.params.r=16
 
       memft train recipes/qlora.yaml --dry-run
+
+      memft train recipes/lora.yaml --nproc 4
     """
     from memft import recipe as recipe_mod
-    from memft.train.loop import RunInterrupted, Trainer
+    from memft.train import distributed
 
     r = recipe_mod.load(recipe, overrides or [])
+    if nproc is not None and not distributed.launched() and not dry_run:
+        from memft.train.launch import launch
+
+        distributed.check(r, nproc)
+        raise typer.Exit(code=launch(nproc, ["train", recipe, *(overrides or []),
+                                             *(["--output-dir", output_dir] if output_dir else [])], r))
+    from memft.train.loop import RunInterrupted, Trainer
+
     trainer = Trainer(r, run_dir=output_dir)
     if dry_run:
         import yaml
@@ -647,8 +671,9 @@ def _print_plan(trainer) -> None:
     d = trainer.data
     table.add_row("data", f"{d.source}"
                   + (f" ({d.dropped} dropped: nothing left to learn after truncation)" if d.dropped else ""))
-    table.add_row("steps", f"{trainer.total_steps} x {r.train.grad_accum} micro-batches of {r.train.batch_size}, "
-                           f"up to {r.data.max_length} tokens each")
+    per_rank = f" per rank x {trainer.ranks} ranks ({r.distributed.mode})" if trainer.ranks > 1 else ""
+    table.add_row("steps", f"{trainer.total_steps} x {r.train.grad_accum} micro-batches of {r.train.batch_size}"
+                           f"{per_rank}, up to {r.data.max_length} tokens each")
     table.add_row("output", str(trainer.run_dir))
     console.print(table)
 
@@ -744,6 +769,7 @@ def _quiet_libraries() -> None:
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
+    console.quiet = _other_rank()  # in a torchrun job rank 0 speaks for the job (see `handle_errors`)
     app()
 
 

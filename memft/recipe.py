@@ -337,6 +337,24 @@ class OutputConfig(Section):
         return value
 
 
+class DistributedConfig(Section):
+    """How several processes share the training, when torchrun starts them (`memft train RECIPE --nproc N`);
+    one process ignores it. See docs/distributed.md."""
+
+    mode: Literal["fsdp", "ddp"] = "fsdp"
+    """`fsdp`: parameters, gradients and optimizer state sharded over the ranks (FSDP2's `fully_shard` per decoder
+    layer), about 1/N each; `ddp`: every rank keeps whole weights and the gradients are all-reduced."""
+    cpu_offload: bool = False
+    """FSDP's CPU offload: sharded parameters, gradients and optimizer state live in host memory and the optimizer
+    steps there; each layer's weights come to the GPU for its forward and backward only."""
+    reshard_after_forward: bool = True
+    """Free each layer's gathered weights after its forward and gather them again for backward (less memory, one
+    more all-gather per layer); false keeps them from forward to backward."""
+    timeout_s: int = Field(default=600, ge=10)
+    """How long a collective may wait for the other ranks before the job stops with an error (a rank that died
+    or hangs), instead of waiting forever."""
+
+
 class WandbConfig(Section):
     project: str = "memft"
     """The Weights & Biases project the run is logged to."""
@@ -433,6 +451,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig | None = None
     """Benchmarks scored on the trained model at the end of the run, e.g. `{mmlu: {shots: 5}}`; the scores go to
     summary.json under `eval`, each full report to `eval_<name>.json` in the run directory."""

@@ -112,8 +112,11 @@ CASES = [  # (id, base strategy, lcsb params, model/dtype overrides, tolerance)
     # BERT is post-LayerNorm: in float32 the ulp-rounding of `h + (out - h)` alone moves a few gradient entries
     # by ~2e-5 (relative to the tensor's largest), so the float32 case uses the rounding-free form of the reference
     ("minilm-lora-f32-rounding-free", "{name: lora, params: {r: 4, alpha: 8}}", "{groups: 3}", MINILM, 1e-5),
-    # sequence classification on a decoder: the `score` head reads each row's last real token (padding)
-    ("stories-cls-qlora-f32", "{name: qlora, params: {r: 4, alpha: 8}}", "{groups: 2}", CLASSIFY, 1e-5),
+    # sequence classification on a decoder: the `score` head reads each row's last real token (padding). On CPUs
+    # with AVX-512, bitsandbytes computes a 4-bit matmul without autograd (LCSB's unselected layers) with its own
+    # fused kernel and with autograd (the reference) by dequantizing: float32 rounding that moved one gradient
+    # entry of 256 by 6.7e-5 relative; 1e-4 still catches a wrong gradient (a missing term is O(1))
+    ("stories-cls-qlora-f32", "{name: qlora, params: {r: 4, alpha: 8}}", "{groups: 2}", CLASSIFY, 1e-4),
 ]
 
 

@@ -107,6 +107,36 @@ def hidden_states(model: nn.Module, head: nn.Linear, inputs: dict) -> torch.Tens
     return captured[0]
 
 
+def head_loss(model: nn.Module, head: nn.Linear, inputs: dict, loss_fn):
+    """`loss_fn(hidden)`, run on the head's input (the final hidden states) at the head's call inside the model's
+    forward, the head itself projecting nothing (the model returns (B, 0, V) logits).
+
+    Inside the forward, the head's weight is the one the forward uses: FSDP has gathered the root's shards then
+    (`memft.train.distributed`), not after. The result's first tensor is also set as the forward's `loss` output,
+    before any wrapper's own forward hook runs, so a wrapper that hooks the outputs (FSDP gathers the root's
+    weights again at the start of their backward) sees it."""
+    results = []
+
+    def take(module, args):
+        results.append(loss_fn(args[0]))
+        return (args[0][..., :0, :],)
+
+    def attach(module, args, output):
+        if results:
+            output["loss"] = results[-1][0]
+        return output
+
+    handles = [head.register_forward_pre_hook(take), model.register_forward_hook(attach, prepend=True)]
+    try:
+        model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(results) != 1:
+        raise RuntimeError(f"the output head ran {len(results)} times in one forward; expected once")
+    return results[0]
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
                          ignore_index: int = -100) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of `head(hidden)` against `labels` (same leading shape; `ignore_index` skipped), and the

@@ -39,9 +39,9 @@ from memft.models.moe import ROUTER_AUX_ATTR, RouterAux, router_aux_coef
 from memft.outputs import check_writable_dir
 from memft.recipe import Recipe
 from memft.registry import BuildContext, LossOutput, at_least_float32
-from memft.train import checkpoint
+from memft.train import checkpoint, distributed
 from memft.train import lock as run_lock
-from memft.train.chunked_loss import hidden_states, linear_cross_entropy, linear_head
+from memft.train.chunked_loss import head_loss, linear_cross_entropy, linear_head
 from memft.train.meters import SavedTensorMeter, StepTimer, peak_memory
 from memft.train.optim import StepInBackward, build_optimizer, build_scheduler, clip_gradients
 from memft.train.trackers import Trackers
@@ -76,8 +76,7 @@ def _cross_entropy(model: torch.nn.Module, batch: dict, task: str) -> LossOutput
         # logits, spares a copy of the logits and a zero-filled gradient of their full shape.
         labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         if (head := linear_head(model)) is not None:  # never forms the B x S x V logits
-            loss_sum, count = linear_cross_entropy(hidden_states(model, head, inputs), head, labels)
-            return LossOutput(loss_sum, count)
+            return LossOutput(*head_loss(model, head, inputs, lambda hidden: linear_cross_entropy(hidden, head, labels)))
     logits = model(**inputs).logits
     loss_sum = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
@@ -223,6 +222,17 @@ class Trainer:
         """The dynamic loss scaler of `train.autocast: fp16`."""
         self.trackers: Trackers | None = None
         """TensorBoard / W&B while `train()` runs (`log.tensorboard`, `log.wandb`)."""
+        self.world: distributed.World | None = None
+        """This process's rank when torchrun started several (`setup()`); None in a single process."""
+
+    @property
+    def ranks(self) -> int:
+        return self.world.size if self.world is not None else 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files and logs (the only one, or rank 0)."""
+        return self.world is None or self.world.main
 
     # ------------------------------------------------------------------ setup
     def setup(self, *, for_training: bool = True) -> Trainer:
@@ -232,6 +242,9 @@ class Trainer:
         check_output_dir(self.run_dir)  # before the model loads, so a bad `output.dir` costs no waiting
         absolute_local_paths(r)  # the run's recipe.yaml then works from any working directory
         self.device = resolve_device(r.model.device)
+        self.world = distributed.join(r, self.device)  # None in one process; else this rank of a torchrun job
+        if self.world is not None:
+            self.device = self.world.device
         self.strategies = registry.compose(r)
 
         # the tokenizer comes first: data needs it, and classification data tells the head its size
@@ -245,9 +258,10 @@ class Trainer:
             raise UserError(f"`model.num_labels` is {r.model.num_labels} but the data has {self.data.num_labels} "
                             f"classes ({', '.join(map(str, self.data.label_names or []))}); raise it or leave it null")
 
-        self.batcher = Batcher(self.data.train, r.train.batch_size, self.pad_id, shuffle=r.data.shuffle,
-                               seed=r.train.seed)
-        self.eval_batcher = (Batcher(self.data.eval, r.train.batch_size, self.pad_id, shuffle=False, seed=0)
+        # several ranks read the same global micro-batches of batch_size x ranks rows, each its own rows of them
+        rows = r.train.batch_size * self.ranks
+        self.batcher = Batcher(self.data.train, rows, self.pad_id, shuffle=r.data.shuffle, seed=r.train.seed)
+        self.eval_batcher = (Batcher(self.data.eval, rows, self.pad_id, shuffle=False, seed=0)
                              if self.data.eval else None)
         micro_total = math.ceil(r.train.epochs * self.batcher.batches_per_epoch)
         self.total_steps = r.train.max_steps or max(1, micro_total // r.train.grad_accum)
@@ -300,6 +314,8 @@ class Trainer:
                            notes=self.notes)
         model = apply_strategies(model, self.strategies, ctx)
         self.model = model.to(self.device) if not load_kwargs.get("quantization_config") else model
+        if self.world is not None:  # before the optimizer, which must step the sharded parameters
+            self.world.shard(self.model, r)
         self.params = count_params(self.model)
         seed_everything(r.train.seed)  # after model building, which seeds with `model.seed`
         self.autocast = autocast_context(r, self.device)
@@ -329,8 +345,11 @@ class Trainer:
         """Lock the run directory (until `train()` ends), then resume from its newest usable checkpoint or
         start the run over."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # the lock comes first: a second run must not delete or read for writing anything of this one's
-        self._run_lock = run_lock.acquire(self.run_dir, self.notes)
+        # the lock comes first: a second run must not delete or read for writing anything of this one's (rank 0
+        # holds it for the whole job)
+        self._run_lock = run_lock.acquire(self.run_dir, self.notes) if self.main else None
+        if self.world is not None:
+            self.world.barrier()  # the others read the run directory only once rank 0 holds it
         try:
             self._resume_or_start()
         except BaseException:
@@ -349,7 +368,11 @@ class Trainer:
         found = self._resume_candidates(self.notes)
         if found:
             self._resume(found)
-        elif (self.run_dir / METRICS_FILE).exists():
+        if self.world is not None:
+            self.world.barrier()  # every rank has read the old recipe and checkpoint before rank 0 writes
+        if not self.main:
+            return
+        if not found and (self.run_dir / METRICS_FILE).exists():
             (self.run_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts over
         saved_recipe.write_text(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
         self._save_labels()
@@ -401,8 +424,9 @@ class Trainer:
         self.step, self.micro = state["step"], state["micro_batches"]
         if self.scaler is not None and "loss_scaler" in state:  # the scale and its growth count, for the same steps
             self.scaler.load_state_dict(state["loss_scaler"])
-        torn = _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
-        _truncate_metrics(self.run_dir / SAMPLES_FILE, self.step)
+        torn = _truncate_metrics(self.run_dir / METRICS_FILE, self.step) if self.main else 0
+        if self.main:
+            _truncate_metrics(self.run_dir / SAMPLES_FILE, self.step)
         if torn:
             self.notes.append(f"resume: dropped {torn} unreadable line(s) from {METRICS_FILE} (a crash mid-write "
                               "tears the last one)")
@@ -449,14 +473,15 @@ class Trainer:
         if self.step >= self.total_steps and (self.run_dir / SUMMARY_FILE).exists():
             return json.loads((self.run_dir / SUMMARY_FILE).read_text())  # already finished: nothing to do
         # SIGINT / SIGTERM ask to stop at the next step boundary, which saves the last step (see _stop_on_signals)
-        with self._stop_on_signals(), (self.run_dir / METRICS_FILE).open("a") as metrics, self._trackers():
+        metrics_file = (self.run_dir / METRICS_FILE).open("a") if self.main else nullcontext()  # rank 0 logs
+        with self._stop_on_signals(), metrics_file as metrics, self._trackers():
             timer, evaluation = StepTimer(self.device), {}
             losses, step_times, step_tokens, step_samples = [], [], [], []
             started = time.perf_counter()
             if self.step == 0 and (self.eval_batcher or r.log.samples):
                 self._evaluate_and_log(metrics)
             while self.step < self.total_steps:
-                if self.stop_signal:
+                if self._stop_asked():
                     self._stop_at_step_boundary()
                 timer.start()
                 window = [self._next_batch() for _ in range(r.train.grad_accum)]
@@ -479,14 +504,16 @@ class Trainer:
                     evaluation = self._evaluate_and_log(metrics)
                 if r.output.checkpoints and (last or (r.output.save_every and self.step % r.output.save_every == 0)):
                     self.save()
-                if progress:
+                if progress and self.main:
                     progress(self.step, self.total_steps, record["loss"], peak_memory(self.device)["peak_mem_bytes"])
-            if self.stop_signal:  # asked during the last step: it is saved, stop before the summary
+            if self._stop_asked():  # asked during the last step: it is saved, stop before the summary
                 self._stop_at_step_boundary()
         if not losses and self.eval_batcher:  # resumed at the last step: nothing trained, still report
             evaluation = self.evaluate()
         summary = self._summary(losses, step_times, step_tokens, step_samples, self.activation_bytes, evaluation,
                                 time.perf_counter() - started)
+        if not self.main:
+            return summary
         if r.eval:
             from memft.eval.run import evaluate_run
 
@@ -503,22 +530,30 @@ class Trainer:
         of it (`loss`, `lr`, `grad_norm`, `aux_loss` for MoE runs with the load-balancing loss)."""
         r = self.recipe
         self.model.train()
-        targets = sum(self._count_targets(b) for b in window)
+        targets = sum(self._count_targets(b) for b in window)  # of the global micro-batches, on every rank
         step_loss, step_aux = 0.0, None
         for batch in window:
+            weight = 1.0
+            if self.world is not None:  # this rank's rows; FSDP averages the gradients over the ranks
+                batch, real = self.world.rows(batch)
+                weight = self.world.size if real else 0.0
             # the activation meter watches the first forward of this process only: its bytes are per micro-batch
             meter = SavedTensorMeter(self.model) if self.activation_bytes is None else nullcontext()
             with meter, self.autocast:
                 out = self._loss(batch)
             # normalise by the targets of the whole accumulation window, not per micro-batch
             loss = out.loss_sum / max(targets, 1)
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            scaled = loss * weight if weight != 1.0 else loss
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             if self.activation_bytes is None:
                 self.activation_bytes = meter.bytes
-            step_loss += loss.item()  # a host-device sync point
+            step_loss += loss.item() * (weight > 0)  # a host-device sync point
             if out.aux_loss is not None:  # the load-balancing term, unweighted, averaged over the micro-batches
-                step_aux = (step_aux or 0.0) + out.aux_loss.item() / len(window)
-            del out, loss  # free the graph's outputs before the next micro-batch
+                step_aux = (step_aux or 0.0) + out.aux_loss.item() / len(window) * (weight > 0)
+            del out, loss, scaled  # free the graph's outputs before the next micro-batch
+        if self.world is not None:  # the job's loss: the ranks' parts summed; the aux loss: their mean
+            step_loss, aux = self.world.sum(step_loss, step_aux or 0.0)
+            step_aux = aux / self.world.size if step_aux is not None else None
         if not math.isfinite(step_loss):
             raise RunFailed(self._nonfinite_message(step_loss))
         for s in self.strategies:
@@ -545,7 +580,7 @@ class Trainer:
         # flush the gradients as soon as we can, no need for this memory anymore
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        norm = float(grad_norm)
+        norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
         return {"loss": step_loss, "lr": lr, "grad_norm": norm if math.isfinite(norm) else None, **scaled,
                 **({"aux_loss": step_aux} if step_aux is not None else {})}
 
@@ -575,6 +610,15 @@ class Trainer:
             self.stop_signal = signal.Signals(signum).name
             raise KeyboardInterrupt  # asked twice: do not wait for the step to finish
         self.stop_signal = signal.Signals(signum).name
+
+    def _stop_asked(self) -> bool:
+        """Whether to stop at this step boundary: a signal reached this process, or, in a torchrun job, any rank
+        (all of them stop at the same step, or the save that follows would wait on a rank still training)."""
+        asked = self.stop_signal is not None
+        if self.world is not None:
+            asked = self.world.max(float(asked))[0] > 0
+            self.stop_signal = self.stop_signal or ("SIGTERM" if asked else None)
+        return asked
 
     def _stop_at_step_boundary(self):
         """Save the last completed step (unless it is saved already) and raise `RunInterrupted`."""
@@ -634,6 +678,8 @@ class Trainer:
         with torch.random.fork_rng(devices=devices), self.autocast:
             rows = [{"step": self.step, "prompt": p, "reply": gen.complete(p, sampling).text} for p in cfg.prompts]
         self.model.train()
+        if not self.main:  # every rank generates (FSDP gathers the weights for each forward); rank 0 writes
+            return
         with (self.run_dir / SAMPLES_FILE).open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         if self.trackers is not None:
@@ -648,12 +694,17 @@ class Trainer:
         classify = self.recipe.model.task == "sequence_classification"
         n = self.eval_batcher.batches_per_epoch
         for i in range(min(n, self.recipe.train.eval_batches or n)):
-            batch = {k: v.to(self.device) for k, v in self.eval_batcher.batch(0, i).items()}
+            batch, real = {k: v.to(self.device) for k, v in self.eval_batcher.batch(0, i).items()}, True
+            if self.world is not None:  # each rank its rows; every rank runs every forward
+                batch, real = self.world.rows(batch)
             with self.autocast:
                 out = default_loss(self.model, batch, self.recipe.model.task)
-            total, count = total + out.loss_sum.item(), count + out.count
-            if classify:
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            if real:
+                total, count = total + out.loss_sum.item(), count + out.count
+                if classify:
+                    correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        if self.world is not None:
+            total, count, correct = self.world.sum(total, count, correct)
         self.model.train()
         result = {"eval_loss": total / max(count, 1)}
         if classify:
@@ -665,16 +716,23 @@ class Trainer:
                  "strategies": {s.name: s.state_dict() for s in self.strategies},
                  **({"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
         tensors = {f"{s.name}.{k}": v for s in self.strategies for k, v in s.tensor_state().items()}
+        if self.world is not None:  # every rank writes its shards (memft.train.dist_checkpoint)
+            from memft.train import dist_checkpoint as writer
+        else:
+            writer = checkpoint
         try:
-            return checkpoint.save(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, state=state, keep_last=self.recipe.output.keep_last,
-                                   tensors=tensors)
+            return writer.save(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, state=state, keep_last=self.recipe.output.keep_last,
+                               tensors=tensors)
         except checkpoint.NonFiniteState as exc:
             raise RunFailed(self._nonfinite_state_message(exc)) from None
 
     @contextmanager
     def _trackers(self):
         """TensorBoard / W&B for the run's records while it trains (`log.tensorboard`, `log.wandb`)."""
+        if not self.main:
+            yield
+            return
         self.trackers = Trackers(self.recipe, self.run_dir, self.step)
         try:
             yield
@@ -683,6 +741,8 @@ class Trainer:
             self.trackers = None
 
     def _log(self, file, record: dict) -> None:
+        if not self.main:
+            return
         file.write(json.dumps(record) + "\n")
         file.flush()
         if self.trackers is not None:
@@ -721,6 +781,13 @@ class Trainer:
         # the first step of a process pays for warm-up (allocator, kernels): leave it out of the rates
         skip = 1 if len(step_times) > 1 else 0
         timed, tokens, samples = step_times[skip:], tokens[skip:], samples[skip:]
+        memory = peak_memory(self.device)
+        ranks = {}
+        if self.world is not None:  # each rank's peak and share of the job's tokens/s; the peak is the largest
+            per_rank = self.world.gather({"rank": self.world.rank, **memory, "tokens_per_s":
+                                          sum(tokens) / sum(timed) / self.world.size if timed else None})
+            memory = {k: max(r[k] for r in per_rank) for k in memory}
+            ranks = {"world_size": self.world.size, "distributed": self.world.mode, "ranks": per_rank}
         return {
             "memft_version": memft.__version__,
             "strategies": [s.name for s in self.strategies],
@@ -738,7 +805,8 @@ class Trainer:
             "tokens_per_s": sum(tokens) / sum(timed) if timed else None,
             "samples_per_s": sum(samples) / sum(timed) if timed else None,
             "step_time_s": statistics.median(timed) if timed else None,
-            **peak_memory(self.device),
+            **memory,
+            **ranks,
             "activation_bytes": activation_bytes,
             "trainable_params": self.params["trainable_params"],
             "total_params": self.params["total_params"],

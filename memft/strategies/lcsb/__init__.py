@@ -86,7 +86,7 @@ class Lcsb(Strategy):
         self.selected: int | None = None
         """The group selected for the current step; None (before the first step): every layer is selected."""
         self._group_of: list[int] = []
-        self._group_params: list[list[nn.Parameter]] = []
+        self._layers: nn.ModuleList | None = None
 
     def depth_block(self, layers: int) -> int | None:
         # with G groups dividing the depth, G more layers add one layer to every group (contiguous or strided) and
@@ -109,8 +109,7 @@ class Lcsb(Strategy):
                 self._group_of[i] = g
         for i, layer in enumerate(layers):
             self._gate(layer, i)
-        self._group_params = [[p for i in members for p in layers[i].parameters() if p.requires_grad]
-                              for members in self.layer_groups]
+        self._layers = layers
         frozen = self._apply_always_train(model, layers)
 
         sizes = "/".join(str(len(m)) for m in self.layer_groups)
@@ -182,9 +181,10 @@ class Lcsb(Strategy):
             return
         import torch
 
-        for g, params in enumerate(self._group_params):
+        # the layers' parameters now, not at `apply`: FSDP replaces them with its sharded ones afterwards
+        for g, members in enumerate(self.layer_groups):
             if g == self.selected:
                 continue
-            for p in params:
+            for p in (p for i in members for p in self._layers[i].parameters()):
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)

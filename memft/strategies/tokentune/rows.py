@@ -11,7 +11,7 @@ from torch import nn
 from memft.data.batching import model_inputs
 from memft.models.blocks import gather_rows, unwrap
 from memft.registry import LossOutput, at_least_float32
-from memft.train.chunked_loss import linear_cross_entropy, linear_head
+from memft.train.chunked_loss import head_loss, linear_cross_entropy, linear_head
 
 
 def select_positions(attention_mask: torch.Tensor, *, tokens: int | None, fraction: float | None,
@@ -55,17 +55,18 @@ def select_positions(attention_mask: torch.Tensor, *, tokens: int | None, fracti
 def selected_loss(model: nn.Module, batch: dict, positions: torch.Tensor) -> LossOutput:
     """The cross-entropy of the next tokens at `positions` (B, k) only (`loss_on: selected`)."""
     inputs = model_inputs(batch)
-    decoder = unwrap(model).get_decoder()
-    # the final norm and the LM head see the selected rows only: no full (B, T, vocab) logits
-    hook = decoder.norm.register_forward_pre_hook(lambda m, args: (gather_rows(args[0], positions),))
+    targets = next_labels(batch["labels"]).gather(1, positions)
+    # the final norm and the LM head see the selected rows only: no full (B, T, vocab) logits. The whole model's
+    # forward runs (not its decoder alone), so wrappers of the model (FSDP) see the loss as its output.
+    norm = unwrap(model).get_decoder().norm
+    hook = norm.register_forward_pre_hook(lambda m, args: (gather_rows(args[0], positions),))
     try:
-        hidden = decoder(**inputs).last_hidden_state  # (B, k, D)
+        if (head := linear_head(unwrap(model))) is not None:  # not even the (B, k, vocab) logits
+            return LossOutput(*head_loss(model, head, inputs, lambda hidden: linear_cross_entropy(hidden, head,
+                                                                                                   targets)))
+        logits = model(**inputs).logits  # (B, k, vocab)
     finally:
         hook.remove()
-    targets = next_labels(batch["labels"]).gather(1, positions)
-    if (head := linear_head(unwrap(model))) is not None:  # not even the (B, k, vocab) logits
-        return LossOutput(*linear_cross_entropy(hidden, head, targets))
-    logits = unwrap(model).get_output_embeddings()(hidden)
     loss_sum = F.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction="sum")
     return LossOutput(loss_sum, int((targets != -100).sum()))

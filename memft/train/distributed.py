@@ -1,0 +1,191 @@
+"""Several processes, one per device, launched by torchrun: the same recipe, with PyTorch's FSDP2.
+
+`memft train RECIPE --nproc N` re-launches itself as `torchrun --nproc_per_node N -m memft train RECIPE`; torchrun
+(one node or several, through its usual variables) starts one process per device, and `join()` turns its
+environment into a `World`. Each process then trains the same model with its weights managed by `fully_shard`
+(`torch.distributed.fsdp`), one unit per decoder layer and one for the rest:
+
+- `distributed.mode: fsdp` shards parameters, gradients and optimizer state over the ranks (about 1/N each);
+  a layer's weights are all-gathered for its forward and backward and freed again after.
+- `distributed.mode: ddp` keeps every weight whole on every rank and all-reduces the gradients: DDP's
+  semantics, through the same engine (a mesh whose shard dimension has size 1), so both modes share the
+  checkpoints, the state dicts and the loop.
+
+Exactness: every rank reads the same global micro-batch of `train.batch_size x world size` rows (the batcher's
+seeded order), lets the strategies draw on it whole (TokenTune's tokens per sequence, LCSB's group per step: the
+same draws as one process would make) and then keeps its own rows. The loss is each rank's sum over the global
+count of targets, so the gradients FSDP averages over the ranks are those of one process taking the whole
+micro-batch (tests/test_distributed.py: float64, 1e-10).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from memft.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from memft.recipe import Recipe
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+"""What torchrun sets for every process it starts."""
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting its variables)."""
+    return all(v in os.environ for v in LAUNCH_VARIABLES)
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """Why `recipe` cannot train in several processes, one sentence each (empty: it can)."""
+    t, names = recipe.train, {s.name for s in recipe.strategies}
+    mode = recipe.distributed.mode
+    out = []
+    if "revffn" in names:
+        out.append("`revffn` rebuilds each layer's input inside one autograd function that spans the whole layer "
+                   "stack, where FSDP's per-layer gathers and gradient reductions cannot run; train it in one "
+                   "process, or use `full` with `train.gradient_checkpointing: true` across several")
+    if "meft" in names:
+        out.append("`meft` keeps its adapter and that adapter's optimizer in this process's host memory, outside "
+                   "the model FSDP shards, so each rank would step its own copy; train it in one process")
+    if t.optimizer_in_backward:
+        out.append("`train.optimizer_in_backward` steps each weight inside backward, before FSDP has reduced its "
+                   "gradient over the ranks; set it to false (sharding already spreads the gradients and optimizer "
+                   "state over the ranks)")
+    if t.optimizer_state == "host":
+        out.append("`train.optimizer_state: host` steps memft's own host copies, which FSDP's shards bypass; use "
+                   "`distributed.cpu_offload: true` (FSDP keeps parameters, gradients and optimizer state in host "
+                   "memory and steps there) instead")
+    if t.autocast == "fp16":
+        out.append("`train.autocast: fp16` needs a loss scaler that agrees over the ranks whether a gradient "
+                   "overflowed, which memft does not have yet; use `train.autocast: bf16`")
+    if recipe.eval is not None:
+        out.append("`eval:` scores the trained model at the end in one process; leave it out and run `memft eval "
+                   "RUN_DIR ...` on the finished run instead")
+    if mode == "fsdp" and t.optimizer == "adamw_8bit":
+        out.append("`train.optimizer: adamw_8bit` (bitsandbytes) steps whole tensors, not FSDP's shards; use "
+                   "`train.optimizer: adamw` (its state is sharded over the ranks already) or `distributed.mode: ddp`")
+    if mode == "fsdp" and t.precision == "bf16_stochastic_rounding":
+        out.append("`train.precision: bf16_stochastic_rounding` draws its rounding noise per whole tensor, which "
+                   "FSDP's shards would not reproduce; use `train.precision: model` or `distributed.mode: ddp`")
+    return out
+
+
+def check(recipe: Recipe, world_size: int) -> None:
+    """Refuse, in one message, a recipe that cannot train in `world_size` processes."""
+    found = problems(recipe) if world_size > 1 else []
+    if found:
+        raise UserError(f"this recipe cannot train in {world_size} processes: " + "; ".join(found))
+
+
+@dataclass
+class World:
+    """This process's place among the ranks of a torchrun job, and the collectives the loop needs."""
+
+    rank: int
+    size: int
+    local_rank: int
+    mode: str
+    """`fsdp` or `ddp` (see the module docstring)."""
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs, writes the run's files and draws progress."""
+        return self.rank == 0
+
+    def rows(self, batch: dict) -> tuple[dict, bool]:
+        """This rank's rows of a global micro-batch, and whether they are real. Rank r keeps rows r*k ... where
+        k = ceil(rows / size); a rank left without rows (a short last batch) gets the first row as a stand-in
+        whose loss the caller multiplies by zero: every rank must run the same forwards and backwards."""
+        n = next(iter(batch.values())).size(0)
+        per = -(-n // self.size)
+        start = self.rank * per
+        real = start < n
+        picked = slice(start, min(start + per, n)) if real else slice(0, 1)
+        return {k: v[picked] for k, v in batch.items()}, real
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over the ranks (float64 on the host: gloo and NCCL both reduce it exactly)."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, *values: float) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def gather(self, record: dict) -> list[dict]:
+        """Every rank's `record` (small, JSON-like), in rank order, on every rank."""
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        dist.all_gather_object(out, record)
+        return out
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def shard(self, model: nn.Module, recipe: Recipe) -> nn.Module:
+        """`fully_shard` each decoder layer, then the model (its embeddings, final norm and head, tied or not, in
+        the root unit). In place; the optimizer must be built after, over the sharded parameters."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        from memft.models.blocks import layer_stack
+
+        cfg = recipe.distributed
+        if self.mode == "ddp":  # every weight whole on every rank, gradients all-reduced over the ranks
+            mesh = init_device_mesh(self.device.type, (self.size, 1), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh(self.device.type, (self.size,), mesh_dim_names=("shard",))
+        kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward,
+                  "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()}
+        for layer in layer_stack(model):
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def join(recipe: Recipe, device: torch.device) -> World | None:
+    """Start this process's part of a torchrun job (None when not launched by one). `device`: what
+    `model.device` resolved to; on CUDA each process takes the GPU of its local rank."""
+    if not launched():
+        return None
+    import torch
+    import torch.distributed as dist
+
+    rank, size, local = (int(os.environ[v]) for v in LAUNCH_VARIABLES)
+    check(recipe, size)
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"this node runs {os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes but sees "
+                            f"{torch.cuda.device_count()} GPU(s); lower `--nproc` (torchrun's `--nproc_per_node`)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=recipe.distributed.timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return World(rank=rank, size=size, local_rank=local, mode=recipe.distributed.mode, device=device)

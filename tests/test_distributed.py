@@ -1,0 +1,129 @@
+"""Several processes (torchrun, gloo on the CPU) train what one process trains with the same global batch.
+
+Two ranks with `train.batch_size: 2` each read the rows one process with `batch_size: 4` reads; their loss
+trajectory, gradient norms and evaluation equal it (float64, 1e-10) for full fine-tuning (FSDP and DDP), LoRA (with
+checkpointing and accumulation), TokenTune, LCSB and a MoE model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memft import recipe as recipe_mod
+from memft.errors import UserError
+from memft.train import distributed
+from memft.train.loop import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "quickstart.yaml")
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+BASE = ["model.name=tiny-llama", "model.dtype=float64", "model.device=cpu", "data.max_length=128",
+        "train.max_steps=3", "train.warmup_steps=0", "train.lr=3e-3", "train.eval_every=3", "train.eval_batches=2",
+        "output.checkpoints=false", "output.plot=false"]
+CASES = {
+    "full-fsdp": ["distributed.mode=fsdp"],
+    "full-ddp": ["distributed.mode=ddp"],
+    "lora-checkpointing-accumulation": ["strategies=[{name: lora, params: {r: 4}}]", "train.gradient_checkpointing=true",
+                                        "train.grad_accum=2"],
+    "tokentune": ["strategies=[{name: full}, {name: tokentune, params: {fraction: 0.5}}]"],
+    "lcsb": ["strategies=[{name: full}, {name: lcsb, params: {groups: 2}}]"],
+    "moe": ["model.name=tiny-olmoe", "train.router_aux_loss=off"],
+}
+RANKS = 2
+
+
+def torchrun(script_args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ...` (a free port of its own), failing instead of hanging."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={RANKS}", *script_args],
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    cases = [{"recipe": RECIPE, "overrides": [*BASE, *extra, "train.batch_size=2"], "dir": str(root / name)}
+             for name, extra in CASES.items()]
+    done = torchrun([str(SCRIPTS / "train_matrix.py"), json.dumps(cases)])
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
+def single_process(run_dir: Path, extra: list[str]) -> Path:
+    recipe = recipe_mod.load(RECIPE, [*BASE, *extra, f"train.batch_size={2 * RANKS}"])
+    trainer = Trainer(recipe, run_dir=run_dir)
+    trainer.setup()
+    trainer.train()
+    return run_dir
+
+
+def close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-10 * max(abs(b), 1.0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_train_what_one_process_trains_with_the_same_global_batch(case, sharded_runs, tmp_path):
+    got = records(sharded_runs / case)
+    want = records(single_process(tmp_path / "one", CASES[case]))
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for mine, ref in zip(got, want):
+        for key in ("loss", "grad_norm", "eval_loss", "lr"):
+            assert (key in mine) == (key in ref), (case, key)
+            if key in ref:
+                assert close(mine[key], ref[key]), (case, mine["step"], key, mine[key], ref[key])
+    summary = json.loads((sharded_runs / case / "summary.json").read_text())
+    assert summary["world_size"] == RANKS and [r["rank"] for r in summary["ranks"]] == [0, 1]
+    assert summary["peak_mem_bytes"] == max(r["peak_mem_bytes"] for r in summary["ranks"])
+
+
+def test_rows_split_a_global_batch_and_a_rank_without_rows_gets_a_zero_weight_stand_in():
+    import torch
+
+    batch = {"input_ids": torch.arange(6).reshape(3, 2), "labels": torch.arange(6).reshape(3, 2)}
+    worlds = [distributed.World(rank=r, size=2, local_rank=r, mode="fsdp", device=torch.device("cpu"))
+              for r in range(2)]
+    (a, real_a), (b, real_b) = (w.rows(batch) for w in worlds)
+    assert real_a and real_b
+    assert torch.equal(torch.cat([a["input_ids"], b["input_ids"]]), batch["input_ids"])
+    one = {k: v[:1] for k, v in batch.items()}
+    stand_in, real = worlds[1].rows(one)
+    assert not real and torch.equal(stand_in["input_ids"], one["input_ids"])
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["strategies=[{name: full}, {name: revffn}]", "model.name=tiny-olmoe"], "`revffn` rebuilds"),
+    (["train.optimizer_in_backward=true", "train.max_grad_norm=null"], "`train.optimizer_in_backward`"),
+    (["train.optimizer_state=host"], "`distributed.cpu_offload: true`"),
+    (["train.optimizer=adamw_8bit"], "`distributed.mode: ddp`"),
+])
+def test_what_cannot_be_sharded_is_refused_with_a_reason(extra, says):
+    recipe = recipe_mod.load(RECIPE, [*BASE, *extra])
+    with pytest.raises(UserError, match="cannot train in 2 processes") as err:
+        distributed.check(recipe, 2)
+    assert says in str(err.value)
+    distributed.check(recipe, 1)  # one process: all of it works
+
+
+def test_nproc_runs_the_same_command_under_torchrun_and_rank_0_alone_speaks(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "memft", "train", RECIPE, *BASE, "train.batch_size=2",
+                           f"output.dir={run}", "--nproc", "2"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Plan") == 1 and done.stdout.count("Done:") == 1  # not once per rank
+    assert "per rank x 2 ranks (fsdp)" in done.stdout
+    lines = records(run)  # written once, not once per rank
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in lines if "eval_loss" in r] == [0, 3]
