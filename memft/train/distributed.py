@@ -168,6 +168,39 @@ class World:
             dist.destroy_process_group()
 
 
+def lost_rank(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank is gone or stuck (killed, crashed, past
+    `distributed.timeout_s`): NCCL raises `DistError`s, gloo a RuntimeError naming its transport."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in ("gloo", "Connection reset", "Connection closed",
+                                                                      "Timed out", "timed out"))
+
+
+def state_bytes(model: nn.Module, optimizer) -> dict[str, int]:
+    """What this rank itself stores of the weights and the optimizer state: its shards' bytes (a DTensor's local
+    tensor), each storage once. FSDP divides both by about the world size; `ddp` keeps them whole."""
+    import torch
+
+    seen: set = set()
+
+    def local(tensors) -> int:
+        total = 0
+        for t in tensors:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    moments = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return {"weight_bytes": local(model.parameters()), "optimizer_state_bytes": local(moments)}
+
+
 def join(recipe: Recipe, device: torch.device) -> World | None:
     """Start this process's part of a torchrun job (None when not launched by one). `device`: what
     `model.device` resolved to; on CUDA each process takes the GPU of its local rank."""

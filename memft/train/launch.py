@@ -49,12 +49,18 @@ def launch(nproc: int, argv: list[str], recipe: Recipe) -> int:
 
 
 def _exit_code(failures: dict) -> int:
-    """Rank 0's exit code when it failed (its own message said why); else say which rank stopped the job."""
-    if 0 in failures and failures[0].exitcode > 0:
-        return failures[0].exitcode
-    rank, failure = min(failures.items(), key=lambda kv: kv[1].timestamp)
+    """The exit code of the rank that failed first: rank 0's own (its message said why), or 1 with a sentence
+    saying which other rank stopped the job (the others then fail waiting for it)."""
+    # the launcher stops the other ranks with SIGTERM once one failed: theirs is not the cause
+    causes = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    rank, failure = min(causes.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
     code = failure.exitcode
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    if rank == 0 and code > 0:
+        return code
+    try:
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    except ValueError:
+        how = f"was killed by signal {-code}"
     print(f"run failed: rank {rank} {how}, which stopped the job; rerun the same command to resume from the last "
           "checkpoint", file=sys.stderr)
     return 1

@@ -421,7 +421,8 @@ class Trainer:
             damaged = sorted(rejected + checkpoint.survey(self.run_dir)[1], key=lambda d: d[0].name, reverse=True)
             raise checkpoint.unusable_error(self.run_dir / checkpoint.CHECKPOINTS_DIR, damaged)
         self._apply_train_settings(old["train"]["lr"] if old else r.train.lr)
-        self.step, self.micro = state["step"], state["micro_batches"]
+        self.step = state["step"]
+        self.micro = self._micro_batches_now(state["micro_batches"], state.get("rows_per_micro_batch"), ckpt)
         if self.scaler is not None and "loss_scaler" in state:  # the scale and its growth count, for the same steps
             self.scaler.load_state_dict(state["loss_scaler"])
         torn = _truncate_metrics(self.run_dir / METRICS_FILE, self.step) if self.main else 0
@@ -432,6 +433,21 @@ class Trainer:
                               "tears the last one)")
         self.notes.append(f"resumed from {ckpt} at step {self.step}" + (
             "; the run already finished, nothing to do" if self.step >= self.total_steps else ""))
+
+    def _micro_batches_now(self, micro: int, rows: int | None, ckpt: Path) -> int:
+        """The micro-batches read so far, in this run's batches: a checkpoint written with another number of ranks
+        (or batch size) counted batches of another size. Resuming 2 ranks of 2 rows in 1 process with 2 micro-batches
+        of 2 rows continues at the same example; a position between two of the new batches is refused."""
+        now = self.batcher.batch_size
+        if rows is None or rows == now:
+            return micro
+        before = -(-len(self.batcher.examples) // rows)  # that run's batches per epoch (the last one may be short)
+        epoch, index = divmod(micro, before)
+        if index * rows % now:
+            raise UserError(f"checkpoint {ckpt.name} stopped after {index * rows} examples of epoch {epoch}, read "
+                            f"{rows} at a time; batches of {now} (`train.batch_size` x ranks) cannot continue there: "
+                            f"choose a batch size x ranks that divides {index * rows}")
+        return epoch * self.batcher.batches_per_epoch + index * rows // now
 
     def plan_resume(self) -> UserError | None:
         """For `--dry-run`: add a `resume:` line to the plan saying whether a real start would start fresh,
@@ -480,32 +496,35 @@ class Trainer:
             started = time.perf_counter()
             if self.step == 0 and (self.eval_batcher or r.log.samples):
                 self._evaluate_and_log(metrics)
-            while self.step < self.total_steps:
-                if self._stop_asked():
-                    self._stop_at_step_boundary()
-                timer.start()
-                window = [self._next_batch() for _ in range(r.train.grad_accum)]
-                window = [self._on_step_start(b) for b in window]
-                record = self._optimizer_step(window)
+            with self._when_a_rank_is_lost():
+                while self.step < self.total_steps:
+                    if self._stop_asked():
+                        self._stop_at_step_boundary()
+                    timer.start()
+                    window = [self._next_batch() for _ in range(r.train.grad_accum)]
+                    window = [self._on_step_start(b) for b in window]
+                    record = self._optimizer_step(window)
 
-                tokens = sum(count_tokens(b) for b in window)
-                samples = sum(b["input_ids"].size(0) for b in window)
-                rates = timer.stop(tokens=tokens, samples=samples)
-                step_times.append(rates["step_time_s"])
-                step_tokens.append(tokens)
-                step_samples.append(samples)
-                losses.append(record["loss"])
-                if self.step % r.log.every == 0 or self.step == self.total_steps:
-                    self._log(metrics, {"step": self.step, **record, **rates, **peak_memory(self.device),
-                                        **self._strategy_metrics()})
-                last = self.step == self.total_steps
-                if (self.eval_batcher or r.log.samples) and (last or (r.train.eval_every
-                                                                      and self.step % r.train.eval_every == 0)):
-                    evaluation = self._evaluate_and_log(metrics)
-                if r.output.checkpoints and (last or (r.output.save_every and self.step % r.output.save_every == 0)):
-                    self.save()
-                if progress and self.main:
-                    progress(self.step, self.total_steps, record["loss"], peak_memory(self.device)["peak_mem_bytes"])
+                    tokens = sum(count_tokens(b) for b in window)
+                    samples = sum(b["input_ids"].size(0) for b in window)
+                    rates = timer.stop(tokens=tokens, samples=samples)
+                    step_times.append(rates["step_time_s"])
+                    step_tokens.append(tokens)
+                    step_samples.append(samples)
+                    losses.append(record["loss"])
+                    if self.step % r.log.every == 0 or self.step == self.total_steps:
+                        self._log(metrics, {"step": self.step, **record, **rates, **peak_memory(self.device),
+                                            **self._strategy_metrics()})
+                    last = self.step == self.total_steps
+                    if (self.eval_batcher or r.log.samples) and (last or (r.train.eval_every
+                                                                          and self.step % r.train.eval_every == 0)):
+                        evaluation = self._evaluate_and_log(metrics)
+                    if r.output.checkpoints and (last or (r.output.save_every
+                                                          and self.step % r.output.save_every == 0)):
+                        self.save()
+                    if progress and self.main:
+                        progress(self.step, self.total_steps, record["loss"],
+                                 peak_memory(self.device)["peak_mem_bytes"])
             if self._stop_asked():  # asked during the last step: it is saved, stop before the summary
                 self._stop_at_step_boundary()
         if not losses and self.eval_batcher:  # resumed at the last step: nothing trained, still report
@@ -583,6 +602,22 @@ class Trainer:
         norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
         return {"loss": step_loss, "lr": lr, "grad_norm": norm if math.isfinite(norm) else None, **scaled,
                 **({"aux_loss": step_aux} if step_aux is not None else {})}
+
+    @contextmanager
+    def _when_a_rank_is_lost(self):
+        """In a torchrun job, a collective that fails because another rank died or hangs (past
+        `distributed.timeout_s`) stops this rank with one sentence instead of a traceback."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if self.world is None or not distributed.lost_rank(exc):
+                raise
+            last = checkpoint.latest(self.run_dir) if self.recipe.output.checkpoints else None
+            resume = (f"rerun the same command to resume from {last}" if last is not None
+                      else "no checkpoint was written yet: rerun the same command to start over")
+            raise RunFailed(f"rank {self.world.rank} lost the other ranks in step {self.step + 1}: one of them "
+                            f"stopped, was killed or did not answer within `distributed.timeout_s` "
+                            f"({self.recipe.distributed.timeout_s} s); {resume}") from None
 
     @contextmanager
     def _stop_on_signals(self):
@@ -712,7 +747,7 @@ class Trainer:
         return result
 
     def save(self) -> Path:
-        state = {"step": self.step, "micro_batches": self.micro,
+        state = {"step": self.step, "micro_batches": self.micro, "rows_per_micro_batch": self.batcher.batch_size,
                  "strategies": {s.name: s.state_dict() for s in self.strategies},
                  **({"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
         tensors = {f"{s.name}.{k}": v for s in self.strategies for k, v in s.tensor_state().items()}
@@ -785,7 +820,8 @@ class Trainer:
         ranks = {}
         if self.world is not None:  # each rank's peak and share of the job's tokens/s; the peak is the largest
             per_rank = self.world.gather({"rank": self.world.rank, **memory, "tokens_per_s":
-                                          sum(tokens) / sum(timed) / self.world.size if timed else None})
+                                          sum(tokens) / sum(timed) / self.world.size if timed else None,
+                                          **distributed.state_bytes(self.model, self.optimizer)})
             memory = {k: max(r[k] for r in per_rank) for k in memory}
             ranks = {"world_size": self.world.size, "distributed": self.world.mode, "ranks": per_rank}
         return {
@@ -911,7 +947,7 @@ _MAY_CHANGE_ON_RESUME = (
     "train.lr", "train.betas", "train.weight_decay", "train.schedule", "train.warmup_steps", "train.max_steps",
     "train.epochs", "train.max_grad_norm", "train.grad_accum", "train.gradient_checkpointing", "train.autocast",
     "train.router_aux_loss", "train.router_aux_loss_coef", "train.eval_every", "train.eval_batches",
-    "output", "log", "eval",
+    "output", "log", "eval", "distributed",
 )
 
 

@@ -1,0 +1,78 @@
+"""One process against two ranks on the CPU (issue 19): step time, peak memory and the state each rank stores.
+
+Model: the built-in tiny-llama widened to hidden 768, 6 layers, intermediate 2048, a 32,000-token vocabulary (81M
+parameters, untied head), float32, full fine-tuning with AdamW; the quickstart's GSM8K sample at up to 256 tokens,
+a global micro-batch of 4 rows (one process: 4 rows; two ranks: 2 rows each, the same rows), `--steps` steps.
+Each configuration is one `memft train` command, run one after the other on the same machine:
+
+- `1 process`: `memft train ...` (all the cores);
+- `2 ranks, fsdp` / `2 ranks, ddp`: `memft train ... --nproc 2` (each rank half the cores).
+
+Reported from each run's summary.json: the median step time (the first step left out) and tokens/s of the job, and
+per rank its peak RSS and what it stores itself of the weights and the AdamW moments (its shards' bytes). On two
+cores the ranks share the machine, so the step time shows the cost of the collectives and of splitting the cores,
+not a speed-up; the stored bytes show what sharding saves (FSDP: about half each).
+Writes benchmarks/results/distributed.json.
+
+Usage:
+    python benchmarks/distributed.py --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "distributed.json"
+WIDE_LLAMA = ("{hidden_size: 768, num_hidden_layers: 6, intermediate_size: 2048, num_attention_heads: 12, "
+              "num_key_value_heads: 12, vocab_size: 32000}")
+CONFIGS = {"1 process": (1, None), "2 ranks, fsdp": (2, "fsdp"), "2 ranks, ddp": (2, "ddp")}
+
+
+def run(name: str, steps: int, work: Path) -> dict:
+    ranks, mode = CONFIGS[name]
+    run_dir = work / name.replace(" ", "_").replace(",", "")
+    args = [sys.executable, "-m", "memft", "train", str(ROOT / "recipes" / "quickstart.yaml"),
+            "model.name=tiny-llama", f"model.config_overrides={WIDE_LLAMA}", "model.device=cpu",
+            "data.max_length=256", f"train.batch_size={4 // ranks}", f"train.max_steps={steps}",
+            "train.eval_every=null", "output.checkpoints=false", "output.plot=false", "log.progress=false",
+            f"output.dir={run_dir}"]
+    if ranks > 1:
+        args += [f"distributed.mode={mode}", "--nproc", str(ranks)]
+    subprocess.run(args, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                   stdout=subprocess.DEVNULL)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row = {"config": name, "step_time_s": summary["step_time_s"], "tokens_per_s": summary["tokens_per_s"],
+           "total_params": summary["total_params"]}
+    if ranks == 1:
+        row["ranks"] = [{"rank": 0, "peak_mem_bytes": summary["peak_mem_bytes"]}]
+    else:
+        row["ranks"] = summary["ranks"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run(name, args.steps, Path(tmp)) for name in CONFIGS]
+    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "load_1min": os.getloadavg()[0], "steps": args.steps, "rows": rows}
+    OUT.write_text(json.dumps(result, indent=1))
+    for row in rows:
+        print(row["config"], f"{row['step_time_s']:.2f} s/step", f"{row['tokens_per_s']:.0f} tok/s",
+              [(r["rank"], round(r["peak_mem_bytes"] / 2**20), round(r.get("weight_bytes", 0) / 2**20),
+                round(r.get("optimizer_state_bytes", 0) / 2**20)) for r in row["ranks"]])
+
+
+if __name__ == "__main__":
+    main()
