@@ -31,6 +31,12 @@ a note; `load()` raises `CheckpointDamaged` for what only reading the data shows
 When step dirs exist but none is usable, `latest()` refuses with a sentence: memft never deletes a
 user's checkpoints to get past damage (`_prune` removes damaged ones only when it writes a new one).
 
+Sharded checkpoints: a torchrun job writes its checkpoints with `memft.train.dist_checkpoint.save`, each rank
+its own shards (`model/`, `optimizer/`, `rng/` in the step dir; its docstring has the layout), with the same
+atomicity, finiteness and damage rules. Their `state.json` says `"sharded": true`; `check`, `usable`, `survey`,
+`latest`, `is_finite`, `load_tensors` and `load` take such a dir as they take the one above (`load` hands it to
+`dist_checkpoint.load`, which restores it in one process or in a job of any number of ranks).
+
 Safety: only safetensors and JSON are read back; nothing that can run code on load.
 """
 
@@ -54,6 +60,7 @@ from torch import nn
 from memft.errors import RunFailed, UserError
 
 FORMAT_VERSION = 1
+"""The `format_version` `save` writes; sharded checkpoints (`dist_checkpoint`) are version 2."""
 CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
@@ -263,7 +270,8 @@ def _checked_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def check(ckpt_dir: Path) -> dict[str, Any]:
     """The checkpoint's state.json after a cheap check of every file: each JSON file parses and each
-    safetensors header is whole (safetensors compares it with the file size, so a truncated file fails).
+    safetensors header is whole (safetensors compares it with the file size, so a truncated file fails);
+    in a sharded checkpoint, also that the shards hold every tensor whole (`dist_checkpoint.shard_problem`).
     Tensor values are not read; `load` checks those.
 
     Raises:
@@ -281,6 +289,12 @@ def check(ckpt_dir: Path) -> dict[str, Any]:
                 json.loads(path.read_text())
         except _READ_ERRORS as exc:
             raise CheckpointDamaged(ckpt_dir, f"{name} is damaged ({exc})") from None
+    if meta.get("sharded"):
+        from memft.train import dist_checkpoint
+
+        why = dist_checkpoint.shard_problem(ckpt_dir, meta)
+        if why is not None:
+            raise CheckpointDamaged(ckpt_dir, why)
     return meta
 
 
@@ -504,6 +518,11 @@ def is_finite(ckpt_dir: Path) -> bool:
 
     Older memft could write a checkpoint with NaN weights; `save` now refuses to."""
     ckpt_dir = Path(ckpt_dir)
+    meta = _read_meta(ckpt_dir)
+    if meta is not None and meta.get("sharded"):
+        from memft.train import dist_checkpoint
+
+        return dist_checkpoint.is_finite(ckpt_dir, meta)
     try:
         return not any(_nonfinite(load_file(ckpt_dir / name))
                        for name in (TRAINABLE_FILE, OPTIMIZER_TENSORS_FILE, STRATEGY_TENSORS_FILE)
@@ -584,6 +603,7 @@ def load(
     Build `model`, `optimizer` and `scheduler` exactly as for the original run (same strategy, same
     parameter order) before calling. `optimizer` / `scheduler` may be None to restore weights only.
     Every file is read and checked before anything is restored, so a damaged checkpoint changes nothing.
+    A sharded checkpoint goes to `dist_checkpoint.load` (in a torchrun job, every rank must call this then).
 
     Raises:
         CheckpointDamaged: a file is damaged or missing, a key is missing, or a value is not finite;
@@ -596,6 +616,10 @@ def load(
         meta = _checked_meta(ckpt_dir)
     except CheckpointDamaged as exc:
         raise CheckpointDamaged(ckpt_dir, f"not a complete memft checkpoint: {exc.reason}") from None
+    if meta.get("sharded"):
+        from memft.train import dist_checkpoint
+
+        return dist_checkpoint.load(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
     if meta["format_version"] > FORMAT_VERSION:
         raise UserError(
             f"checkpoint {ckpt_dir} has format version {meta['format_version']}, newer than this memft "
