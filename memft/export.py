@@ -57,7 +57,12 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     originals = experts_by_weight(model)  # before the strategies wrap them
     for s in registry.compose(recipe):
         model = s.apply(model, ctx)
-    weights = load_file(str(ckpt / checkpoint.TRAINABLE_FILE))
+    if checkpoint.check(ckpt).get("sharded"):  # written by the ranks of a torchrun job: gather its shards
+        from memft.train.dist_checkpoint import consolidated_trainable
+
+        weights = consolidated_trainable(ckpt)
+    else:
+        weights = load_file(str(ckpt / checkpoint.TRAINABLE_FILE))
     missing, unexpected = _load_by_name(model, weights)
     if missing or unexpected:
         raise UserError(f"checkpoint {ckpt} does not match the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}")

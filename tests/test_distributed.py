@@ -194,3 +194,29 @@ def test_a_killed_rank_stops_the_job_and_the_run_resumes_on_two_ranks_or_one_to_
         got = {r["step"]: r["loss"] for r in step_lines(resumed)}
         assert got.keys() == want.keys()
         assert all(close(got[k], want[k], 1e-10) for k in want), resumed.name
+
+    # the sharded run exports to the model the single-process run exports
+    from safetensors.torch import load_file
+
+    from memft.export import export_run
+    from memft.train import checkpoint
+
+    assert checkpoint.check(checkpoint.latest(run))["sharded"]
+    exported = [load_file(str(export_run(r, tmp_path / f"export-{r.name}") / "model.safetensors"))
+                for r in (run, reference)]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch_close(exported[0][k], exported[1][k]) for k in exported[1])
+
+    # a single process's checkpoint is not resharded into a job: one sentence, exit 2
+    refused = subprocess.run([sys.executable, "-m", "memft", "train", RECIPE, *BASE, *steps, "train.batch_size=4",
+                              f"output.dir={reference}", "--nproc", "2"], env=env, capture_output=True, text=True,
+                             timeout=600, cwd=ROOT)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "was written by one process; resume it in one process" in refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stderr.count("error:") == 1
+
+
+def torch_close(a, b) -> bool:
+    import torch
+
+    return bool(torch.allclose(a, b, rtol=1e-10, atol=1e-12))

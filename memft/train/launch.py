@@ -49,14 +49,15 @@ def launch(nproc: int, argv: list[str], recipe: Recipe) -> int:
 
 
 def _exit_code(failures: dict) -> int:
-    """The exit code of the rank that failed first: rank 0's own (its message said why), or 1 with a sentence
-    saying which other rank stopped the job (the others then fail waiting for it)."""
+    """The job's exit code. A rank killed by a signal stopped the job: say which (1). Otherwise rank 0's own
+    code, its message already printed (2 for a mistake in the input, which every rank found alike)."""
     # the launcher stops the other ranks with SIGTERM once one failed: theirs is not the cause
     causes = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
-    rank, failure = min(causes.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+    killed = {r: f for r, f in causes.items() if f.exitcode < 0}
+    if not killed and 0 in causes:
+        return causes[0].exitcode
+    rank, failure = min((killed or causes).items(), key=lambda kv: (kv[1].timestamp, kv[0]))
     code = failure.exitcode
-    if rank == 0 and code > 0:
-        return code
     try:
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     except ValueError:

@@ -407,6 +407,9 @@ class Trainer:
         """Restore the newest of `found` that loads; a damaged one is skipped with a note (and kept on disk)."""
         r, old, rejected = self.recipe, self._saved_recipe(), []
         for ckpt in found:
+            if self.world is not None and not checkpoint.check(ckpt).get("sharded"):
+                raise UserError(f"checkpoint {ckpt} was written by one process; resume it in one process (the same "
+                                "command without `--nproc`), or start this job in another `output.dir`")
             try:
                 state = checkpoint.load(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
                 if not {"step", "micro_batches"} <= state.keys():
