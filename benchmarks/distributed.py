@@ -1,8 +1,9 @@
 """One process against two ranks on the CPU (issue 19): step time, peak memory and the state each rank stores.
 
-Model: the built-in tiny-llama widened to hidden 768, 6 layers, intermediate 2048, a 32,000-token vocabulary (81M
-parameters, untied head), float32, full fine-tuning with AdamW; the quickstart's GSM8K sample at up to 256 tokens,
-a global micro-batch of 4 rows (one process: 4 rows; two ranks: 2 rows each, the same rows), `--steps` steps.
+Model: the built-in tiny-llama widened to hidden 768, 6 layers, intermediate 2048, a 32,000-token vocabulary
+(91.6M parameters: 6 layers of 7.1M, the embeddings and the untied head 24.6M each), float32, full fine-tuning
+with AdamW; the quickstart's GSM8K sample at up to 256 tokens, a global micro-batch of 4 rows (one process: 4 rows;
+two ranks: 2 rows each, the same rows), `--steps` steps.
 Each configuration is one `memft train` command, run one after the other on the same machine:
 
 - `1 process`: `memft train ...` (all the cores);

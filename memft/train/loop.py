@@ -313,9 +313,12 @@ class Trainer:
         ctx = BuildContext(recipe=r, device=self.device, is_moe=loaded.is_moe, total_steps=self.total_steps,
                            notes=self.notes)
         model = apply_strategies(model, self.strategies, ctx)
-        self.model = model.to(self.device) if not load_kwargs.get("quantization_config") else model
         if self.world is not None:  # before the optimizer, which must step the sharded parameters
-            self.world.shard(self.model, r)
+            # FSDP moves each unit to the device as it shards it: one layer is whole on the GPU at a time, never
+            # the model (each rank still loads the whole model into host memory first)
+            self.model = self.world.shard(model, r)
+        else:
+            self.model = model.to(self.device) if not load_kwargs.get("quantization_config") else model
         self.params = count_params(self.model)
         seed_everything(r.train.seed)  # after model building, which seeds with `model.seed`
         self.autocast = autocast_context(r, self.device)
