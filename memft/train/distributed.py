@@ -78,10 +78,12 @@ def problems(recipe: Recipe) -> list[str]:
 
 
 def check(recipe: Recipe, world_size: int) -> None:
-    """Refuse, in one message, a recipe that cannot train in `world_size` processes."""
-    found = problems(recipe) if world_size > 1 else []
+    """Refuse, in one message, a recipe that cannot train in a torchrun job of `world_size` processes (one too:
+    FSDP shards it all the same)."""
+    found = problems(recipe)
     if found:
-        raise UserError(f"this recipe cannot train in {world_size} processes: " + "; ".join(found))
+        job = f"{world_size} processes" if world_size > 1 else "a torchrun job"
+        raise UserError(f"this recipe cannot train in {job}: " + "; ".join(found))
 
 
 @dataclass
