@@ -274,6 +274,8 @@ def profile(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the prediction as JSON here.")] = None,
     measure: Annotated[bool, typer.Option(help="Run two real steps of the recipe here and show predicted versus "
                                                "measured.")] = False,
+    gpus: Annotated[int, typer.Option(min=1, help="Predict one GPU's memory when the recipe trains on this many "
+                                                  "(`memft train --nproc N`: FSDP shards, `distributed:`).")] = 1,
 ) -> None:
     """Predict a recipe's peak memory from its model's config: no weights, no GPU, a few seconds.
 
@@ -285,6 +287,8 @@ def profile(
       memft profile recipes/lora.yaml model.name=meta-llama/Meta-Llama-3-8B data.max_length=2048 --gpu-memory 24GiB
 
       memft profile recipes/bench_moe.yaml --measure --json profile.json
+
+      memft profile recipes/lora.yaml model.name=Qwen/Qwen3-30B-A3B 'strategies=[{name: full}]' --device cuda --gpus 8
     """
     from memft import recipe as recipe_mod
     from memft.outputs import check_writable_file
@@ -292,10 +296,13 @@ def profile(
 
     r = recipe_mod.load(recipe, overrides or [])
     budget = advice.parse_bytes(gpu_memory) if gpu_memory else None
+    if measure and gpus > 1:
+        raise UserError(f"`--measure` runs two steps in this one process, not in {gpus}; leave out `--measure`, or "
+                        f"train with `memft train RECIPE --nproc {gpus}` and read each rank's peak in its summary.json")
     if json_out:
         check_writable_file(json_out, "`--json`")  # before the prediction, which takes seconds to minutes
     with console.status("fitting activations on small twins of the model ..."):
-        p = predict.profile(r, device)
+        p = predict.profile(r, device, gpus=gpus)
     console.print(_profile_table(p))
     if json_out:
         predict.write_json(p, json_out)
@@ -306,15 +313,15 @@ def profile(
     if budget is None:
         return
     if p.peak <= budget:
-        console.print(f"[green]fits[/green]: predicted peak {_fmt_bytes(p.peak)} of {_fmt_bytes(budget)} "
+        console.print(f"[green]fits[/green]: predicted peak {_fmt_bytes(p.peak)}{_per_gpu(p)} of {_fmt_bytes(budget)} "
                       f"({budget - p.peak:,} bytes to spare)", highlight=False)
         if json_out:
             predict.write_json(p, json_out, {"budget": budget, "fits": True, "advice": []})
         return
-    console.print(f"[red]does not fit[/red]: predicted peak {_fmt_bytes(p.peak)} > {_fmt_bytes(budget)}; "
+    console.print(f"[red]does not fit[/red]: predicted peak {_fmt_bytes(p.peak)}{_per_gpu(p)} > {_fmt_bytes(budget)}; "
                   "trying changes ...", highlight=False)
     load = lambda extra: recipe_mod.load(recipe, extra)  # noqa: E731
-    forecast = lambda extra: predict.profile(load(extra), device)  # noqa: E731
+    forecast = lambda extra: predict.profile(load(extra), device, gpus=gpus)  # noqa: E731
     with console.status("profiling the alternatives ..."):
         ranked = advice.rank(r, overrides or [], budget, forecast, moe=p.moe, base=p)
     if ranked and not any(q.peak <= budget for _, q in ranked):
@@ -333,30 +340,65 @@ def profile(
         predict.write_json(p, json_out, {"budget": budget, "fits": False, "advice": advice.to_json(ranked, budget)})
 
 
+def _per_gpu(p) -> str:
+    """`' per GPU of 4 (fsdp)'` for a profile of several GPUs, else ''."""
+    if p.gpus == 1:
+        return ""
+    unit = "GPU" if p.device.startswith("cuda") else "process"
+    return f" per {unit} of {p.gpus} ({p.distributed}{', CPU offload' if p.cpu_offload else ''})"
+
+
 def _profile_table(p) -> Table:
     from memft.profile.predict import RELIABLE_FIT
 
+    sharded = p.gpus > 1
     table = Table(title=f"memft profile: {p.model} ({p.device}, {p.dtype}, micro-batch {p.batch_size} x "
                         f"{p.seq_len} tokens, {' + '.join(p.strategies)}"
-                        f"{', checkpointing' if p.gradient_checkpointing else ''})", title_justify="left")
+                        f"{', checkpointing' if p.gradient_checkpointing else ''})"
+                        + (f"\n{_per_gpu(p).strip()}" if sharded else ""), title_justify="left")
     table.add_column("what")
     table.add_column("bytes", justify="right")
     table.add_column("detail")
-    for kind, n in p.weights.items():
-        table.add_row(f"weights ({kind})", _fmt_bytes(n), f"{p.params:,} parameters" if kind == "nf4" or
-                      len(p.weights) == 1 else "")
-    table.add_row("gradients", _fmt_bytes(p.gradients), f"{p.trainable_params:,} trainable parameters"
-                  + ("; one layer's at a time (optimizer step in backward)" if p.optimizer_in_backward else ""))
-    table.add_row(f"optimizer state ({p.optimizer})", _fmt_bytes(p.optimizer_state), "")
+    share = ""
+    if sharded:
+        share = ("in host memory (CPU offload)" if p.cpu_offload else f"a 1/{p.gpus} shard of each (dim 0, padded)"
+                 if p.distributed == "fsdp" else "whole on every GPU (ddp)")
+    for i, (kind, n) in enumerate(p.weights.items()):
+        counted = (sharded and i == 0) or (not sharded and (kind == "nf4" or len(p.weights) == 1))
+        detail = [f"{p.params:,} parameters"] if counted else []
+        if sharded and i == 0:
+            detail.append(share if not p.cpu_offload else "their shards in host memory (CPU offload); here the buffers")
+        table.add_row(f"weights ({kind})", _fmt_bytes(n), "; ".join(detail))
+    table.add_row("gradients", _fmt_bytes(p.gradients), "; ".join(
+        [f"{p.trainable_params:,} trainable parameters"]
+        + (["one layer's at a time (optimizer step in backward)"] if p.optimizer_in_backward else [])
+        + ([share] if sharded else [])))
+    table.add_row(f"optimizer state ({p.optimizer})", _fmt_bytes(p.optimizer_state),
+                  "" if not sharded or p.distributed == "ddp" else share if p.cpu_offload else "this GPU's rows")
+    if sharded:
+        table.add_row("gathered: root unit", _fmt_bytes(p.gathered_root),
+                      "embeddings, final norm, head: whole through forward and backward")
+        table.add_row("gathered: decoder layers", _fmt_bytes(p.gathered_layers),
+                      "all of them (reshard_after_forward: false)" if not p.reshard_after_forward
+                      else "the layer computed and the next, prefetched" if p.distributed == "fsdp"
+                      else "the layer computed (copied from its whole shard)")
     table.add_row("activations", _fmt_bytes(p.activations),
-                  f"{_fmt_bytes(p.per_layer)} per layer x {p.layers}, {_fmt_bytes(p.logits)} logits and loss")
+                  f"{_fmt_bytes(p.per_layer)} per layer x {p.layers}, {_fmt_bytes(p.logits)} logits and loss"
+                  + (f"; this GPU's micro-batch of {p.batch_size}" if sharded else ""))
     table.add_row("backward transient", _fmt_bytes(p.backward_transient + p.head_gradient + p.per_layer),
                   "the loss's gradient buffers, the head's gradient, one layer's backward")
+    if sharded:
+        table.add_row("unsharded gradients", _fmt_bytes(max(p.layer_gradients, p.root_gradients)),
+                      f"before their reduce-scatter: a layer's {_fmt_bytes(p.layer_gradients)}, the root's "
+                      f"{_fmt_bytes(p.root_gradients)} (reduced last)")
     for name, n in p.strategy_device.items():
         table.add_row(name, _fmt_bytes(n), "")
-    table.add_row("[bold]predicted peak[/bold]", f"[bold]{_fmt_bytes(p.peak)}[/bold]", "on the device")
+    table.add_row("[bold]predicted peak[/bold]", f"[bold]{_fmt_bytes(p.peak)}[/bold]",
+                  f"on each GPU (one process: {_fmt_bytes(p.model_weight_bytes)} of weights)" if sharded
+                  else "on the device")
     for name, n in p.host.items():
-        table.add_row(f"host: {name}", _fmt_bytes(n), "CPU memory, not on the device")
+        table.add_row(f"host: {name}", _fmt_bytes(n), "CPU memory, not on the device"
+                      + (", per process" if sharded else ""))
     shaky = ("\n[yellow]the fit does not explain every saved tensor: treat the activations as approximate[/yellow]"
              if p.fit_residual > RELIABLE_FIT else "")
     table.caption = (f"activations fitted on {p.twins} twins (largest fit error {p.fit_residual:.1%}); "

@@ -6,6 +6,8 @@
   AdamW's two moments in the parameter's dtype, 8-bit AdamW's blockwise state).
 * Activations are **fitted from real steps of small twins** of the model (`activations.py`).
 * Strategies add what lives outside the model (MEFT's host-memory adapter) through `Strategy.estimate()`.
+* Several GPUs (`gpus`, `memft train --nproc N`): each rank's FSDP2 shards of the same skeleton, exact too, plus
+  what FSDP gathers at a time (`shard_states`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from memft.registry import BuildContext, MemoryEstimate
 from memft.strategies.lora import HEADS
 from memft.train.chunked_loss import distill_transient_bytes, linear_head
 from memft.train.chunked_loss import transient_bytes as chunked_transient
+from memft.train.distributed import check as check_world
 from memft.train.loop import Trainer, apply_strategies, autocast_context, step_loss
 from memft.train.meters import SavedTensorMeter
 
@@ -99,6 +102,31 @@ class Profile:
     fit_residual: float = 0.0
     twins: int = 0
     notes: list[str] = field(default_factory=list)
+    gpus: int = 1
+    """Processes (one per GPU) the recipe trains in. Above 1, `weights`, `gradients`, `optimizer_state` and `peak`
+    are one GPU's: rank 0's, which holds the largest shards (`shard_states`)."""
+    distributed: str | None = None
+    """`distributed.mode` (`fsdp` or `ddp`) when `gpus` > 1."""
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+    gathered_root: int = 0
+    """The root unit's parameters gathered whole (embeddings, final norm, head): through forward and through backward."""
+    gathered_at_loss: int = 0
+    """Decoder layers' parameters gathered during the loss's backward: the last layer's all-gather output, prefetched
+    (none in `ddp` mode, which copies a layer when it starts; every layer when `reshard_after_forward` is false)."""
+    gathered_layers: int = 0
+    """Decoder layers' parameters gathered during a layer's backward: that layer's and the next one's, prefetched (one
+    in `ddp` mode; every layer when `reshard_after_forward` is false, the last layer's backward being the fullest)."""
+    layer_gradients: int = 0
+    """One layer's unsharded gradients, made beside its gathered weights, then copied into the padded reduce-scatter
+    input once those are freed (what the second adds beyond the freed weights); the largest layer's."""
+    root_gradients: int = 0
+    """The root unit's unsharded gradients (the head's among them), reduced last: at the end of backward beside every
+    other gradient shard, then copied into the reduce-scatter input once the root's weights are freed."""
+    model_weight_bytes: int = 0
+    """The whole model's weight bytes (what one process holds), beside this GPU's."""
+    ranks: list[dict] = field(default_factory=list)
+    """Each rank's `params`, `gradients` and `optimizer_state` bytes (device or host, see `cpu_offload`)."""
 
     @property
     def weight_bytes(self) -> int:
@@ -117,13 +145,31 @@ class Profile:
         it frees each layer's activations as it creates that layer's weight gradients, so it ends with all
         gradients. With one micro-batch per step the gradients of the last step are gone before forward
         (`zero_grad(set_to_none=True)`), so the fullest moment is the larger of the two ends; with gradient
-        accumulation the gradients stay beside every later micro-batch's activations."""
+        accumulation the gradients stay beside every later micro-batch's activations.
+
+        On several GPUs (`gpus` > 1), one GPU's: see `_sharded_peak`."""
+        if self.gpus > 1:
+            return self._sharded_peak()
         start = self.activations + self.backward_transient + self.head_gradient
         # with the optimizer step in backward, `gradients` is one layer's, alive beside what backward has not freed
         alongside = self.grad_accum > 1 or self.optimizer_in_backward
         backward = start + self.gradients if alongside else max(start, self.gradients)
         return (self.weight_bytes + self.optimizer_state + sum(self.strategy_device.values()) + backward
                 + self.per_layer)
+
+    def _sharded_peak(self) -> int:
+        """One GPU's fullest moment of the three in backward: the loss's (every activation, the loss's buffers, the
+        head's gradient, the root and the prefetched last layer gathered), a layer's (the activations but the
+        logits', its working memory, the gathered layers and its unsharded gradients) and the end's (every gradient
+        shard and the root's unsharded gradients). Gradient shards of the last step are gone before forward; with
+        accumulation the earlier micro-batches' shards are there in all three."""
+        resident = self.weight_bytes + self.optimizer_state + sum(self.strategy_device.values()) + self.gathered_root
+        loss = self.activations + self.backward_transient + self.head_gradient + self.gathered_at_loss
+        layer = (self.activations - self.logits + self.per_layer + self.head_gradient + self.gathered_layers
+                 + self.layer_gradients)
+        if self.grad_accum > 1:
+            return resident + max(loss, layer, self.root_gradients) + self.gradients
+        return resident + max(loss, layer, self.root_gradients + self.gradients)
 
     def to_json(self) -> dict:
         return {**asdict(self), "weight_bytes": self.weight_bytes, "activations_per_layer": self.per_layer,
@@ -217,6 +263,77 @@ def state_bytes(model: nn.Module, quantized: set[int], recipe: Recipe, double_qu
             "params": sum(t.numel() for t in model.parameters()) + sum(h.num_experts * h.out_features * h.in_features
                                                                        for h in holders),
             "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def shard_states(model: nn.Module, quantized: set[int], recipe: Recipe, double_quant: bool, gpus: int) -> dict:
+    """What each of `gpus` ranks holds when `memft.train.distributed.World.shard` has run FSDP2's `fully_shard` on
+    each decoder layer and then on the model (torch 2.13, torch/distributed/fsdp/_fully_shard), exactly:
+
+    - a parameter is split on dim 0 into chunks of ceil(rows / S) rows (`S`: the ranks in `fsdp` mode; 1 in `ddp`
+      mode, whose mesh shards over one rank); every rank stores a chunk padded to that size, the last ones padding
+      only (a 4-bit weight: its packed bytes, `(numel/2, 1)`; its quantization constants stay whole);
+    - a unit's gradient shards are views of one reduce-scatter output of its padded chunks (with CPU offload each is
+      copied to the host at its own, unpadded size);
+    - AdamW's moments are `zeros_like` of the unpadded local shard (rank r's rows only), the step a float32 scalar;
+    - buffers (rotary tables, the 4-bit experts of `NF4Experts`) are not sharded: whole on every rank;
+    - a unit's parameters are gathered at their padded size (chunk x S rows); a layer's gradients exist unsharded
+      (their own size) beside the padded reduce-scatter input they are copied into.
+
+    Returns `ranks` (each rank's `params`, `gradients`, `optimizer_state` bytes), this GPU's `weights` by kind
+    (rank 0's, the fullest), the gathered sizes `root` and `layers` (every decoder layer's, in order), and the most
+    bytes of unsharded gradients at once beyond the gathered weights they outlive: `layer_grads` (the largest
+    layer's) and `root_grads`."""
+    cfg = recipe.distributed
+    shards = gpus if cfg.mode == "fsdp" else 1
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    layers = list(layer_stack(model))
+    unit_of: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            unit_of.setdefault(id(p), i)
+    root = len(layers)
+    gathered = [0] * (root + 1)
+    grads_full, grads_padded = [0] * (root + 1), [0] * (root + 1)
+    ranks = [{"params": 0, "gradients": 0, "optimizer_state": 0} for _ in range(gpus)]
+    weights: dict[str, int] = {}
+
+    def add(kind: str, n: int) -> None:
+        weights[kind] = weights.get(kind, 0) + n
+
+    for p in model.parameters():
+        if id(p) in quantized:  # bitsandbytes' Params4bit: (ceil(numel/2), 1) uint8, sharded; constants whole
+            rows, row_bytes, kind = math.ceil(p.numel() / 2), 1, "nf4"
+            add(kind, nf4_bytes(p.numel(), double_quant) - rows)
+        else:
+            rows = p.shape[0] if p.dim() else 1
+            row_bytes = p.numel() // max(rows, 1) * p.element_size()
+            kind = str(p.dtype).removeprefix("torch.")
+        chunk = math.ceil(rows / shards)
+        unit = unit_of.get(id(p), root)
+        gathered[unit] += chunk * shards * row_bytes
+        add(kind, 0 if cfg.cpu_offload else chunk * row_bytes)
+        if id(p) in trainable:
+            grads_full[unit] += p.numel() * p.element_size()
+            grads_padded[unit] += chunk * shards * row_bytes
+        for r, held in enumerate(ranks):
+            padded = chunk * row_bytes
+            own = max(0, min(chunk, rows - (r * chunk if shards > 1 else 0))) * row_bytes  # rank r's rows
+            held["params"] += padded
+            if id(p) in trainable:
+                held["gradients"] += own if cfg.cpu_offload else padded
+                held["optimizer_state"] += 2 * own + 4  # exp_avg, exp_avg_sq, step
+    holders = [m for m in model.modules() if isinstance(m, NF4Experts)]
+    for h in holders:
+        add("nf4", nf4_expert_bytes(h.num_experts, h.out_features, h.in_features, h.double_quant))
+    held = {id(b) for h in holders for b in h.buffers()}
+    for b in model.buffers():
+        if id(b) not in held:
+            add(str(b.dtype).removeprefix("torch."), b.numel() * b.element_size())
+    layer_grads = max((full + max(0, padded - whole) for full, padded, whole
+                       in zip(grads_full[:root], grads_padded[:root], gathered[:root])), default=0)
+    return {"ranks": ranks, "weights": {k: n for k, n in weights.items() if n}, "root": gathered[root],
+            "layers": gathered[:root], "layer_grads": layer_grads,
+            "root_grads": grads_full[root] + max(0, grads_padded[root] - gathered[root]), "shards": shards}
 
 
 def grad_bytes(p: torch.Tensor) -> int:
@@ -328,10 +445,15 @@ MAX_PROFILE_TOKENS = 2**26
 """Tokens per micro-batch `profile` models (64 x 1M); beyond, its synthetic batch alone would not fit in memory."""
 
 
-def profile(recipe: Recipe, device: str | None = None) -> Profile:
-    """Predict `recipe`'s memory on `device`, `cuda` or `cpu` (default: what `model.device` resolves to here)."""
+def profile(recipe: Recipe, device: str | None = None, gpus: int = 1) -> Profile:
+    """Predict `recipe`'s memory on `device`, `cuda` or `cpu` (default: what `model.device` resolves to here); with
+    `gpus` > 1, one GPU's of a job training it in that many processes (`memft train --nproc`, FSDP2)."""
     if device is not None and device not in PROFILE_DEVICES:
         raise UserError(f"cannot profile for device `{device}`: memft trains on `cuda` or `cpu`; pass one of them")
+    if gpus < 1:
+        raise UserError(f"`--gpus {gpus}`: give the number of GPUs (processes) the recipe trains in, 1 or more")
+    if gpus > 1:  # what `memft train --nproc N` would refuse, refused here in its words (one GPU: one process)
+        check_world(recipe, gpus)
     target = torch.device(device) if device else resolve_device(recipe.model.device)
     kernel_note = []
     if recipe.model.attn_implementation in ("flash_attention_2", "flex_attention"):  # CUDA-only kernels
@@ -377,6 +499,10 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
     extra = MemoryEstimate()
     for s in strategies:
         extra.merge(s.estimate(model, recipe, batch * seq, target))
+    per_gpu = {}
+    if gpus > 1:
+        per_gpu = sharded_fields(model, quantized, recipe, strategies, states, gpus)
+        states = {**states, **per_gpu.pop("states")}
     return Profile(
         model=recipe.model.name, source=resolved.source, device=str(target), dtype=recipe.model.dtype,
         batch_size=batch, seq_len=seq, grad_accum=recipe.train.grad_accum,
@@ -388,7 +514,43 @@ def profile(recipe: Recipe, device: str | None = None) -> Profile:
         activations=int(round(total)), logits=int(round(logits)), layers=config.num_hidden_layers,
         backward_transient=transient, head_gradient=head_gradient, strategy_device=extra.device,
         host={**extra.host, **states["host"]},
-        fit_residual=fit.residual, twins=fit.twins, notes=kernel_note + notes + extra.notes)
+        fit_residual=fit.residual, twins=fit.twins, notes=kernel_note + notes + extra.notes, **per_gpu)
+
+
+def sharded_fields(model: nn.Module, quantized: set[int], recipe: Recipe, strategies: list, states: dict,
+                   gpus: int) -> dict:
+    """`Profile`'s per-GPU fields for `gpus` ranks (`shard_states`), and under `states` the per-GPU weights, gradients,
+    optimizer state and host bytes that replace one process's."""
+    cfg = recipe.distributed
+    sharded = shard_states(model, quantized, recipe, double_quantized(strategies, recipe), gpus)
+    ranks = sharded["ranks"]
+    if sharded["shards"] == 1:  # ddp: whole tensors on every rank, stored as one process stores them
+        for r in ranks:
+            r["optimizer_state"] = states["optimizer_state"]
+    layers = sorted(sharded["layers"], reverse=True)
+    if not cfg.reshard_after_forward:  # every layer stays gathered from its forward to its backward
+        at_loss = during_layer = sum(layers)
+    elif sharded["shards"] > 1:  # the layer computed and the next one's all-gather output (backward prefetch)
+        at_loss, during_layer = sum(layers[:1]), sum(layers[:2])
+    else:  # ddp: a shard of one rank is copied into the unsharded parameter when its unit starts, no prefetch
+        at_loss, during_layer = 0, sum(layers[:1])
+    if cfg.cpu_offload and layers:  # the shards of the unit being gathered are copied to the device first
+        at_loss += layers[0] // sharded["shards"]
+        during_layer += layers[0] // sharded["shards"]
+    first = ranks[0]  # rank 0 holds the largest shards (the last ranks hold padding only)
+    host = dict(states["host"])
+    if cfg.cpu_offload:
+        host.update({"parameters (FSDP CPU offload)": first["params"],
+                     "gradients (FSDP CPU offload)": first["gradients"],
+                     "optimizer state (FSDP CPU offload)": first["optimizer_state"]})
+    on_device = not cfg.cpu_offload
+    return {"states": {"weights": sharded["weights"], "gradients": first["gradients"] if on_device else 0,
+                       "optimizer_state": first["optimizer_state"] if on_device else 0, "host": host},
+            "gpus": gpus, "distributed": cfg.mode, "cpu_offload": cfg.cpu_offload,
+            "reshard_after_forward": cfg.reshard_after_forward, "gathered_root": sharded["root"],
+            "gathered_at_loss": at_loss, "gathered_layers": during_layer, "layer_gradients": sharded["layer_grads"],
+            "root_gradients": sharded["root_grads"],
+            "model_weight_bytes": sum(states["weights"].values()), "ranks": ranks}
 
 
 def loss_transient(recipe: Recipe, model: nn.Module, strategies: list, autocast, tokens: int, widths,
