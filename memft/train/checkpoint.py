@@ -366,26 +366,10 @@ def save(
 
     tmp = root / f".tmp-{name}-{os.getpid()}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        # Leftovers of a run killed mid-save: never complete, safe to drop (one writer per run dir).
-        for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):
-            shutil.rmtree(stale, ignore_errors=True)
+        _clear_leftovers(root)
         tmp.mkdir()
         files = _write_files(tmp, model, trainable, opt_tensors, opt_json, sched_json, strategy_tensors)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "optimizer_class": type(optimizer).__name__,
-            "files": files,
-            "state": state,
-            **_python_numpy_rng(),
-        }
-        # state.json last: its presence (listing files that exist) is what marks a checkpoint complete.
-        _write_json(tmp / STATE_FILE, meta)
-        for path in tmp.rglob("*"):
-            _fsync_path(path)
-        _fsync_path(tmp)
-        final = _move_into_place(tmp, root / name)
+        final = _seal(tmp, root / name, _meta(step, optimizer, files, state))
     except (OSError, SafetensorError) as exc:  # safetensors reports its own write errors as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         previous = _newest_complete(root)
@@ -418,6 +402,30 @@ def _write_files(tmp: Path, model: nn.Module, trainable, opt_tensors, opt_json, 
         peft_model.save_pretrained(tmp / ADAPTER_DIR)
         files.append(ADAPTER_DIR)
     return files
+
+
+def _clear_leftovers(root: Path) -> None:
+    """Make the checkpoints dir and drop the leftovers of a run killed mid-save: never complete, safe to drop (one
+    writer per run dir)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _meta(step: int, optimizer: torch.optim.Optimizer, files: list[str], state: dict, **extra) -> dict[str, Any]:
+    """The contents of state.json."""
+    return {"format_version": FORMAT_VERSION, "step": step, "optimizer_class": type(optimizer).__name__,
+            "files": files, "state": state, **extra, **_python_numpy_rng()}
+
+
+def _seal(tmp: Path, final: Path, meta: dict[str, Any]) -> Path:
+    """Write state.json last (its presence, listing files that exist, is what marks a checkpoint complete), fsync
+    everything in `tmp`, and rename it to `final`."""
+    _write_json(tmp / STATE_FILE, meta)
+    for path in tmp.rglob("*"):
+        _fsync_path(path)
+    _fsync_path(tmp)
+    return _move_into_place(tmp, final)
 
 
 def _move_into_place(tmp: Path, final: Path) -> Path:

@@ -76,17 +76,18 @@ from memft.train.checkpoint import (
     CheckpointDamaged,
     CheckpointWriteFailed,
     NonFiniteState,
+    _clear_leftovers,
     _decode,
     _encode,
     _find_peft_model,
     _fsync_path,
-    _move_into_place,
+    _meta,
     _name_list,
     _newest_complete,
     _prune,
-    _python_numpy_rng,
     _read_json,
     _restore_rng,
+    _seal,
     _write_json,
     step_dir_name,
 )
@@ -252,9 +253,7 @@ def save(
     # 1. Rank 0 clears a killed run's leftovers and makes the dir; the others learn its name (or why not).
     if rank == 0:
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):
-                shutil.rmtree(stale, ignore_errors=True)
+            _clear_leftovers(root)
             tmp = root / f".tmp-{name}-{os.getpid()}"
             tmp.mkdir()
             (tmp / RNG_DIR).mkdir()
@@ -299,22 +298,8 @@ def save(
                 peft_model.save_pretrained(tmp / ADAPTER_DIR, state_dict={
                     k[len(prefix):]: v for k, v in adapter.items() if k.startswith(prefix)})
                 files.append(ADAPTER_DIR)
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "optimizer_class": type(optimizer).__name__,
-                "files": files,
-                "state": state,
-                "sharded": True,
-                "world_size": world,
-                **_python_numpy_rng(),
-            }
-            # state.json last: its presence (listing files that exist) is what marks a checkpoint complete.
-            _write_json(tmp / STATE_FILE, meta)
-            for path in tmp.rglob("*"):
-                _fsync_path(path)
-            _fsync_path(tmp)
-            _move_into_place(tmp, final)
+            _seal(tmp, final, _meta(step, optimizer, files, state, format_version=FORMAT_VERSION, sharded=True,
+                                    world_size=world))
         except Exception as exc:  # as above: the other ranks wait for this one's verdict
             failure = _reason(exc)
     _finish_or_fail(root, name, tmp, _gather(failure))

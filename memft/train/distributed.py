@@ -114,20 +114,20 @@ class World:
         return {k: v[picked] for k, v in batch.items()}, real
 
     def sum(self, *values: float) -> list[float]:
-        """Each value summed over the ranks (float64 on the host: gloo and NCCL both reduce it exactly)."""
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return t.tolist()
+        """Each value summed over the ranks."""
+        return self._reduce(values, "SUM")
 
     def max(self, *values: float) -> list[float]:
+        """Each value's largest over the ranks."""
+        return self._reduce(values, "MAX")
+
+    def _reduce(self, values: tuple[float, ...], op: str) -> list[float]:
+        """All-reduce `values` as float64 on this rank's device (NCCL reduces on the GPU, gloo on the host)."""
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
     def gather(self, record: dict) -> list[dict]:
