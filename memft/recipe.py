@@ -350,6 +350,10 @@ class DistributedConfig(Section):
     reshard_after_forward: bool = True
     """Free each layer's gathered weights after its forward and gather them again for backward (less memory, one
     more all-gather per layer); false keeps them from forward to backward."""
+    load_on_rank0: bool = True
+    """Rank 0 alone reads the weights; the other ranks build the model on the meta device (no storage) and receive
+    their shards from rank 0, so a node's host memory holds the model once, not once per rank. QLoRA (bitsandbytes
+    quantizes as it loads), `model.upcycle` and CPU offload on GPUs load on every rank instead."""
     timeout_s: int = Field(default=600, ge=10)
     """How long a collective may wait for the other ranks before the job stops with an error (a rank that died
     or hangs), instead of waiting forever."""

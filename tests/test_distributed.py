@@ -93,6 +93,10 @@ def test_two_ranks_train_what_one_process_trains_with_the_same_global_batch(case
     summary = json.loads((sharded_runs / case / "summary.json").read_text())
     assert summary["world_size"] == RANKS and [r["rank"] for r in summary["ranks"]] == [0, 1]
     assert summary["peak_mem_bytes"] == max(r["peak_mem_bytes"] for r in summary["ranks"])
+    # rank 0 alone read the weights and sent rank 1 its shards; bitsandbytes quantizes while loading, on every rank
+    loads = [json.loads((sharded_runs / case / f"loads-rank-{r}.json").read_text())["load_model_calls"]
+             for r in range(RANKS)]
+    assert loads == ([1, 1] if "qlora" in case else [1, 0])
 
 
 def test_rows_split_a_global_batch_and_a_rank_without_rows_gets_a_zero_weight_stand_in():

@@ -214,6 +214,22 @@ def load_model(
     return LoadedModel(model=model, source=source, is_moe=moe)
 
 
+def skeleton_model(cfg: ModelConfig, *, num_labels: int | None = None, pad_token_id: int | None = None) -> LoadedModel:
+    """The model `load_model(cfg)` builds, on the meta device: the same modules, names, shapes and dtypes, no storage
+    and no weights read. A torchrun job's ranks but rank 0 build this and receive their shards from rank 0
+    (`memft.train.distributed.World.shard`), which checks that the two agree."""
+    resolved = resolve_config(cfg, num_labels=num_labels, pad_token_id=pad_token_id)
+    model = meta_model(resolved.config, cfg)
+    model.eval()
+    return LoadedModel(model=model, source=f"{resolved.source}, weights sent by rank 0", is_moe=is_moe(resolved.config))
+
+
+def meta_model(config, cfg: ModelConfig) -> nn.Module:
+    """`config`'s model as `cfg` builds it, on the meta device (random init skipped: meta tensors hold nothing)."""
+    with torch.device("meta"):
+        return auto_class(cfg.task, config).from_config(config, **model_kwargs(config, cfg))
+
+
 @dataclass
 class ResolvedConfig:
     config: Any

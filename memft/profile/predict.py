@@ -26,14 +26,7 @@ from torch import nn
 from memft import registry
 from memft.errors import UserError
 from memft.models.blocks import layer_stack
-from memft.models.load import (
-    auto_class,
-    build_model,
-    is_moe,
-    model_kwargs,
-    resolve_config,
-    resolve_device,
-)
+from memft.models.load import build_model, is_moe, meta_model, resolve_config, resolve_device
 from memft.models.nf4_experts import NF4Experts, nf4_expert_bytes
 from memft.outputs import check_writable_file, write_text
 from memft.paths import CONFIGS_DIR
@@ -180,8 +173,7 @@ def skeleton(recipe: Recipe, config) -> tuple[nn.Module, list, set[int]]:
     """The model on the meta device with the recipe's strategies applied, and the ids of the weights a
     4-bit load would quantize (every `nn.Linear` of the base model but the heads)."""
     strategies = registry.compose(recipe)
-    with torch.device("meta"):
-        model = auto_class(recipe.model.task, config).from_config(config, **model_kwargs(config, recipe.model))
+    model = meta_model(config, recipe.model)
     quantized = set()
     if registry.load_kwargs(strategies, recipe).get("quantization_config") is not None:
         quantized = {id(m.weight) for name, m in model.named_modules()

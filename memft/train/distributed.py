@@ -143,31 +143,89 @@ class World:
 
         dist.barrier()
 
-    def shard(self, model: nn.Module, recipe: Recipe) -> nn.Module:
+    def loads_from_rank0(self, recipe: Recipe, quantized: bool, notes: list[str]) -> bool:
+        """Whether rank 0 alone reads the weights and sends the other ranks theirs (`shard(from_rank0=True)`); when
+        not, every rank loads the whole model and rank 0 notes why."""
+        why = every_rank_loads(recipe, quantized, self.device)
+        if why is not None and self.main:
+            notes.append(f"model: every rank loads the weights into host memory, because {why}")
+        return why is None
+
+    def shard(self, model: nn.Module, recipe: Recipe, *, from_rank0: bool = False) -> nn.Module:
         """`fully_shard` each decoder layer, then the model (its embeddings, final norm and head, tied or not, in
-        the root unit). In place; the optimizer must be built after, over the sharded parameters."""
+        the root unit). In place; the optimizer must be built after, over the sharded parameters.
+
+        `from_rank0`: rank 0 holds the loaded model and every other rank the same modules on the meta device
+        (`memft.models.load.skeleton_model`); after sharding, rank 0 broadcasts each weight and buffer and every rank
+        keeps its shards, so the ranks start from rank 0's weights exactly (its random LoRA init too)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         from memft.models.blocks import layer_stack
 
         cfg = recipe.distributed
+        if from_rank0:
+            self._check_same_modules(model)
+        whole = get_model_state_dict(model) if from_rank0 and self.main else {}  # rank 0's, before it is sharded
         if self.mode == "ddp":  # every weight whole on every rank, gradients all-reduced over the ranks
             mesh = init_device_mesh(self.device.type, (self.size, 1), mesh_dim_names=("replicate", "shard"))
         else:
             mesh = init_device_mesh(self.device.type, (self.size,), mesh_dim_names=("shard",))
-        kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward,
-                  "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()}
+        # pinned host memory needs a GPU; on a CPU-only job the shards simply stay in host memory
+        offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
+        kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward, "offload_policy": offload}
         for layer in layer_stack(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+        if from_rank0:
+            self._receive_from_rank0(model, whole, StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return model
+
+    def _check_same_modules(self, model: nn.Module) -> None:
+        """Refuse before any weight is sent when a rank's skeleton differs from rank 0's loaded model (a name, shape,
+        dtype or trainability): rank 0 could not fill it, or would fill it converted."""
+        import hashlib
+
+        mine = [f"{n} {tuple(t.shape)} {t.dtype} {getattr(t, 'requires_grad', False)}"
+                for n, t in [*model.named_parameters(), *model.named_buffers()]]
+        digests = self.gather(hashlib.sha256("\n".join(mine).encode()).hexdigest())
+        odd = [r for r, d in enumerate(digests) if d != digests[0]]
+        if odd:
+            first = self.gather(mine if self.rank in (0, odd[0]) else None)
+            diff = next((f"{a!r} against {b!r}" for a, b in zip(first[0], first[odd[0]]) if a != b),
+                        f"{len(first[0])} against {len(first[odd[0]])} tensors")
+            raise UserError(f"rank {odd[0]} built the model (on the meta device) unlike rank 0 loaded it ({diff}), so "
+                            "rank 0 cannot send it the weights; set `distributed.load_on_rank0: false`")
+
+    def _receive_from_rank0(self, model: nn.Module, whole: dict, options) -> None:
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        if not self.main:  # storage for the shards (garbage until filled); FSDP's parameters keep their identity
+            model.to_empty(device=self.device)
+        set_model_state_dict(model, whole, options=options)
+        for buffer in model.buffers():  # persistent or not (rotary frequencies): rank 0's values
+            dist.broadcast(buffer, src=0)
 
     def close(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def every_rank_loads(recipe: Recipe, quantized: bool, device: torch.device) -> str | None:
+    """Why each rank of a job must read the weights itself (None: rank 0 alone reads them, `World.shard`)."""
+    if not recipe.distributed.load_on_rank0:
+        return "`distributed.load_on_rank0` is false"
+    if quantized:
+        return "bitsandbytes quantizes the 4-bit weights as it loads them"
+    if recipe.model.upcycle is not None:
+        return "`model.upcycle` builds the experts from the loaded dense weights"
+    if recipe.distributed.cpu_offload and device.type == "cuda":
+        return "`distributed.cpu_offload` on GPUs keeps the shards in host memory, where NCCL's broadcast cannot write"
+    return None
 
 
 def lost_rank(exc: BaseException) -> bool:

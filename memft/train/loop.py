@@ -34,7 +34,7 @@ from memft.data.formats import pad_token_id
 from memft.errors import RunFailed, UserError
 from memft.models.blocks import unwrap
 from memft.models.builtin import list_builtin
-from memft.models.load import count_params, load_model, load_tokenizer, resolve_device
+from memft.models.load import count_params, load_model, load_tokenizer, resolve_device, skeleton_model
 from memft.models.moe import ROUTER_AUX_ATTR, RouterAux, router_aux_coef
 from memft.outputs import check_writable_dir
 from memft.recipe import Recipe
@@ -307,16 +307,22 @@ class Trainer:
             raise UserError(f"`model.attn_implementation: {r.model.attn_implementation}` runs on CUDA only (this run "
                             f"is on {self.device.type}); use `sdpa` or `eager` here")
         load_kwargs = registry.load_kwargs(self.strategies, r)
-        loaded = load_model(r.model, num_labels=r.model.num_labels, pad_token_id=self.pad_id, **load_kwargs)
+        from_rank0 = self.world is not None and self.world.loads_from_rank0(
+            r, load_kwargs.get("quantization_config") is not None, self.notes)
+        # in a job loading from rank 0, the other ranks build the same modules on the meta device: no host memory
+        skeleton = from_rank0 and not self.world.main
+        build = skeleton_model if skeleton else load_model
+        loaded = build(r.model, num_labels=r.model.num_labels, pad_token_id=self.pad_id,
+                       **({} if skeleton else load_kwargs))
         self.model_source, self.is_moe = loaded.source, loaded.is_moe
         model = loaded.model
-        ctx = BuildContext(recipe=r, device=self.device, is_moe=loaded.is_moe, total_steps=self.total_steps,
-                           notes=self.notes)
-        model = apply_strategies(model, self.strategies, ctx)
+        ctx = BuildContext(recipe=r, device=torch.device("meta") if skeleton else self.device, is_moe=loaded.is_moe,
+                           total_steps=self.total_steps, notes=self.notes)
+        model = apply_strategies(model, self.strategies, ctx)  # adapters follow their base weights (to meta)
         if self.world is not None:  # before the optimizer, which must step the sharded parameters
             # FSDP moves each unit to the device as it shards it: one layer is whole on the GPU at a time, never
-            # the model (each rank still loads the whole model into host memory first)
-            self.model = self.world.shard(model, r)
+            # the model; with `from_rank0`, rank 0 then sends each rank its shards
+            self.model = self.world.shard(model, r, from_rank0=from_rank0)
         else:
             self.model = model.to(self.device) if not load_kwargs.get("quantization_config") else model
         self.params = count_params(self.model)
