@@ -2,8 +2,9 @@
 
 Two ranks with `train.batch_size: 2` each read the rows one process with `batch_size: 4` reads; their loss
 trajectory, gradient norms and evaluation equal it (float64, 1e-10) for full fine-tuning (FSDP and DDP), LoRA (with
-checkpointing and accumulation), TokenTune, LCSB and a MoE model; QLoRA (FSDP shards the packed 4-bit weights) in
-float32, 1e-5.
+checkpointing and accumulation), TokenTune, LCSB, a MoE model and a pretrained one with CPU offload; QLoRA (FSDP
+shards the packed 4-bit weights) in float32, 1e-5. Rank 0 alone reads the weights (but for QLoRA) and sends rank 1
+its shards.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ CASES = {
     "lcsb": ["strategies=[{name: full}, {name: lcsb, params: {groups: 2}}]"],
     "moe": ["model.name=tiny-olmoe", "train.router_aux_loss=off"],
     "qlora-f32": ["model.dtype=float32", "strategies=[{name: qlora, params: {r: 4}}]"],
+    # pretrained weights rank 0 reads and sends; the shards kept in host memory (CPU offload, without pinning)
+    "pretrained-cpu-offload": ["model.name=stories260K", "distributed.cpu_offload=true"],
 }
 RANKS = 2
 
