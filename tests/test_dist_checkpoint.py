@@ -1,5 +1,6 @@
 """Sharded checkpoints (memft.train.dist_checkpoint): written by 2 ranks under FSDP2, DDP and LoRA, resumed exactly
-by 2 ranks, resharded to 3 and 1, by one plain process, and read back for export; damage is found and refused by
+by 2 ranks, resharded to 3 and 1, by one plain process, and read back for export; a single process's checkpoint
+resumed by 2 ranks; damage is found and refused by
 every rank at once. The ranks run tests/dist_scripts/dcp_scenarios.py under torchrun (gloo, CPU), four launches in
 all, each with a timeout so that a rank waiting forever fails the test instead of blocking it."""
 
@@ -57,7 +58,11 @@ def work(tmp_path_factory) -> Path:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     next(iter(tensors.values())).view(-1)[0] = float("nan")
     save_file(tensors, shard, metadata=header)
-    torchrun(2, "resume", str(work), "damaged,fsdp,hsdp,ddp,lora")
+    for mode in ("fsdp", "lora"):  # a single process's checkpoints, and what its run did next
+        reference = scenarios.whole_reference(work, mode)
+        save_file(reference["weights"], work / f"whole-{mode}-reference.safetensors")
+        (work / f"whole-{mode}-reference.json").write_text(json.dumps(reference["losses"]))
+    torchrun(2, "resume", str(work), "damaged,fsdp,hsdp,ddp,lora,whole-fsdp,whole-hsdp,whole-lora")
     torchrun(3, "resume", str(work), "fsdp,hsdp,lora")
     torchrun(1, "resume", str(work), "fsdp")
     return work
@@ -109,6 +114,17 @@ def test_resume_in_one_rank(work):
     assert got["losses"] == pytest.approx(ref["losses"], abs=1e-12)
     assert_close(weights, ref_weights, 1e-12)
     assert got["draws"] == ref["draws"][:1]
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "hsdp", "lora"])
+def test_two_ranks_resume_a_single_process_checkpoint(work, mode):
+    """Each rank reads the whole files and keeps its slices of the weights and of the AdamW moments."""
+    reference = "lora" if mode == "lora" else "fsdp"
+    losses = json.loads((work / f"whole-{reference}-reference.json").read_text())
+    got, weights = result(work, f"whole-{mode}-resume2")
+    assert got["state"] == {"step": 2, "mode": reference}
+    assert got["losses"] == pytest.approx(losses, abs=1e-12)
+    assert_close(weights, load_file(work / f"whole-{reference}-reference.safetensors"), 1e-12)
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp", "lora"])

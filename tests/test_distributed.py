@@ -166,11 +166,13 @@ def step_lines(run_dir: Path) -> list[dict]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
 def test_a_killed_rank_stops_the_job_and_the_run_resumes_on_two_ranks_or_one_to_the_same_result(tmp_path):
+    """...and a single process's checkpoint resumes on two ranks to the same result as well."""
     import shutil
     import signal
     import time
 
-    steps = ["train.max_steps=30", "output.save_every=5", "train.eval_every=null", "output.checkpoints=true"]
+    steps = ["train.max_steps=30", "output.save_every=5", "output.keep_last=6", "train.eval_every=null",
+             "output.checkpoints=true"]
     reference = single_process(tmp_path / "uninterrupted", steps)
     run = tmp_path / "killed"
     command = [sys.executable, "-m", "memft", "train", RECIPE, *BASE, *steps, "train.batch_size=2",
@@ -214,13 +216,20 @@ def test_a_killed_rank_stops_the_job_and_the_run_resumes_on_two_ranks_or_one_to_
     assert exported[0].keys() == exported[1].keys()
     assert all(torch_close(exported[0][k], exported[1][k]) for k in exported[1])
 
-    # a single process's checkpoint is not resharded into a job: one sentence, exit 2
-    refused = subprocess.run([sys.executable, "-m", "memft", "train", RECIPE, *BASE, *steps, "train.batch_size=4",
-                              f"output.dir={reference}", "--nproc", "2"], env=env, capture_output=True, text=True,
-                             timeout=600, cwd=ROOT)
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    assert "was written by one process; resume it in one process" in refused.stderr
-    assert "Traceback" not in refused.stderr and refused.stderr.count("error:") == 1
+    # a single process's checkpoint goes on in a job of two ranks (each keeps its slices) to the same result
+    started = tmp_path / "started-alone"
+    shutil.copytree(reference, started)
+    for late in sorted((started / "checkpoints").glob("step-*"))[2:]:  # keep steps 5 and 10
+        shutil.rmtree(late)
+    (started / "summary.json").unlink()
+    done = subprocess.run([*command[:-4], "train.batch_size=2", f"output.dir={started}", "--nproc", "2"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    written = {p.name: checkpoint.check(p).get("sharded", False) for p in (started / "checkpoints").glob("step-*")}
+    assert written["step-000010"] is False and written["step-000030"] is True  # one process's, then the job's
+    got = {r["step"]: r["loss"] for r in step_lines(started)}
+    assert got.keys() == want.keys() and all(close(got[k], want[k], 1e-10) for k in want)
 
 
 def torch_close(a, b) -> bool:

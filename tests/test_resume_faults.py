@@ -303,7 +303,6 @@ def test_another_strategy_is_refused_with_the_ways_out(tmp_path):
     (["strategies.0.params.r=4"], "`strategies.0.params.r` 16 -> 4"),
     (["model.name=tiny-llama"], "`model.name` 'stories260K' -> 'tiny-llama'"),
     (["model.seed=3"], "`model.seed` 0 -> 3"),
-    (["train.batch_size=4"], "`train.batch_size` 2 -> 4"),
 ])
 def test_changed_data_model_or_strategy_params_are_refused(tmp_path, change, field):
     run = tmp_path / "run"
@@ -312,6 +311,19 @@ def test_changed_data_model_or_strategy_params_are_refused(tmp_path, change, fie
         trainer(run, "train.max_steps=2", *change, "data.max_length=256")
     assert field in str(refused.value)
     assert "`data.max_length` 32 -> 256" in str(refused.value)
+
+
+def test_a_new_batch_size_continues_at_the_same_example_or_is_refused(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, "train.max_steps=2", "output.save_every=1", "output.keep_last=2").train()  # 4 examples read
+    bigger = trainer(run, "train.max_steps=3", "train.batch_size=4")
+    assert bigger.step == 2 and bigger.micro == 1  # one batch of 4 rows: the same 4 examples
+    assert any("`train.batch_size` 2 -> 4" in n for n in bigger.notes)
+    bigger.release_run_dir()
+    # after 2 examples, batches of 4 cannot continue at example 3
+    (run / "checkpoints" / "step-000002").rename(tmp_path / "away")
+    with pytest.raises(UserError, match="stopped after 2 examples of epoch 0, read 2 at a time"):
+        trainer(run, "train.max_steps=3", "train.batch_size=4")
 
 
 def test_allowed_changes_keep_the_recipe_changed_note(tmp_path, monkeypatch):

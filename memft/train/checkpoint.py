@@ -599,35 +599,16 @@ def load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(
-    ckpt_dir: Path,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
-) -> dict:
-    """Restore trainable weights, optimizer, scheduler and all RNGs from `ckpt_dir`; return the saved `state`.
+def _sharded(model: nn.Module) -> bool:
+    """Whether `model`'s parameters are FSDP's (DTensors): a torchrun job's model."""
+    from torch.distributed.tensor import DTensor
 
-    Build `model`, `optimizer` and `scheduler` exactly as for the original run (same strategy, same
-    parameter order) before calling. `optimizer` / `scheduler` may be None to restore weights only.
-    Every file is read and checked before anything is restored, so a damaged checkpoint changes nothing.
-    A sharded checkpoint goes to `dist_checkpoint.load` (in a torchrun job, every rank must call this then).
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
-    Raises:
-        CheckpointDamaged: a file is damaged or missing, a key is missing, or a value is not finite;
-            an older checkpoint may still be used.
-        UserError: the checkpoint was written for a different model, strategy or optimizer, or by a
-            newer memft.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    try:
-        meta = _checked_meta(ckpt_dir)
-    except CheckpointDamaged as exc:
-        raise CheckpointDamaged(ckpt_dir, f"not a complete memft checkpoint: {exc.reason}") from None
-    if meta.get("sharded"):
-        from memft.train import dist_checkpoint
 
-        return dist_checkpoint.load(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+def read(ckpt_dir: Path, meta: dict[str, Any], *, optimizer=None, scheduler=None) -> tuple[dict, Any, Any, dict]:
+    """Every file a single-process `load` restores from, read and checked, restoring nothing: the trainable
+    weights, the optimizer state_dict (when `optimizer` is given), the scheduler's and the RNG tensors."""
     if meta["format_version"] > FORMAT_VERSION:
         raise UserError(
             f"checkpoint {ckpt_dir} has format version {meta['format_version']}, newer than this memft "
@@ -641,7 +622,6 @@ def load(
     if scheduler is not None and not (ckpt_dir / SCHEDULER_FILE).exists():
         raise UserError(f"checkpoint {ckpt_dir} has no learning-rate scheduler state to resume from")
 
-    # Read everything first: a damaged file found now leaves the model and optimizer untouched.
     weights = _read(ckpt_dir, TRAINABLE_FILE, load_file)
     _refuse_nonfinite(ckpt_dir, weights)
     opt_state = sched_state = None
@@ -652,8 +632,42 @@ def load(
         opt_state = _read(ckpt_dir, OPTIMIZER_JSON_FILE, lambda _: _decode(layout, opt_tensors))
     if scheduler is not None:
         sched_state = _read(ckpt_dir, SCHEDULER_FILE, lambda path: _decode(_read_json(path), {}))
-    rng = _read(ckpt_dir, RNG_FILE, load_file)
+    return weights, opt_state, sched_state, _read(ckpt_dir, RNG_FILE, load_file)
 
+
+def load(
+    ckpt_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+) -> dict:
+    """Restore trainable weights, optimizer, scheduler and all RNGs from `ckpt_dir`; return the saved `state`.
+
+    Build `model`, `optimizer` and `scheduler` exactly as for the original run (same strategy, same
+    parameter order) before calling. `optimizer` / `scheduler` may be None to restore weights only.
+    Every file is read and checked before anything is restored, so a damaged checkpoint changes nothing.
+    A sharded checkpoint goes to `dist_checkpoint.load`, a single-process one into a job's sharded model to
+    `dist_checkpoint.load_whole` (in a torchrun job, every rank must call this then).
+
+    Raises:
+        CheckpointDamaged: a file is damaged or missing, a key is missing, or a value is not finite;
+            an older checkpoint may still be used.
+        UserError: the checkpoint was written for a different model, strategy or optimizer, or by a
+            newer memft.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        meta = _checked_meta(ckpt_dir)
+    except CheckpointDamaged as exc:
+        raise CheckpointDamaged(ckpt_dir, f"not a complete memft checkpoint: {exc.reason}") from None
+    if meta.get("sharded") or _sharded(model):
+        from memft.train import dist_checkpoint
+
+        if meta.get("sharded"):
+            return dist_checkpoint.load(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        return dist_checkpoint.load_whole(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+    weights, opt_state, sched_state, rng = read(ckpt_dir, meta, optimizer=optimizer, scheduler=scheduler)
     _load_trainable(ckpt_dir, model, weights)
     if optimizer is not None:
         try:

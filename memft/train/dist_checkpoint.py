@@ -61,7 +61,7 @@ from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from memft.errors import UserError
@@ -451,16 +451,8 @@ def load(
         UserError: on every rank, when the checkpoint was written for a different model, strategy or optimizer.
     """
     ckpt_dir = Path(ckpt_dir)
-    verdict = error = None
-    try:
-        meta, weights, opt_tensors, opt_state, sched_state, rng = _prepare(ckpt_dir, model, optimizer, scheduler)
-    except CheckpointDamaged as exc:
-        verdict, error = ("damaged", exc.reason), exc
-    except UserError as exc:
-        verdict, error = ("user", str(exc)), exc
-    except Exception as exc:  # a bug here must not leave the other ranks waiting in the reads below
-        verdict, error = ("error", _reason(exc)), exc
-    _agree(ckpt_dir, verdict, error)
+    meta, weights, opt_tensors, opt_state, sched_state, rng = _on_every_rank(
+        ckpt_dir, lambda: _prepare(ckpt_dir, model, optimizer, scheduler))
 
     # The reads are collective: PyTorch's loader plans them together and raises on every rank when one fails.
     verdict = None
@@ -495,6 +487,105 @@ def load(
     return meta["state"]
 
 
+def _on_every_rank(ckpt_dir: Path, prepare):
+    """`prepare()` (this rank's own checks and reads, no collective), raised on every rank when it fails on any,
+    so that no rank goes on to a collective alone."""
+    verdict = error = result = None
+    try:
+        result = prepare()
+    except CheckpointDamaged as exc:
+        verdict, error = ("damaged", exc.reason), exc
+    except UserError as exc:
+        verdict, error = ("user", str(exc)), exc
+    except Exception as exc:  # a bug here must not leave the other ranks waiting in a collective
+        verdict, error = ("error", _reason(exc)), exc
+    _agree(ckpt_dir, verdict, error)
+    return result
+
+
+def load_whole(
+    ckpt_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+) -> dict:
+    """Restore a single-process checkpoint (`memft.train.checkpoint`'s layout) into this job's sharded `model`
+    (collective): every rank reads the whole files and keeps its own slices, so a run started in one process goes
+    on in N; return the saved `state`. Every rank restores the CPU RNG the process saved (and its GPU the first
+    GPU's), as when a sharded checkpoint resumes on more ranks than wrote it.
+
+    Raises, on every rank, what `load` raises."""
+    ckpt_dir = Path(ckpt_dir)
+    meta, weights, opt_state, sched_state, rng = _on_every_rank(
+        ckpt_dir, lambda: _prepare_whole(ckpt_dir, model, optimizer, scheduler))
+    set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
+    if optimizer is not None:
+        optimizer.load_state_dict(opt_state)
+    if scheduler is not None:
+        scheduler.load_state_dict(sched_state)
+    if "cuda.0" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda.0"])  # the process's first GPU's onto this rank's own
+    checkpoint._read(ckpt_dir, STATE_FILE, lambda _: _restore_rng({"cpu": rng["cpu"]}, meta))
+    return meta["state"]
+
+
+def _prepare_whole(ckpt_dir: Path, model: nn.Module, optimizer, scheduler):
+    """This rank's part of `load_whole` before anything is restored: the files read, checked against this job's
+    model and optimizer, and cut into this rank's shards."""
+    meta = checkpoint.check(ckpt_dir)
+    weights, opt_state, sched_state, rng = checkpoint.read(ckpt_dir, meta, optimizer=optimizer, scheduler=scheduler)
+    live = _model_state(model)
+    _check_same_trainable(ckpt_dir, live, {name: t.shape for name, t in weights.items()})
+    weights = {name: _shard_like(weights[name], t) for name, t in live.items()}
+    if optimizer is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sizes = [len(group["params"]) for group in opt_state["param_groups"]]
+        if sizes != [len(group["params"]) for group in optimizer.param_groups]:
+            raise UserError(f"checkpoint {ckpt_dir} was written for a different model/strategy: its optimizer steps "
+                            f"{sum(sizes)} parameters in {len(sizes)} group(s), this run's {len(params)} in "
+                            f"{len(optimizer.param_groups)}")
+        for index, values in opt_state["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    values[key] = _moment_like(value, params[int(index)], ckpt_dir, f"{index}.{key}")
+    return meta, weights, opt_state, sched_state, rng
+
+
+def _check_same_trainable(ckpt_dir: Path, live: dict[str, torch.Tensor], saved: dict[str, torch.Size]) -> None:
+    """Refuse a checkpoint whose trainable tensors are not this model's, by name and shape."""
+    missing, unexpected = sorted(live.keys() - saved.keys()), sorted(saved.keys() - live.keys())
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt_dir} was written for a different model/strategy: "
+                        f"missing {_name_list(missing)}, unexpected {_name_list(unexpected)}")
+    for name, t in live.items():
+        if tuple(saved[name]) != tuple(t.shape):
+            raise UserError(f"checkpoint {ckpt_dir} was written for a different model/strategy: {name} has shape "
+                            f"{tuple(saved[name])} in the checkpoint but {tuple(t.shape)} in the model")
+
+
+def _shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out as `like`: this rank's slice of it when `like` is a DTensor (every rank holds `whole`, so
+    nothing is sent)."""
+    if not isinstance(like, DTensor):
+        return whole.to(like.device)
+    return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _moment_like(value: torch.Tensor, param: torch.Tensor, ckpt_dir: Path, key: str) -> torch.Tensor:
+    """An optimizer tensor sharded as its parameter (moments have its shape); any other shape cannot be."""
+    if tuple(value.shape) == tuple(param.shape):
+        return _shard_like(value, param)
+    if isinstance(param, DTensor):
+        raise _unshardable(ckpt_dir, key, value.shape, param)
+    return value
+
+
+def _unshardable(ckpt_dir: Path, key: str, size: torch.Size, param: torch.Tensor) -> UserError:
+    return UserError(f"checkpoint {ckpt_dir}: optimizer state {key} has shape {tuple(size)}, not its parameter's "
+                     f"{tuple(param.shape)}, so memft cannot tell how to shard it; resume in one process")
+
+
 def _prepare(ckpt_dir: Path, model: nn.Module, optimizer, scheduler):
     """This rank's own part of `load`, before any collective: every check, the small files, and the new tensors
     the shards are read into (the optimizer state_dict already refers to them)."""
@@ -511,14 +602,7 @@ def _prepare(ckpt_dir: Path, model: nn.Module, optimizer, scheduler):
 
     saved = _saved_tensors(ckpt_dir, MODEL_DIR, meta)
     live = _model_state(model)
-    missing, unexpected = sorted(live.keys() - saved.keys()), sorted(saved.keys() - live.keys())
-    if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt_dir} was written for a different model/strategy: "
-                        f"missing {_name_list(missing)}, unexpected {_name_list(unexpected)}")
-    for name, t in live.items():
-        if tuple(saved[name][0]) != tuple(t.shape):
-            raise UserError(f"checkpoint {ckpt_dir} was written for a different model/strategy: {name} has shape "
-                            f"{tuple(saved[name][0])} in the checkpoint but {tuple(t.shape)} in the model")
+    _check_same_trainable(ckpt_dir, live, {name: size for name, (size, _) in saved.items()})
     weights = {name: torch.empty_like(t) for name, t in live.items()}
 
     opt_tensors: dict[str, torch.Tensor] = {}
@@ -590,8 +674,7 @@ def _target(size: torch.Size, dtype: torch.dtype, param: torch.Tensor | None, ck
     if param is not None and tuple(size) == tuple(param.shape):
         return torch.empty_like(param, dtype=dtype)
     if param is not None and isinstance(param, DTensor) and len(size) > 0:
-        raise UserError(f"checkpoint {ckpt_dir}: optimizer state {key} has shape {tuple(size)}, not its parameter's "
-                        f"{tuple(param.shape)}, so memft cannot tell how to shard it; resume in one process")
+        raise _unshardable(ckpt_dir, key, size, param)
     device = param.device if param is not None and len(size) > 0 else torch.device("cpu")
     return torch.empty(size, dtype=dtype, device=device)
 

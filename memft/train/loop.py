@@ -416,9 +416,6 @@ class Trainer:
         """Restore the newest of `found` that loads; a damaged one is skipped with a note (and kept on disk)."""
         r, old, rejected = self.recipe, self._saved_recipe(), []
         for ckpt in found:
-            if self.world is not None and not checkpoint.check(ckpt).get("sharded"):
-                raise UserError(f"checkpoint {ckpt} was written by one process; resume it in one process (the same "
-                                "command without `--nproc`), or start this job in another `output.dir`")
             try:
                 state = checkpoint.load(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
                 if not {"step", "micro_batches"} <= state.keys():
@@ -959,6 +956,7 @@ _MAY_CHANGE_ON_RESUME = (
     "train.lr", "train.betas", "train.weight_decay", "train.schedule", "train.warmup_steps", "train.max_steps",
     "train.epochs", "train.max_grad_norm", "train.grad_accum", "train.gradient_checkpointing", "train.autocast",
     "train.router_aux_loss", "train.router_aux_loss_coef", "train.eval_every", "train.eval_batches",
+    "train.batch_size",  # the data position is converted to the new batches (`_micro_batches_now`) or refused
     "output", "log", "eval", "distributed",
 )
 

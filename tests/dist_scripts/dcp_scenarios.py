@@ -6,7 +6,7 @@
 non-finite shard on one rank and a write failing on one rank make every rank raise (nothing written); then draw from
 the RNGs and train 2 more steps, recording what a resume must reproduce. `resume` (any number of ranks): with
 `damaged` among the modes, refuse a damaged checkpoint on every rank; then load each mode's checkpoint, draw and
-train the same 2 steps. Rank 0 writes `WORK_DIR/out/<mode>-<phase>.{json,safetensors}` (losses, draws, flags; the
+train the same 2 steps; `whole-MODE` loads a single process's checkpoint (`whole_reference`) instead. Rank 0 writes `WORK_DIR/out/<mode>-<phase>.{json,safetensors}` (losses, draws, flags; the
 whole trainable weights after training).
 The same helpers build the single-process reference in the test itself (`build`, `batches`, `train`).
 """
@@ -214,15 +214,31 @@ def phase_resume(work: Path, rank: int, world: int, modes: list[str]) -> None:
             lambda: checkpoint.load(work / "damaged" / "checkpoints" / "step-000002", model=model, optimizer=opt,
                                     scheduler=sched), checkpoint.CheckpointDamaged))}
         record(work / "out", f"damaged-resume{world}", rank, info, {})
-    for mode in [m for m in modes if m in MODES]:
+    for name in [m for m in modes if m.removeprefix("whole-") in MODES]:
+        # `whole-MODE`: a single process's checkpoint (`whole_reference` wrote it) resumed by the wrapped ranks
+        mode = name.removeprefix("whole-")
         model = wrap(build(mode), mode)
         opt, sched = optimizer_and_scheduler(model)
-        ckpt = checkpoint.latest(work / mode)
+        ckpt = checkpoint.latest(work / (("whole-lora" if mode == "lora" else "whole") if name != mode else mode))
         state = checkpoint.load(ckpt, model=model, optimizer=opt, scheduler=sched)
         info = {"state": state, "tensors": {k: v.tolist() for k, v in checkpoint.load_tensors(ckpt).items()},
                 "draws": draws(), "losses": train(model, opt, sched, data[2:], rank, world)}
-        record(work / "out", f"{mode}-resume{world}", rank, info, full_trainable(model))
+        record(work / "out", f"{name}-resume{world}", rank, info, full_trainable(model))
         dist.barrier()
+
+
+def whole_reference(work: Path, mode: str) -> dict:
+    """One plain process trains 2 steps, saves a single-process checkpoint in `work/whole[-lora]`, and trains the
+    2 steps a resume must reproduce: their losses and the whole weights after."""
+    from memft.train import checkpoint
+
+    model = build(mode)
+    opt, sched = optimizer_and_scheduler(model)
+    data = batches()
+    train(model, opt, sched, data[:2])
+    checkpoint.save(work / ("whole-lora" if mode == "lora" else "whole"), 2, model=model, optimizer=opt,
+                    scheduler=sched, state={"step": 2, "mode": mode}, keep_last=1)
+    return {"losses": train(model, opt, sched, data[2:]), "weights": full_trainable(model)}
 
 
 def main() -> None:
