@@ -15,8 +15,14 @@ cores the ranks share the machine, so the step time shows the cost of the collec
 not a speed-up; the stored bytes show what sharding saves (FSDP: about half each).
 Writes benchmarks/results/distributed.json.
 
+`--loading` measures instead what building the model costs each rank's host memory, with and without
+`distributed.load_on_rank0`, on a larger Llama (hidden 1024, 24 layers, intermediate 2816: 373M parameters, 1.49 GB
+in float32): each rank's peak RSS once `Trainer.setup()` has loaded (or received) and sharded the model, before any
+step. Writes benchmarks/results/distributed_loading.json.
+
 Usage:
     python benchmarks/distributed.py --steps 6
+    python benchmarks/distributed.py --loading
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ OUT = ROOT / "benchmarks" / "results" / "distributed.json"
 WIDE_LLAMA = ("{hidden_size: 768, num_hidden_layers: 6, intermediate_size: 2048, num_attention_heads: 12, "
               "num_key_value_heads: 12, vocab_size: 32000}")
 CONFIGS = {"1 process": (1, None), "2 ranks, fsdp": (2, "fsdp"), "2 ranks, ddp": (2, "ddp")}
+LARGE_LLAMA = ("{hidden_size: 1024, num_hidden_layers: 24, intermediate_size: 2816, num_attention_heads: 16, "
+               "num_key_value_heads: 16, vocab_size: 32000}")
+LOADING_OUT = ROOT / "benchmarks" / "results" / "distributed_loading.json"
 
 
 def run(name: str, steps: int, work: Path) -> dict:
@@ -60,10 +69,47 @@ def run(name: str, steps: int, work: Path) -> dict:
     return row
 
 
+def setup_rank(rank0: str, out: Path) -> None:
+    """One rank of the `--loading` job: build (or receive) and shard the model, then write this rank's peak RSS."""
+    import resource
+
+    from memft import recipe as recipe_mod
+    from memft.train.loop import Trainer
+
+    overrides = ["model.name=tiny-llama", f"model.config_overrides={LARGE_LLAMA}", "model.device=cpu",
+                 "train.batch_size=1", f"distributed.load_on_rank0={rank0}", f"output.dir={out / 'run'}"]
+    trainer = Trainer(recipe_mod.load(str(ROOT / "recipes" / "quickstart.yaml"), overrides))
+    trainer.setup(for_training=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    (out / f"rank-{os.environ['RANK']}.json").write_text(json.dumps({"peak_rss_bytes": peak}))
+
+
+def loading() -> None:
+    rows = []
+    for rank0 in ("true", "false"):
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            __file__, "--setup-rank", rank0, tmp], check=True, cwd=ROOT,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.DEVNULL)
+            peaks = [json.loads((Path(tmp) / f"rank-{r}.json").read_text())["peak_rss_bytes"] for r in (0, 1)]
+        rows.append({"load_on_rank0": rank0 == "true", "peak_rss_bytes": peaks})
+        print(f"load_on_rank0={rank0}: peak RSS after setup", [f"{p / 2**20:.0f} MiB" for p in peaks])
+    LOADING_OUT.write_text(json.dumps({"date": datetime.date.today().isoformat(), "machine":
+                                       f"{platform.machine()}, {os.cpu_count()} cores", "ranks": 2,
+                                       "model": LARGE_LLAMA, "rows": rows}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--loading", action="store_true", help="measure the host memory of loading instead")
+    parser.add_argument("--setup-rank", nargs=2, metavar=("LOAD_ON_RANK0", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.setup_rank:
+        return setup_rank(args.setup_rank[0], Path(args.setup_rank[1]))
+    if args.loading:
+        return loading()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(name, args.steps, Path(tmp)) for name in CONFIGS]
     result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",

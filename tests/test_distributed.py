@@ -130,6 +130,22 @@ def test_what_cannot_be_sharded_is_refused_with_a_reason(extra, says):
     assert distributed.problems(recipe_mod.load(RECIPE, BASE)) == []  # plain full fine-tuning shards
 
 
+def test_a_skeleton_unlike_rank_0s_model_is_refused_before_anything_is_sent():
+    import torch
+
+    loaded, skeleton = torch.nn.Linear(2, 3).double(), torch.nn.Linear(2, 3, device="meta")  # rank 1: float32
+    theirs = distributed.tensor_signature(skeleton)
+    replies = iter([distributed.digest(theirs), theirs])
+    world = distributed.World(rank=0, size=2, local_rank=0, mode="fsdp", device=torch.device("cpu"))
+    world.gather = lambda value: [value, next(replies)]  # rank 0's own value, then rank 1's
+    with pytest.raises(UserError, match=r"rank 1 built the model .*'weight \(3, 2\) torch.float64 True' against "
+                                        r"'weight \(3, 2\) torch.float32 True'.*load_on_rank0: false"):
+        world._check_same_modules(loaded)
+    same = iter([distributed.digest(distributed.tensor_signature(loaded))])
+    world.gather = lambda value: [value, next(same)]
+    world._check_same_modules(loaded)  # the same modules pass
+
+
 def test_nproc_runs_the_same_command_under_torchrun_and_rank_0_alone_speaks(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -142,6 +158,36 @@ def test_nproc_runs_the_same_command_under_torchrun_and_rank_0_alone_speaks(tmp_
     lines = records(run)  # written once, not once per rank
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in lines if "eval_loss" in r] == [0, 3]
+
+
+def test_two_nodes_train_what_one_process_trains(tmp_path):
+    """torchrun's multi-node variables, with two launchers on this machine, one node of one process each: rank 1
+    is local rank 0 of its node. (`output.dir` must be on a filesystem every node sees, as here.)"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "two-nodes"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                               "memft", "train", RECIPE, *BASE, "train.batch_size=2", f"output.dir={run}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for node in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "Done:" in outputs[0][0] and "Done:" not in outputs[1][0]  # rank 0, on node 0, alone speaks
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    want = records(single_process(tmp_path / "one", []))
+    got = records(run)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert all(close(a["loss"], b["loss"], 1e-10) for a, b in zip(got, want) if "loss" in b)
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:

@@ -156,9 +156,10 @@ class World:
         the root unit). In place; the optimizer must be built after, over the sharded parameters.
 
         `from_rank0`: rank 0 holds the loaded model and every other rank the same modules on the meta device
-        (`memft.models.load.skeleton_model`); after sharding, rank 0 broadcasts each weight and buffer and every rank
-        keeps its shards, so the ranks start from rank 0's weights exactly (its random LoRA init too)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        (`memft.models.load.skeleton_model`). As each unit is sharded, the others give it storage and rank 0
+        broadcasts its weights one tensor at a time, of which every rank keeps its slice; rank 0 then drops its whole
+        copy of them, so its host memory holds the model once, not the model and its shards. The ranks start from
+        rank 0's weights exactly (its random LoRA init too)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -167,7 +168,9 @@ class World:
         cfg = recipe.distributed
         if from_rank0:
             self._check_same_modules(model)
-        whole = get_model_state_dict(model) if from_rank0 and self.main else {}  # rank 0's, before it is sharded
+        # rank 0's tensors, by name, before sharding replaces them (sending drops each: then it is freed)
+        whole = dict([*model.named_parameters(), *model.named_buffers()]) if from_rank0 and self.main else {}
+        prefix, sent = {id(m): f"{n}." for n, m in model.named_modules()}, set()
         if self.mode == "ddp":  # every weight whole on every rank, gradients all-reduced over the ranks
             mesh = init_device_mesh(self.device.type, (self.size, 1), mesh_dim_names=("replicate", "shard"))
         else:
@@ -177,19 +180,18 @@ class World:
         kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward, "offload_policy": offload}
         for layer in layer_stack(model):
             fully_shard(layer, **kwargs)
+            if from_rank0:
+                self._send_from_rank0(layer, prefix[id(layer)], whole, sent)
         fully_shard(model, **kwargs)
-        if from_rank0:
-            self._receive_from_rank0(model, whole, StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        if from_rank0:  # the root unit's weights (embeddings, norm, head) and the buffers left
+            self._send_from_rank0(model, "", whole, sent)
         return model
 
     def _check_same_modules(self, model: nn.Module) -> None:
         """Refuse before any weight is sent when a rank's skeleton differs from rank 0's loaded model (a name, shape,
         dtype or trainability): rank 0 could not fill it, or would fill it converted."""
-        import hashlib
-
-        mine = [f"{n} {tuple(t.shape)} {t.dtype} {getattr(t, 'requires_grad', False)}"
-                for n, t in [*model.named_parameters(), *model.named_buffers()]]
-        digests = self.gather(hashlib.sha256("\n".join(mine).encode()).hexdigest())
+        mine = tensor_signature(model)
+        digests = self.gather(digest(mine))
         odd = [r for r, d in enumerate(digests) if d != digests[0]]
         if odd:
             first = self.gather(mine if self.rank in (0, odd[0]) else None)
@@ -198,21 +200,53 @@ class World:
             raise UserError(f"rank {odd[0]} built the model (on the meta device) unlike rank 0 loaded it ({diff}), so "
                             "rank 0 cannot send it the weights; set `distributed.load_on_rank0: false`")
 
-    def _receive_from_rank0(self, model: nn.Module, whole: dict, options) -> None:
+    def _send_from_rank0(self, module: nn.Module, prefix: str, whole: dict, sent: set[str]) -> None:
+        """Give `module`'s tensors still on the meta device storage on this rank, then fill each of its tensors not
+        in `sent` with rank 0's values (rank 0's whole copies, by name, in `whole`, dropped once sent): every rank
+        keeps its slice of a sharded parameter (rank 0's shards hold it already) and the whole of a buffer."""
+        import torch
         import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
-        if not self.main:  # storage for the shards (garbage until filled); FSDP's parameters keep their identity
-            model.to_empty(device=self.device)
-        set_model_state_dict(model, whole, options=options)
-        for buffer in model.buffers():  # persistent or not (rotary frequencies): rank 0's values
-            dist.broadcast(buffer, src=0)
+        for m in module.modules():  # FSDP's parameters keep their identity (and ties) through `to_empty`
+            if any(t.device.type == "meta" for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]):
+                m.to_empty(device=self.device, recurse=False)
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            name = prefix + name
+            if name in sent:
+                continue
+            sent.add(name)
+            if self.main:
+                full = whole.pop(name).detach().to(self.device)
+            else:
+                full = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            dist.broadcast(full, src=0)
+            if self.main:
+                continue
+            with torch.no_grad():
+                if isinstance(t, DTensor):
+                    t.to_local().copy_(distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
+                                       .to_local())
+                else:
+                    t.copy_(full)
 
     def close(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def tensor_signature(model: nn.Module) -> list[str]:
+    """Every parameter's and buffer's name, shape, dtype and trainability, one line each."""
+    return [f"{n} {tuple(t.shape)} {t.dtype} {getattr(t, 'requires_grad', False)}"
+            for n, t in [*model.named_parameters(), *model.named_buffers()]]
+
+
+def digest(lines: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def every_rank_loads(recipe: Recipe, quantized: bool, device: torch.device) -> str | None:
