@@ -743,7 +743,8 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         ("activation memory", _fmt_bytes(summary.get("activation_bytes"))),
         ("trainable / total", f"{summary['trainable_params']:,} / {summary['total_params']:,}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
-        ("files", "metrics.jsonl, summary.json, loss_memory.png, checkpoints/"),
+        ("files", ", ".join(name for name in ("metrics.jsonl", "summary.json", "loss_memory.png", "checkpoints/")
+                            if (run_dir / name).exists())),
     ]
     for k, v in rows:
         table.add_row(k, v)

@@ -459,11 +459,22 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
     complete = []
     for _, path in _step_dirs(root):
         if path != keep and _problem(path) is not None:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
         elif path != keep:
             complete.append(path)
     for path in complete[: max(len(complete) - (keep_last - 1), 0)]:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a step dir so that no reader ever sees it half-deleted: renamed aside first (a `.old-*` name, which
+    `usable` never reads and the next save clears if this one is killed), then removed."""
+    aside = path.with_name(f".old-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        aside = path
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _problem(ckpt_dir: Path) -> str | None:

@@ -270,8 +270,11 @@ def lost_rank(exc: BaseException) -> bool:
     if isinstance(exc, dist.DistError):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and any(s in text for s in ("gloo", "Connection reset", "Connection closed",
-                                                                      "Timed out", "timed out"))
+    # gloo's transport: a peer gone ("Connection reset/closed"), past the timeout ("Timed out"), or a pair the
+    # timeout already closed, which the next collective meets ("caused pair closure")
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "gloo", "Connection reset", "Connection closed", "Timed out", "timed out", "caused pair closure",
+        "Pair is not connected", "Socket closed"))
 
 
 def state_bytes(model: nn.Module, optimizer) -> dict[str, int]:

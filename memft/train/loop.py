@@ -223,6 +223,7 @@ class Trainer:
         self.trackers: Trackers | None = None
         """TensorBoard / W&B while `train()` runs (`log.tensorboard`, `log.wandb`)."""
         self.world: distributed.World | None = None
+        self._saving = False
         """This process's rank when torchrun started several (`setup()`); None in a single process."""
 
     @property
@@ -624,7 +625,8 @@ class Trainer:
             last = checkpoint.latest(self.run_dir) if self.recipe.output.checkpoints else None
             resume = (f"rerun the same command to resume from {last}" if last is not None
                       else "no checkpoint was written yet: rerun the same command to start over")
-            raise RunFailed(f"rank {self.world.rank} lost the other ranks in step {self.step + 1}: one of them "
+            where = f"saving step {self.step}" if self._saving else f"step {self.step + 1}"
+            raise RunFailed(f"rank {self.world.rank} lost the other ranks in {where}: one of them "
                             f"stopped, was killed or did not answer within `distributed.timeout_s` "
                             f"({self.recipe.distributed.timeout_s} s); {resume}") from None
 
@@ -764,12 +766,17 @@ class Trainer:
             from memft.train import dist_checkpoint as writer
         else:
             writer = checkpoint
+        # a rank lost now is lost while saving this step, not in the next one; a save that raises ends the run,
+        # so the flag stays up for `_when_a_rank_is_lost` to read
+        self._saving = True
         try:
-            return writer.save(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, state=state, keep_last=self.recipe.output.keep_last,
-                               tensors=tensors)
+            saved = writer.save(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                scheduler=self.scheduler, state=state, keep_last=self.recipe.output.keep_last,
+                                tensors=tensors)
         except checkpoint.NonFiniteState as exc:
             raise RunFailed(self._nonfinite_state_message(exc)) from None
+        self._saving = False
+        return saved
 
     @contextmanager
     def _trackers(self):
