@@ -347,6 +347,11 @@ class DistributedConfig(Section):
     cpu_offload: bool = False
     """FSDP's CPU offload: sharded parameters, gradients and optimizer state live in host memory and the optimizer
     steps there; each layer's weights come to the GPU for its forward and backward only."""
+    param_dtype: Literal["model", "bfloat16"] = "model"
+    """The dtype FSDP gathers each layer's weights in for its forward and backward (FSDP2's mixed-precision policy):
+    `model` keeps `model.dtype`; `bfloat16` computes with bfloat16 copies of float32 shards, which halves the gathered
+    weights and their traffic, while the shards, their gradients (reduced over the ranks in float32) and the
+    optimizer stay in `model.dtype`."""
     reshard_after_forward: bool = True
     """Free each layer's gathered weights after its forward and gather them again for backward (less memory, one
     more all-gather per layer); false keeps them from forward to backward."""

@@ -43,11 +43,11 @@ CASES = {
 RANKS = 2
 
 
-def torchrun(script_args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def torchrun(script_args: list[str], timeout: int = 600, nproc: int = RANKS) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node 2 ...` (a free port of its own), failing instead of hanging."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={RANKS}", *script_args],
+                           f"--nproc_per_node={nproc}", *script_args],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -121,6 +121,9 @@ def test_rows_split_a_global_batch_and_a_rank_without_rows_gets_a_zero_weight_st
     (["train.optimizer_in_backward=true", "train.max_grad_norm=null"], "`train.optimizer_in_backward`"),
     (["train.optimizer_state=host"], "`distributed.cpu_offload: true`"),
     (["train.optimizer=adamw_8bit"], "`distributed.mode: ddp`"),
+    (["strategies=[{name: qlora}]", "model.dtype=float32", "distributed.param_dtype=bfloat16"],
+     "would cast QLoRA's packed 4-bit weights"),
+    (["model.dtype=bfloat16", "distributed.param_dtype=bfloat16"], "is `bfloat16` already"),
 ])
 def test_what_cannot_be_sharded_is_refused_with_a_reason(extra, says):
     recipe = recipe_mod.load(RECIPE, [*BASE, *extra])
@@ -128,6 +131,28 @@ def test_what_cannot_be_sharded_is_refused_with_a_reason(extra, says):
         distributed.check(recipe, 2)
     assert says in str(err.value)
     assert distributed.problems(recipe_mod.load(RECIPE, BASE)) == []  # plain full fine-tuning shards
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_bfloat16_gathers_compute_what_bfloat16_copies_of_the_weights_compute(nproc, tmp_path):
+    """`distributed.param_dtype: bfloat16` against one process computing through a bfloat16 cast of each float32
+    weight (tests/dist_scripts/mixed_precision.py): one rank is bitwise the reference, 2 AdamW steps; two ranks
+    compute the same first loss, then differ by bfloat16 rounding only: each rank's gradient is rounded to bfloat16
+    on its own rows before the ranks sum them in float32."""
+    import torch
+    from safetensors.torch import load_file
+
+    done = torchrun([str(SCRIPTS / "mixed_precision.py"), str(tmp_path)], nproc=nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads((tmp_path / f"losses-{nproc}.json").read_text())
+    assert got["gathered_dtype"] == "torch.bfloat16" and got["shard_dtype"] == "torch.float32"
+    job, ref = (load_file(tmp_path / f"{who}-{nproc}.safetensors") for who in ("job", "reference"))
+    assert job.keys() == ref.keys() and all(t.dtype == torch.float32 for t in job.values())
+    if nproc == 1:
+        assert got["job"] == got["reference"] and all(torch.equal(job[k], ref[k]) for k in ref)
+    else:
+        assert got["job"][0] == got["reference"][0]
+        assert close(got["job"][1], got["reference"][1], 1e-3) and got["job"][1] != got["reference"][1]
 
 
 def test_a_skeleton_unlike_rank_0s_model_is_refused_before_anything_is_sent():

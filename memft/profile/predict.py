@@ -269,7 +269,9 @@ def shard_states(model: nn.Module, quantized: set[int], recipe: Recipe, double_q
     - AdamW's moments are `zeros_like` of the unpadded local shard (rank r's rows only), the step a float32 scalar;
     - buffers (rotary tables, the 4-bit experts of `NF4Experts`) are not sharded: whole on every rank;
     - a unit's parameters are gathered at their padded size (chunk x S rows); a layer's gradients exist unsharded
-      (their own size) beside the padded reduce-scatter input they are copied into.
+      (their own size) beside the padded reduce-scatter input they are copied into; with `param_dtype: bfloat16`
+      both the gathered weights and the unsharded gradients are bfloat16, the reduce-scatter input the shard's dtype
+      (predicted from FSDP2's code, not measured on a GPU).
 
     Returns `ranks` (each rank's `params`, `gradients`, `optimizer_state` bytes), this GPU's `weights` by kind
     (rank 0's, the fullest), the gathered sizes `root` and `layers` (every decoder layer's, in order), and the most
@@ -302,10 +304,12 @@ def shard_states(model: nn.Module, quantized: set[int], recipe: Recipe, double_q
             kind = str(p.dtype).removeprefix("torch.")
         chunk = math.ceil(rows / shards)
         unit = unit_of.get(id(p), root)
-        gathered[unit] += chunk * shards * row_bytes
+        # `param_dtype: bfloat16`: gathered, and its gradient computed, as bfloat16; reduced in the shard's dtype
+        cast = 2 / p.element_size() if cfg.param_dtype == "bfloat16" and id(p) not in quantized else 1
+        gathered[unit] += int(chunk * shards * row_bytes * cast)
         add(kind, 0 if cfg.cpu_offload else chunk * row_bytes)
         if id(p) in trainable:
-            grads_full[unit] += p.numel() * p.element_size()
+            grads_full[unit] += int(p.numel() * p.element_size() * cast)
             grads_padded[unit] += chunk * shards * row_bytes
         for r, held in enumerate(ranks):
             padded = chunk * row_bytes

@@ -68,6 +68,12 @@ def problems(recipe: Recipe) -> list[str]:
     if recipe.eval is not None:
         out.append("`eval:` scores the trained model at the end in one process; leave it out and run `memft eval "
                    "RUN_DIR ...` on the finished run instead")
+    if recipe.distributed.param_dtype == "bfloat16" and "qlora" in names:
+        out.append("`distributed.param_dtype: bfloat16` would cast QLoRA's packed 4-bit weights as it gathers them; "
+                   "leave it at `model` (the LoRA adapters compute under `train.autocast: bf16` all the same)")
+    if recipe.distributed.param_dtype == "bfloat16" and recipe.model.dtype not in ("float32", "float64"):
+        out.append(f"`distributed.param_dtype: bfloat16` computes with bfloat16 copies of higher-precision weights, "
+                   f"but `model.dtype` is `{recipe.model.dtype}` already; leave it at `model`")
     if mode == "fsdp" and t.optimizer == "adamw_8bit":
         out.append("`train.optimizer: adamw_8bit` (bitsandbytes) steps whole tensors, not FSDP's shards; use "
                    "`train.optimizer: adamw` (its state is sharded over the ranks already) or `distributed.mode: ddp`")
@@ -160,8 +166,9 @@ class World:
         broadcasts its weights one tensor at a time, of which every rank keeps its slice; rank 0 then drops its whole
         copy of them, so its host memory holds the model once, not the model and its shards. The ranks start from
         rank 0's weights exactly (its random LoRA init too)."""
+        import torch
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         from memft.models.blocks import layer_stack
 
@@ -177,7 +184,13 @@ class World:
             mesh = init_device_mesh(self.device.type, (self.size,), mesh_dim_names=("shard",))
         # pinned host memory needs a GPU; on a CPU-only job the shards simply stay in host memory
         offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
-        kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward, "offload_policy": offload}
+        # bfloat16 gathers: each layer computes with bfloat16 copies; gradients are summed over the ranks in the
+        # shards' own precision (float32, or float64)
+        reduce = torch.float64 if recipe.model.dtype == "float64" else torch.float32
+        precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
+                     if cfg.param_dtype == "bfloat16" else MixedPrecisionPolicy())
+        kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward, "offload_policy": offload,
+                  "mp_policy": precision}
         for layer in layer_stack(model):
             fully_shard(layer, **kwargs)
             if from_rank0:
